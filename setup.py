@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hf-dgm",
+    version="0.1.0",
+    description="Hugging Face-native deep generative models for images: MAF/IAF normalizing flows and CycleGAN.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_maf", "modeling_maf.*", "modeling_cyclegan", "modeling_cyclegan.*"]),
+    package_data={"modeling_maf": ["metrics/*.py"]},
+    # torch is a range on purpose: install torch==2.13.0 (CPU wheel) first, this adds nothing on top of it.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "datasets>=4.0",
+        "evaluate>=0.4.3",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "scikit-learn",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard"],
+    },
+)
