@@ -1,0 +1,316 @@
+"""Tests for scripts/training_utils.py: flags, checkpoints, metrics, Hub pusher, figures, model cards."""
+
+import argparse
+import json
+import logging
+import os
+import socket
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import training_utils
+from training_utils import (
+    CheckpointManager,
+    HubPusher,
+    MetricsLogger,
+    add_common_args,
+    add_config_override_args,
+    checkpointing_interval,
+    config_overrides_from_args,
+    plot_curves,
+    resolve_hub_token,
+    save_image_grid,
+    setup_accelerator,
+    write_json,
+    write_model_card,
+)
+from transformers import PreTrainedConfig
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class TinyConfig(PreTrainedConfig):
+    model_type = "tiny-test"
+
+    def __init__(
+        self,
+        hidden_sizes=(16, 8),
+        num_blocks: int = 2,
+        dropout: float = 0.1,
+        ordering: str = "spread",
+        use_bias: bool = True,
+        clamp: float | None = None,
+        image_size=32,
+        **kwargs,
+    ):
+        self.hidden_sizes = list(hidden_sizes)
+        self.num_blocks = num_blocks
+        self.dropout = dropout
+        self.ordering = ordering
+        self.use_bias = use_bias
+        self.clamp = clamp
+        self.image_size = image_size
+        super().__init__(**kwargs)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, defaults={"learning_rate": 2e-4})
+    add_config_override_args(parser, TinyConfig, skip=("dropout",))
+    return parser
+
+
+def test_common_args_defaults_and_choices():
+    args = make_parser().parse_args([])
+    assert args.learning_rate == 2e-4
+    assert args.report_to == "none" and args.mixed_precision == "no" and not args.push_to_hub
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--mixed_precision", "fp8"])
+    with pytest.raises(ValueError, match="unknown flags"):
+        add_common_args(argparse.ArgumentParser(), defaults={"learning_rat": 1.0})
+
+
+def test_checkpointing_interval():
+    assert checkpointing_interval(None) is None
+    assert checkpointing_interval("epoch") == "epoch"
+    assert checkpointing_interval("500") == 500
+    with pytest.raises(ValueError, match="checkpointing_steps"):
+        checkpointing_interval("0")
+
+
+def test_config_overrides_lists_bools_and_skips():
+    parser = make_parser()
+    args = parser.parse_args(["--hidden_sizes", "32", "64", "--use_bias", "false", "--clamp", "2.5", "--num_blocks", "3"])
+    overrides = config_overrides_from_args(args, TinyConfig)
+    assert overrides == {"hidden_sizes": [32, 64], "use_bias": False, "clamp": 2.5, "num_blocks": 3}
+    assert TinyConfig(**overrides).hidden_sizes == [32, 64]
+    # Nothing set -> nothing overridden; --image_size belongs to the common flags, --dropout was skipped.
+    args = parser.parse_args(["--image_size", "64"])
+    assert config_overrides_from_args(args, TinyConfig) == {}
+    assert "--dropout" not in parser._option_string_actions
+    # A bare boolean flag means true; a bad boolean is refused.
+    assert config_overrides_from_args(parser.parse_args(["--use_bias"]), TinyConfig) == {"use_bias": True}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--use_bias", "maybe"])
+
+
+def tiny_training_state(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def train_one_step(model, optimizer):
+    loss = model(torch.randn(4, 3)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoint_save_resume_and_prune(tmp_path):
+    accelerator, model, optimizer = tiny_training_state(tmp_path)
+    manager = CheckpointManager(accelerator, str(tmp_path), total_limit=2)
+    assert manager.latest() is None and manager.resume("latest") is None and manager.resume(None) is None
+
+    for step in (1, 2, 3):
+        train_one_step(model, optimizer)
+        path = manager.save(step, epoch=0, extra={"best": step * 0.5})
+        assert path == os.path.join(str(tmp_path), "checkpoints", f"step_{step}")
+    saved_weight = model.weight.detach().clone()
+    # Pruned to the newest two; no temporary folders left.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2", "step_3"]
+    assert manager.latest().endswith("step_3")
+
+    train_one_step(model, optimizer)
+    assert not torch.equal(model.weight, saved_weight)
+    state = manager.resume("latest")
+    assert state == {"step": 3, "epoch": 0, "extra": {"best": 1.5}}
+    assert torch.equal(model.weight, saved_weight)
+
+    assert manager.resume(str(tmp_path / "checkpoints" / "step_2"))["step"] == 2
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        manager.resume(str(tmp_path / "checkpoints" / "step_1"))
+
+
+def test_checkpoint_killed_mid_save_is_never_latest(tmp_path, monkeypatch):
+    accelerator, model, optimizer = tiny_training_state(tmp_path)
+    manager = CheckpointManager(accelerator, str(tmp_path))
+    manager.save(1, epoch=0)
+    original_save_state = accelerator.save_state
+
+    def save_state_then_die(output_dir, **kwargs):
+        original_save_state(output_dir, **kwargs)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(accelerator, "save_state", save_state_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, epoch=0)
+    assert manager.latest().endswith("step_1")
+    assert not (tmp_path / "checkpoints" / "step_2").exists()
+    assert manager.resume("latest")["step"] == 1
+
+    # The next save cleans the leftover and succeeds.
+    monkeypatch.setattr(accelerator, "save_state", original_save_state)
+    manager.save(2, epoch=1)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_1", "step_2"]
+
+
+def test_setup_accelerator_and_metrics_logger(tmp_path):
+    args = make_parser().parse_args(["--output_dir", str(tmp_path / "run"), "--seed", "7"])
+    accelerator = setup_accelerator(args, "test-project")
+    first = torch.rand(3)
+    setup_accelerator(args, "test-project")
+    assert torch.equal(torch.rand(3), first)  # seeded
+
+    metrics_logger = MetricsLogger(accelerator, str(tmp_path / "run" / "metrics.jsonl"))
+    metrics_logger.log({"loss": torch.tensor(1.5), "lr": 1e-3}, step=1)
+    metrics_logger.log({"loss": 0.5}, step=2)
+    metrics_logger.close()
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lines == [{"step": 1, "loss": 1.5, "lr": 1e-3}, {"step": 2, "loss": 0.5}]
+
+
+def test_tracker_config_drops_the_token():
+    args = make_parser().parse_args(["--hub_token", "hf_secret", "--hidden_sizes", "1", "2"])
+    config = training_utils._tracker_config(args)
+    assert "hub_token" not in config and config["hidden_sizes"] == "[1, 2]"
+    assert all(isinstance(value, (bool, int, float, str)) for value in config.values())
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    write_json(str(path), {"auroc": torch.tensor(0.75), "steps": [1, 2]})
+    assert json.loads(path.read_text()) == {"auroc": 0.75, "steps": [1, 2]}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(json, "dump", fail)
+    with pytest.raises(RuntimeError):
+        write_json(str(path), {"auroc": 0.1})
+    assert json.loads(path.read_text())["auroc"] == 0.75
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_plot_curves_and_image_grid(tmp_path):
+    steps = list(range(50))
+    plot_curves(
+        {"D_A": (steps, [1 / (s + 1) for s in steps]), "G_A": (steps, [float("nan")] + [0.5] * 49)},
+        str(tmp_path / "plots" / "loss.png"),
+        title="losses",
+        ylabel="loss",
+    )
+    assert (tmp_path / "plots" / "loss.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    from PIL import Image
+
+    images = torch.rand(5, 3, 8, 6)
+    save_image_grid(images, str(tmp_path / "grid.png"), nrow=3, padding=2)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.format == "PNG" and grid.size == (3 * (6 + 2) + 2, 2 * (8 + 2) + 2)
+    # First image lands at (padding, padding).
+    pixel = grid.getpixel((2, 2))
+    assert pixel == tuple(int(v * 255 + 0.5) for v in images[0, :, 0, 0].tolist())
+
+    save_image_grid([Image.new("RGB", (4, 4), (255, 0, 0))] * 2, str(tmp_path / "pil.png"), nrow=2, padding=0)
+    assert Image.open(tmp_path / "pil.png").size == (8, 4)
+    save_image_grid(torch.rand(2, 1, 4, 4), str(tmp_path / "gray.png"), nrow=1)
+    assert Image.open(tmp_path / "gray.png").mode == "L"
+    with pytest.raises(ValueError, match="shape"):
+        save_image_grid(torch.rand(2, 4, 4), str(tmp_path / "bad.png"), nrow=1)
+
+
+def test_write_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    path = write_model_card(
+        str(tmp_path),
+        model_name="maf-capsule",
+        metadata={
+            "library_name": "transformers",
+            "license": "apache-2.0",
+            "tags": ["normalizing-flow", "anomaly-detection"],
+            "datasets": ["mvtec-ad"],
+            "eval_results": [
+                {
+                    "task_type": "anomaly-detection",
+                    "dataset_type": "mvtec-ad",
+                    "dataset_name": "MVTec AD capsule",
+                    "metric_type": "roc_auc",
+                    "metric_value": 0.75,
+                }
+            ],
+        },
+        body="# MAF\n\nUsage: ...",
+    )
+    card = ModelCard.load(path)
+    assert card.data.library_name == "transformers" and card.data.tags == ["normalizing-flow", "anomaly-detection"]
+    assert card.data.eval_results[0].metric_value == 0.75
+    assert "model-index" in card.content and card.text.strip().startswith("# MAF")
+
+
+def closed_loopback_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed when the block ends: connections get refused
+
+
+def test_hub_pusher_unreachable_hub_warns_and_never_raises(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_loopback_port()}")
+    folder = tmp_path / "checkpoints" / "step_1"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+    with caplog.at_level(logging.WARNING, logger="training_utils"):
+        pusher = HubPusher("user/unreachable", token="hf_test_token")
+        pusher.push_folder(str(folder), path_in_repo="checkpoints/step_1")
+        pusher.wait(timeout=30)
+    assert not pusher.enabled
+    assert "Pushing to the Hub is disabled" in caplog.text
+    assert (folder / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_hub_pusher_failed_upload_warns_and_keeps_local_files(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})())
+    uploaded = []
+
+    def flaky_upload(self, *, folder_path, path_in_repo, **kwargs):
+        if path_in_repo == "bad":
+            raise ConnectionError("hub went away")
+        uploaded.append((path_in_repo, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr(HfApi, "upload_folder", flaky_upload)
+    folder = tmp_path / "step_1"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    with caplog.at_level(logging.WARNING, logger="training_utils"):
+        pusher = HubPusher("user/repo", token="hf_test_token")
+        pusher.push_folder(str(folder), path_in_repo="bad")
+        pusher.push_folder(str(folder), path_in_repo="good")
+        pusher.wait(timeout=30)
+    assert "hub went away" in caplog.text and "Training continues" in caplog.text
+    assert uploaded == [("good", ["a.txt"])]
+    assert sorted(os.listdir(tmp_path)) == ["step_1"]  # staging snapshots removed, local files kept
+    assert (folder / "a.txt").read_text() == "a"
+
+
+def test_resolve_hub_token(monkeypatch, tmp_path):
+    assert resolve_hub_token("hf_explicit") == "hf_explicit"
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert resolve_hub_token(None) == "hf_from_env"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+    with pytest.raises(ValueError, match="--hub_token"):
+        resolve_hub_token(None)
