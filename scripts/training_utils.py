@@ -64,7 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
     )
 
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", type=str, default="output", help="Where checkpoints, logs and the model go.")
+    group.add_argument("--output_dir", type=str, default="outputs", help="Where checkpoints, logs and the model go.")
     group.add_argument("--num_train_epochs", type=int, default=1, help="Number of passes over the training data.")
     group.add_argument(
         "--max_train_steps", type=int, default=None, help="Stop after this many optimisation steps (for smoke runs)."
