@@ -1,0 +1,134 @@
+"""Configurations of the Masked Autoregressive Flow (MAF) and the Inverse Autoregressive Flow (IAF)."""
+
+from transformers import PreTrainedConfig
+
+
+class MAFConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`MAFModel`]: a stack of affine MADE blocks over flattened images.
+
+    The defaults are the seed specification: 128x128x3 images (D = 49,152 dimensions), MADE with two hidden
+    layers of 512 units (Linear(D->512), Linear(512->512), Linear(512->2D), all masked) and 7 blocks.
+
+    Args:
+        image_size (`int`, *optional*, defaults to 128):
+            Height and width of the (square) images.
+        num_channels (`int`, *optional*, defaults to 3):
+            Number of image channels.
+        hidden_sizes (`list[int]`, *optional*, defaults to `[512, 512]`):
+            Widths of the hidden layers of every MADE.
+        num_blocks (`int`, *optional*, defaults to 7):
+            Number of affine autoregressive (MADE) blocks.
+        hidden_act (`str`, *optional*, defaults to `"relu"`):
+            Activation of the hidden layers (any key of `transformers.activations.ACT2FN`).
+        degree_assignment (`str`, *optional*, defaults to `"spread"`):
+            How hidden units get their MADE degrees: `"spread"` (evenly over [1, D-1]), `"random"` (uniform draws,
+            seeded by `degree_seed`) or `"sequential"` (`k mod (D-1) + 1`, the rule of the original MAF code and
+            nflows; with D >> H every hidden unit then sees only the first H inputs of the ordering).
+        degree_seed (`int`, *optional*, defaults to 0):
+            Seed of the `"random"` degree assignment and of the `"random"` permutation (masks are rebuilt from it).
+        permutation (`str`, *optional*, defaults to `"reverse"`):
+            Ordering of the dimensions from one block to the next: `"reverse"`, `"random"` or `"none"`.
+        normalization (`str`, *optional*, defaults to `"none"`):
+            Normalisation layer after every block: `"none"` or `"batch_norm"` (the MAF paper's flow batch norm).
+        batch_norm_momentum (`float`, *optional*, defaults to 0.1):
+            Momentum of the running statistics of the flow batch norm.
+        log_scale_clamp (`float`, *optional*, defaults to 3.0):
+            Soft bound c of every log-scale: a = c * tanh(a_raw / c). Must be positive.
+        logit_alpha (`float`, *optional*, defaults to 0.05):
+            alpha of the logit transform v = logit(alpha + (1 - 2 alpha) y); in [0, 0.5).
+        num_bins (`int`, *optional*, defaults to 256):
+            Number of intensity levels of the data (256 for 8-bit images): pixels are dequantised on this grid.
+    """
+
+    model_type = "maf"
+
+    def __init__(
+        self,
+        image_size: int = 128,
+        num_channels: int = 3,
+        hidden_sizes: list[int] | None = None,
+        num_blocks: int = 7,
+        hidden_act: str = "relu",
+        degree_assignment: str = "spread",
+        degree_seed: int = 0,
+        permutation: str = "reverse",
+        normalization: str = "none",
+        batch_norm_momentum: float = 0.1,
+        log_scale_clamp: float = 3.0,
+        logit_alpha: float = 0.05,
+        num_bins: int = 256,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.num_channels = num_channels
+        self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [512, 512]
+        self.num_blocks = num_blocks
+        self.hidden_act = hidden_act
+        self.degree_assignment = degree_assignment
+        self.degree_seed = degree_seed
+        self.permutation = permutation
+        self.normalization = normalization
+        self.batch_norm_momentum = batch_norm_momentum
+        self.log_scale_clamp = log_scale_clamp
+        self.logit_alpha = logit_alpha
+        self.num_bins = num_bins
+        self._validate_maf_fields()
+        super().__init__(**kwargs)
+
+    @property
+    def num_features(self) -> int:
+        """D, the number of dimensions the flow models (channels x height x width)."""
+        return self.num_channels * self.image_size * self.image_size
+
+    def _validate_maf_fields(self):
+        from transformers.activations import ACT2FN
+
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+        positive_int("image_size", self.image_size)
+        positive_int("num_channels", self.num_channels)
+        positive_int("num_blocks", self.num_blocks)
+        positive_int("num_bins", self.num_bins)
+        if len(self.hidden_sizes) == 0:
+            raise ValueError("`hidden_sizes` must list at least one hidden layer width, e.g. [512, 512].")
+        for width in self.hidden_sizes:
+            positive_int("hidden_sizes[i]", width)
+        if self.num_channels * self.image_size * self.image_size < 2:
+            raise ValueError("An autoregressive flow needs at least 2 dimensions (num_channels * image_size**2 >= 2).")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; use one of {sorted(ACT2FN)}.")
+        choices = {
+            "degree_assignment": ("spread", "random", "sequential"),
+            "permutation": ("reverse", "random", "none"),
+            "normalization": ("none", "batch_norm"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not isinstance(self.degree_seed, int):
+            raise ValueError(f"`degree_seed` must be an integer, got {self.degree_seed!r}.")
+        if not self.log_scale_clamp > 0:
+            raise ValueError(f"`log_scale_clamp` must be > 0 (it bounds |log-scale|), got {self.log_scale_clamp!r}.")
+        if not 0.0 <= self.logit_alpha < 0.5:
+            raise ValueError(f"`logit_alpha` must be in [0, 0.5), got {self.logit_alpha!r}.")
+        if not 0.0 < self.batch_norm_momentum <= 1.0:
+            raise ValueError(f"`batch_norm_momentum` must be in (0, 1], got {self.batch_norm_momentum!r}.")
+
+
+class IAFConfig(MAFConfig):
+    r"""
+    Configuration of an [`IAFModel`], the Inverse Autoregressive Flow: the same MADE blocks run on the noise side,
+    so sampling is one pass per block and the density of data needs the (segment-parallel) sequential inverse.
+    Takes exactly the fields of [`MAFConfig`].
+    """
+
+    model_type = "iaf"
+
+    def __init__(self, **kwargs):  # an explicit __init__ keeps transformers from generating one without our fields
+        super().__init__(**kwargs)
+
+
+__all__ = ["MAFConfig", "IAFConfig"]

@@ -1,0 +1,469 @@
+"""Masked Autoregressive Flow (MAF) and Inverse Autoregressive Flow (IAF) over images, built from MADE blocks.
+
+Density direction (data -> noise) of every block: ``noise_i = (data_i - shift_i) * exp(-log_scale_i)``.
+MAF computes ``shift, log_scale`` from the data side (density in one pass, sampling sequential); IAF computes them
+from the noise side (sampling in one pass, density sequential). The sequential direction is solved exactly with
+``r + 1`` MADE evaluations per block, where ``r`` is the number of distinct degrees of the last hidden layer
+(see ``MADEBlock.solve_sequential`` and docs/maf.md), instead of one evaluation per dimension.
+
+This file imports only torch, transformers and its configuration module, so a Hub repo made by ``save_pretrained``
+loads with ``trust_remote_code=True`` without this package installed.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_maf import IAFConfig, MAFConfig
+
+
+@dataclass
+class MAFModelOutput(ModelOutput):
+    """
+    Output of [`MAFModel`] and [`IAFModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Mean negative log-likelihood of the batch, in nats (density over [0, num_bins)^D).
+        log_prob (`torch.FloatTensor` of shape `(batch_size,)`):
+            log p(x) of every image, in nats, over pixel space [0, num_bins)^D (dequantisation and logit included).
+        bits_per_dim (`torch.FloatTensor` of shape `(batch_size,)`):
+            -log_prob / (D ln 2), comparable with published bits/dim.
+        latents (`torch.FloatTensor` of shape `(batch_size, D)`):
+            The data mapped to the standard normal base distribution.
+    """
+
+    loss: torch.FloatTensor | None = None
+    log_prob: torch.FloatTensor | None = None
+    bits_per_dim: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision results (bf16 autocast) are upcast; float32 and float64 pass through unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class _MaskGradient(torch.autograd.Function):
+    """Identity on the weight whose backward zeroes the gradient of masked connections.
+
+    Masked weights are kept at exactly zero (initialisation zeroes them, the gradient never reaches them), so the
+    forward pass is a plain dense matmul: no per-step ``weight * mask`` read and write of every weight.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        ctx.save_for_backward(mask)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad_weight, 0.0), None
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer of a MADE. Connection k <- j exists iff ``out_degrees[k] >= in_degrees[j]`` (hidden layers)
+    or ``out_degrees[k] > in_degrees[j]`` (output layer). Degrees are plain CPU tensors derived from the config, and the
+    boolean mask is rebuilt from them on each device on first use: nothing mask-like is stored in the checkpoint."""
+
+    def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: bool):
+        super().__init__(len(in_degrees), len(out_degrees))
+        self.in_degrees = in_degrees
+        self.out_degrees = out_degrees
+        self.strict = strict
+        self._masks = {}
+
+    def mask(self, device=None) -> torch.Tensor:
+        device = torch.device(device) if device is not None else self.weight.device
+        if device.type == "meta":
+            raise RuntimeError("MaskedLinear.mask() needs materialised weights (the model is on the meta device).")
+        if device not in self._masks:
+            out_degrees = self.out_degrees.to(device)[:, None]
+            in_degrees = self.in_degrees.to(device)[None, :]
+            self._masks[device] = out_degrees > in_degrees if self.strict else out_degrees >= in_degrees
+        return self._masks[device]
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask()
+
+    def forward(self, hidden_states):
+        weight = self.weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            weight = _MaskGradient.apply(weight, self.mask())
+        return F.linear(hidden_states, weight, self.bias)
+
+
+def _hidden_degrees(assignment: str, num_features: int, width: int, lowest: int, generator: torch.Generator):
+    """Degrees in [1, D-1] of one hidden layer's units (``lowest`` = smallest degree of the layer below)."""
+    top = num_features - 1
+    if assignment == "spread":
+        return torch.linspace(lowest, top, width, device="cpu", dtype=torch.float64).round().long()
+    if assignment == "random":
+        return torch.randint(lowest, top + 1, (width,), generator=generator, device="cpu")
+    # "sequential": the modulo rule of the original MAF code, nflows and zuko.
+    return torch.arange(width, device="cpu") % top + 1
+
+
+class MADE(nn.Module):
+    """Masked autoencoder for distribution estimation with an affine head: returns (shift, log_scale), each of
+    shape (batch, D), where output i depends only on inputs of smaller degree."""
+
+    def __init__(self, config: MAFConfig, input_degrees: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        num_features = config.num_features
+        self.num_features = num_features
+        self.log_scale_clamp = float(config.log_scale_clamp)
+        self.activation = ACT2FN[config.hidden_act]
+
+        layers, previous = [], input_degrees
+        lowest = 1
+        for width in config.hidden_sizes:
+            degrees = _hidden_degrees(config.degree_assignment, num_features, width, lowest, generator)
+            layers.append(MaskedLinear(previous, degrees, strict=False))
+            previous, lowest = degrees, int(degrees.min())
+        # Output rows [0, D) are the shifts and [D, 2D) the log-scales of positions 0..D-1.
+        layers.append(MaskedLinear(previous, torch.cat([input_degrees, input_degrees]), strict=True))
+        self.layers = nn.ModuleList(layers)
+
+    def soft_clamp(self, raw_log_scale: torch.Tensor) -> torch.Tensor:
+        return self.log_scale_clamp * torch.tanh(raw_log_scale / self.log_scale_clamp)
+
+    def forward(self, inputs: torch.Tensor):
+        hidden = inputs
+        for layer in self.layers[:-1]:
+            hidden = self.activation(layer(hidden))
+        # Affine parameters (and everything downstream) in float32, also under bf16 autocast.
+        output = _at_least_float32(self.layers[-1](hidden))
+        shift, raw_log_scale = output.split(self.num_features, dim=1)
+        return shift, self.soft_clamp(raw_log_scale)
+
+
+class MADEBlock(nn.Module):
+    """One affine autoregressive transform. ``input_degrees[p]`` is the 1-based rank of position p in this block's
+    ordering; the data are never physically permuted, so every per-dimension term stays at its pixel position."""
+
+    def __init__(self, config: MAFConfig, input_degrees: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.input_degrees = input_degrees
+        self.made = MADE(config, input_degrees, generator)
+        last_hidden_degrees = self.made.layers[-1].in_degrees
+        breakpoints = torch.unique(last_hidden_degrees).tolist()  # sorted, distinct, in [1, D-1]
+        bounds = [0] + breakpoints + [config.num_features]
+        # Degrees (lo, hi] of one segment depend only on degrees <= lo: one MADE evaluation solves the segment.
+        self.segments = list(zip(bounds[:-1], bounds[1:]))
+
+    @property
+    def num_sequential_passes(self) -> int:
+        return len(self.segments)
+
+    def forward(self, conditioner_inputs: torch.Tensor):
+        return self.made(conditioner_inputs)
+
+    def solve_sequential(self, known: torch.Tensor, solve_segment):
+        """Exact inverse of the autoregressive direction in ``len(self.segments)`` MADE evaluations.
+
+        Finds w such that ``w_i = solve_segment(known_i, shift_i(w_<i), log_scale_i(w_<i))`` for every i, where
+        ``shift, log_scale = MADE(w)``. The first layer's pre-activation is updated incrementally (each first-layer
+        weight is read once), and only the output rows of the segment being solved are evaluated.
+        Returns ``(w, log_scale)``, both (batch, D) at pixel positions.
+        """
+        made = self.made
+        first, *middle, last = made.layers
+        device = known.device
+        degrees = self.input_degrees.to(device)
+        by_degree = torch.argsort(degrees)  # by_degree[d - 1] = position of degree d
+        num_features = made.num_features
+
+        first_weight = first.masked_weight()[:, by_degree]
+        middle_weights = [layer.masked_weight() for layer in middle]
+        output_weight = last.masked_weight()
+        # Rows of (shift, log_scale) interleaved per position so that one matmul yields both for a segment.
+        output_rows = torch.stack([output_weight[by_degree], output_weight[num_features + by_degree]], dim=1)
+        output_bias = torch.stack([last.bias[by_degree], last.bias[num_features + by_degree]], dim=1)
+        known_by_degree = known[:, by_degree]
+
+        pre_activation = first.bias.expand(known.shape[0], -1)
+        solved, log_scales = [], []
+        for low, high in self.segments:
+            hidden = made.activation(pre_activation)
+            for layer, weight in zip(middle, middle_weights):
+                hidden = made.activation(F.linear(hidden, weight, layer.bias))
+            params = F.linear(hidden, output_rows[low:high].flatten(0, 1), output_bias[low:high].flatten())
+            params = _at_least_float32(params).unflatten(1, (high - low, 2))
+            shift, log_scale = params[..., 0], made.soft_clamp(params[..., 1])
+            segment = solve_segment(known_by_degree[:, low:high], shift, log_scale)
+            pre_activation = pre_activation + F.linear(segment.to(first_weight.dtype), first_weight[:, low:high])
+            solved.append(segment)
+            log_scales.append(log_scale)
+        at_position = degrees - 1
+        return torch.cat(solved, dim=1)[:, at_position], torch.cat(log_scales, dim=1)[:, at_position]
+
+
+class FlowBatchNorm(nn.Module):
+    """Batch normalisation as a flow layer (MAF paper): batch statistics in training, running statistics otherwise.
+    Its per-dimension log-determinant is log_gamma - 0.5 log(var + eps)."""
+
+    def __init__(self, num_features: int, momentum: float, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.log_gamma = nn.Parameter(torch.zeros(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, inputs: torch.Tensor):
+        if self.training and inputs.shape[0] > 1:
+            mean, var = inputs.mean(0), inputs.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        outputs = (inputs - mean) * torch.rsqrt(var + self.eps) * self.log_gamma.exp() + self.beta
+        log_det = (self.log_gamma - 0.5 * torch.log(var + self.eps)).expand_as(inputs)
+        return outputs, log_det
+
+    def inverse(self, outputs: torch.Tensor):
+        var = self.running_var + self.eps
+        return (outputs - self.beta) * torch.exp(-self.log_gamma) * var.sqrt() + self.running_mean
+
+
+class MAFPreTrainedModel(PreTrainedModel):
+    config_class = MAFConfig
+    base_model_prefix = "flow"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["MADEBlock"]
+
+    def _init_weights(self, module):
+        """Hidden layers: uniform with the fan-in each unit really has after masking. Output layer: zero, so every
+        block starts as the identity. Masked weights are set to exactly zero and stay there (see _MaskGradient).
+        Tensors already loaded from a checkpoint carry `_is_hf_initialized` and are left untouched."""
+        if isinstance(module, MaskedLinear):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                mask = module.mask()
+                if module.strict:  # the output layer
+                    module.weight.data.zero_()
+                else:
+                    fan_in = mask.sum(dim=1, keepdim=True).clamp(min=1).to(module.weight.dtype)
+                    module.weight.data.uniform_(-1.0, 1.0).mul_(fan_in.rsqrt()).mul_(mask)
+            if not getattr(module.bias, "_is_hf_initialized", False):
+                module.bias.data.zero_()
+        elif isinstance(module, FlowBatchNorm):
+            for tensor, value in ((module.log_gamma, 0.0), (module.beta, 0.0), (module.running_mean, 0.0),
+                                  (module.running_var, 1.0)):
+                if not getattr(tensor, "_is_hf_initialized", False):
+                    tensor.data.fill_(value)
+
+
+class MAFModel(MAFPreTrainedModel):
+    r"""
+    Masked Autoregressive Flow over images ``pixel_values`` of shape (batch, C, H, W) with values in [0, 1].
+
+    Example:
+    ```python
+    >>> from modeling_maf import MAFConfig, MAFModel
+    >>> model = MAFModel(MAFConfig(image_size=8, hidden_sizes=[64, 64], num_blocks=2))
+    >>> out = model(torch.rand(4, 3, 8, 8))
+    >>> out.loss, out.log_prob, out.bits_per_dim
+    >>> images = model.sample(5)
+    ```
+    """
+
+    # True for IAF: the MADE reads the noise side, so density is the sequential direction.
+    conditioner_on_noise = False
+
+    def __init__(self, config: MAFConfig):
+        super().__init__(config)
+        num_features = config.num_features
+        generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
+        natural = torch.arange(1, num_features + 1, device="cpu")
+        blocks, norms = [], []
+        for index in range(config.num_blocks):
+            if config.permutation == "reverse" and index % 2 == 1:
+                degrees = natural.flip(0)
+            elif config.permutation == "random" and index > 0:
+                degrees = torch.randperm(num_features, generator=generator, device="cpu") + 1
+            else:
+                degrees = natural
+            blocks.append(MADEBlock(config, degrees, generator))
+            if config.normalization == "batch_norm":
+                norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
+        self.blocks = nn.ModuleList(blocks)
+        self.norms = nn.ModuleList(norms) if norms else None
+        self.post_init()
+
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        """Densities are accumulated in float32 at least (float64 when the weights are float64)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def _check_pixel_values(self, pixel_values):
+        config = self.config
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor of shape (batch, {', '.join(map(str, expected))}), "
+                            f"got {type(pixel_values).__name__}.")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a float tensor with values in [0, 1], got dtype {pixel_values.dtype}; "
+                            "convert 8-bit images with `images.float() / 255`.")
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model "
+                             f"(num_channels={config.num_channels}, image_size={config.image_size}), got "
+                             f"{tuple(pixel_values.shape)}. Resize the images or build a config that matches them.")
+        low, high = torch.aminmax(pixel_values.detach())
+        if bool(low < -1e-6) or bool(high > 1 + 1e-6):
+            raise ValueError(f"pixel_values must lie in [0, 1], got values in [{float(low):.3g}, {float(high):.3g}]; "
+                             "divide 8-bit images by 255 (do not normalise to [-1, 1]).")
+
+    # ------------------------------------------------------------------------------------ pixels <-> logit
+    def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
+        """Dequantise on the data's grid, map to logit space; returns (v, per-dimension log|dv/dx|) for a density
+        over [0, num_bins)^D."""
+        bins, alpha = self.config.num_bins, self.config.logit_alpha
+        levels = pixel_values.to(self._compute_dtype).flatten(1) * (bins - 1)
+        if random_dequantization:
+            noise = torch.rand_like(levels)
+        else:
+            noise = torch.full_like(levels, 0.5)
+        unit = (levels + noise) / bins
+        squashed = alpha + (1 - 2 * alpha) * unit
+        logits = torch.log(squashed) - torch.log1p(-squashed)
+        log_det = math.log(1 - 2 * alpha) - torch.log(squashed) - torch.log1p(-squashed) - math.log(bins)
+        return logits, log_det
+
+    def _logits_to_pixels(self, logits):
+        bins, alpha = self.config.num_bins, self.config.logit_alpha
+        unit = (torch.sigmoid(_at_least_float32(logits)) - alpha) / (1 - 2 * alpha)
+        pixels = (unit * bins - 0.5) / (bins - 1)
+        config = self.config
+        return pixels.clamp(0.0, 1.0).view(-1, config.num_channels, config.image_size, config.image_size)
+
+    # ------------------------------------------------------------------------------------------ the flow
+    def _block_density(self, block, data_side):
+        """One block, data side -> noise side. Returns (noise, per-dimension log-det)."""
+        if not self.conditioner_on_noise:
+            shift, log_scale = block(data_side)
+            return (data_side - shift) * torch.exp(-log_scale), -log_scale
+        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) * torch.exp(-a))
+        return noise, -log_scale
+
+    def _block_generate(self, block, noise_side):
+        """One block, noise side -> data side."""
+        if self.conditioner_on_noise:
+            shift, log_scale = block(noise_side)
+            return noise_side * torch.exp(log_scale) + shift
+        data, _ = block.solve_sequential(noise_side, lambda z, shift, a: z * torch.exp(a) + shift)
+        return data
+
+    def _flow_density(self, logits):
+        """logits (batch, D) -> (latents, per-dimension sum of log-dets), everything float32."""
+        hidden, log_det = logits, torch.zeros_like(logits)
+        for index, block in enumerate(self.blocks):
+            hidden, block_log_det = self._block_density(block, hidden)
+            log_det = log_det + block_log_det
+            if self.norms is not None:
+                hidden, norm_log_det = self.norms[index](hidden)
+                log_det = log_det + norm_log_det
+        return hidden, log_det
+
+    def _per_dimension_log_prob(self, pixel_values, random_dequantization):
+        self._check_pixel_values(pixel_values)
+        logits, log_det = self._pixels_to_logits(pixel_values, random_dequantization)
+        latents, flow_log_det = self._flow_density(logits)
+        base = -0.5 * latents.square() - 0.5 * math.log(2 * math.pi)
+        return base + flow_log_det + log_det, latents
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> MAFModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
+            Images with values in [0, 1] (8-bit images divided by 255). In training mode they are dequantised with
+            uniform noise; in eval mode with the bin centre, so the output is deterministic.
+        """
+        per_dimension, latents = self._per_dimension_log_prob(pixel_values, random_dequantization=self.training)
+        log_prob = per_dimension.sum(dim=1)
+        bits_per_dim = -log_prob / (self.config.num_features * math.log(2))
+        output = MAFModelOutput(loss=-log_prob.mean(), log_prob=log_prob, bits_per_dim=bits_per_dim, latents=latents)
+        return output if return_dict is not False else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------------ public API
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> latents (batch, D), with deterministic (bin-centre) dequantisation."""
+        self._check_pixel_values(pixel_values)
+        logits, _ = self._pixels_to_logits(pixel_values, random_dequantization=False)
+        return self._flow_density(logits)[0]
+
+    def decode(self, latents: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
+        """Latents (batch, D) -> images (batch, C, H, W) in [0, 1]; the exact inverse of `encode`."""
+        if latents.ndim != 2 or latents.shape[1] != self.config.num_features:
+            raise ValueError(f"latents must have shape (batch, {self.config.num_features}), got {tuple(latents.shape)}.")
+        hidden = latents.to(self._compute_dtype)
+        indices = range(len(self.blocks) - 1, -1, -1)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, total=len(self.blocks), desc="decoding blocks", unit="block")
+        for index in indices:
+            if self.norms is not None:
+                hidden = self.norms[index].inverse(hidden)
+            hidden = self._block_generate(self.blocks[index], hidden)
+        return self._logits_to_pixels(hidden)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator | None = None, temperature: float = 1.0,
+               show_progress: bool = False) -> torch.Tensor:
+        """Draw `num_samples` images (num_samples, C, H, W) in [0, 1]; latents ~ N(0, temperature^2 I).
+        `generator` may live on the CPU or on the model's device."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        device = self.device
+        noise_device = generator.device if generator is not None else device
+        latents = torch.randn(num_samples, self.config.num_features, generator=generator, device=noise_device)
+        return self.decode(latents.to(device) * temperature, show_progress=show_progress)
+
+    def num_sequential_passes(self) -> list[int]:
+        """MADE evaluations per block in the sequential direction (MAF sampling, IAF density)."""
+        return [block.num_sequential_passes for block in self.blocks]
+
+    @torch.no_grad()
+    def _deterministic_per_dimension(self, pixel_values):
+        was_training = self.training
+        self.eval()
+        try:
+            return self._per_dimension_log_prob(pixel_values, random_dequantization=False)[0]
+        finally:
+            self.train(was_training)
+
+    def anomaly_scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-image negative log-likelihood (nats), deterministic; higher = more anomalous."""
+        return -self._deterministic_per_dimension(pixel_values).sum(dim=1)
+
+    def anomaly_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel NLL (batch, H, W), summed over channels; each map sums to that image's anomaly score."""
+        config = self.config
+        per_dimension = -self._deterministic_per_dimension(pixel_values)
+        return per_dimension.view(-1, config.num_channels, config.image_size, config.image_size).sum(dim=1)
+
+
+class IAFModel(MAFModel):
+    r"""
+    Inverse Autoregressive Flow: the MADE blocks read the noise side. Sampling takes one pass per block; the density
+    of data uses the exact segment-parallel inverse. Same API as [`MAFModel`].
+    """
+
+    config_class = IAFConfig
+    conditioner_on_noise = True
+
+
+__all__ = ["MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock", "MaskedLinear",
+           "FlowBatchNorm"]
