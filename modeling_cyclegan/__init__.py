@@ -1,0 +1,42 @@
+"""hf-dgm: CycleGAN (Zhu et al. 2017) as a transformers model, with its image processor."""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_cyclegan import CycleGANConfig
+from .image_processing_cyclegan import CycleGANImageProcessor
+from .modeling_cyclegan import (
+    LOSS_NAMES,
+    CycleGANDiscriminator,
+    CycleGANGenerator,
+    CycleGANModel,
+    CycleGANOutput,
+    CycleGANPreTrainedModel,
+    ImagePool,
+    gan_loss,
+)
+
+
+AutoConfig.register("cyclegan", CycleGANConfig, exist_ok=True)
+AutoModel.register(CycleGANConfig, CycleGANModel, exist_ok=True)
+try:  # transformers >= 5.2x names the image processor's backend
+    AutoImageProcessor.register(CycleGANConfig, image_processor_classes={"pil": CycleGANImageProcessor}, exist_ok=True)
+except TypeError:
+    AutoImageProcessor.register(CycleGANConfig, slow_image_processor_class=CycleGANImageProcessor, exist_ok=True)
+# save_pretrained / push_to_hub then write `auto_map` and copy the modeling files, so a Hub repo loads with
+# AutoModel.from_pretrained(repo_id, trust_remote_code=True) without this package installed.
+CycleGANConfig.register_for_auto_class()
+CycleGANModel.register_for_auto_class("AutoModel")
+CycleGANImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "CycleGANConfig",
+    "CycleGANModel",
+    "CycleGANPreTrainedModel",
+    "CycleGANOutput",
+    "CycleGANGenerator",
+    "CycleGANDiscriminator",
+    "CycleGANImageProcessor",
+    "ImagePool",
+    "gan_loss",
+    "LOSS_NAMES",
+]
