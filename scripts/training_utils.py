@@ -19,6 +19,7 @@ they import this module as `from training_utils import ...`.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import inspect
 import json
 import logging
@@ -424,6 +425,7 @@ class HubPusher:
                 "Pushing to the Hub is disabled for this run; checkpoints and the model are still saved locally."
             )
             self.enabled = False
+        self.failed_uploads: list[str] = []  # folders whose upload failed (each also logged as a warning)
         self._queue: queue.Queue = queue.Queue()
         self._worker = None
 
@@ -438,14 +440,14 @@ class HubPusher:
         if not self.enabled:
             logger.warning(f"Hub pushing is disabled; {folder} stays local only.")
             return
-        try:
-            staging = self._snapshot(folder)
-        except OSError as error:
-            logger.warning(f"Could not prepare {folder} for upload ({error}); it stays local only.")
-            return
         if isinstance(ignore_patterns, str):
             ignore_patterns = [ignore_patterns]
         patterns = list(ignore_patterns or []) + [f"*{HUB_STAGING_PREFIX}*", f"*.tmp-{CHECKPOINT_PREFIX}*"]
+        try:
+            staging = self._snapshot(folder, patterns)
+        except OSError as error:
+            logger.warning(f"Could not prepare {folder} for upload ({error}); it stays local only.")
+            return
         self._queue.put((folder, staging, path_in_repo, commit_message or f"Upload {os.path.basename(folder)}", patterns))
         if self._worker is None:
             # Daemon: an upload stuck on a dead connection must not keep the finished process alive.
@@ -453,7 +455,8 @@ class HubPusher:
             self._worker.start()
 
     @staticmethod
-    def _snapshot(folder: str) -> str:
+    def _snapshot(folder: str, ignore_patterns: list[str]) -> str:
+        """Hard-links (or copies) the files to upload into a staging folder next to `folder`."""
         folder = os.path.abspath(folder)
         staging = tempfile.mkdtemp(prefix=HUB_STAGING_PREFIX, dir=os.path.dirname(folder))
 
@@ -463,12 +466,23 @@ class HubPusher:
             except OSError:
                 shutil.copy2(source, destination)
 
-        shutil.copytree(
-            folder,
-            os.path.join(staging, "content"),
-            copy_function=link_or_copy,
-            ignore=shutil.ignore_patterns(f"{HUB_STAGING_PREFIX}*"),
-        )
+        def ignored(directory, names):
+            # The patterns of `upload_folder` (fnmatch on the path relative to the folder), applied early so that
+            # skipped files (e.g. checkpoints/*) are not even linked.
+            relative = os.path.relpath(directory, folder)
+            skipped = set()
+            for name in names:
+                path = name if relative == "." else f"{relative}/{name}".replace(os.sep, "/")
+                candidates = [path, f"{path}/"] if os.path.isdir(os.path.join(directory, name)) else [path]
+                if any(fnmatch.fnmatch(c, pattern) for c in candidates for pattern in ignore_patterns):
+                    skipped.add(name)
+            return skipped
+
+        try:
+            shutil.copytree(folder, os.path.join(staging, "content"), copy_function=link_or_copy, ignore=ignored)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return staging
 
     def _run(self) -> None:
@@ -484,6 +498,7 @@ class HubPusher:
                 )
                 logger.info(f"Uploaded {folder} to {self.repo_id}/{path_in_repo or ''}.")
             except Exception as error:  # noqa: BLE001 - a failed upload must not stop training
+                self.failed_uploads.append(folder)
                 logger.warning(
                     f"Upload of {folder} to Hub repository {self.repo_id!r} failed ({type(error).__name__}: "
                     f"{error}). Training continues; the local copy is kept."

@@ -4,7 +4,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import socket
+import threading
 
 import pytest
 import torch
@@ -300,8 +302,39 @@ def test_hub_pusher_failed_upload_warns_and_keeps_local_files(tmp_path, monkeypa
         pusher.wait(timeout=30)
     assert "hub went away" in caplog.text and "Training continues" in caplog.text
     assert uploaded == [("good", ["a.txt"])]
+    assert pusher.failed_uploads == [str(folder)]
     assert sorted(os.listdir(tmp_path)) == ["step_1"]  # staging snapshots removed, local files kept
     assert (folder / "a.txt").read_text() == "a"
+
+
+def test_hub_pusher_snapshots_so_pruning_a_queued_folder_is_safe(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})())
+    release, uploaded = threading.Event(), []
+
+    def slow_upload(self, *, folder_path, ignore_patterns, **kwargs):
+        release.wait(30)
+        uploaded.append(sorted(os.path.relpath(os.path.join(root, name), folder_path)
+                               for root, _, names in os.walk(folder_path) for name in names))
+
+    monkeypatch.setattr(HfApi, "upload_folder", slow_upload)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "checkpoints" / "step_1" / "model.safetensors").write_bytes(b"w1")
+    (run / "config.json").write_text("{}")
+    (run / "logs").mkdir()
+    (run / "logs" / "events").write_text("tb")
+
+    pusher = HubPusher("user/repo", token="hf_test_token")
+    pusher.push_folder(str(run / "checkpoints" / "step_1"), path_in_repo="checkpoints/step_1")
+    pusher.push_folder(str(run), ignore_patterns=["checkpoints/*", "logs/*"])
+    shutil.rmtree(run / "checkpoints" / "step_1")  # pruned (checkpoints_total_limit) while its upload waits
+    release.set()
+    pusher.wait(timeout=30)
+    assert uploaded == [["model.safetensors"], ["config.json"]]
+    assert not pusher.failed_uploads
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "logs"]  # staging folders removed
 
 
 def test_resolve_hub_token(monkeypatch, tmp_path):
