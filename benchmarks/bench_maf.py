@@ -1,0 +1,252 @@
+"""Seed-spec MAF/IAF speed on one GPU, side by side with nflows 0.14 in the same process.
+
+    python benchmarks/bench_maf.py --output_dir runs/bench_maf          # GPU, spec size (128x128x3, 512-512, 7 blocks)
+    python benchmarks/bench_maf.py --smoke                              # CPU, tiny sizes: checks that it runs
+
+Measures (median over repeated runs, CUDA-event timed after warm-up):
+  - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory;
+  - log_prob throughput at batch 132 (the capsule test-set size);
+  - sampling 5 images: seconds and sequential MADE evaluations per block;
+  - IAF at the same size: sampling, density and train-step time;
+  - nflows MaskedAutoregressiveFlow at the identical layer shapes (when nflows is importable): train step, log_prob,
+    and sampling timed in full at 3x32x32 and 3x64x64, extrapolated to 3x128x128 (it needs D passes per layer);
+  - the floor: bytes of weights (and Adam state) an fp32 step must move, over the measured copy bandwidth.
+Prints a table and writes bench_maf.json in --output_dir.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/bench_maf", help="Where bench_maf.json is written.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny sizes on whatever device is present (CI check).")
+    parser.add_argument("--repeats", type=int, default=20, help="Timed repetitions per measurement.")
+    parser.add_argument("--skip_nflows", action="store_true", help="Do not run the nflows peer.")
+    parser.add_argument("--skip_iaf_train", action="store_true", help="Skip the (slow) IAF train step.")
+    return parser.parse_args(argv)
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def median_ms(self, fn, repeats, warmup=3):
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def peak_gib(self):
+        return torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else float("nan")
+
+    def reset_peak(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+
+def copy_bandwidth_gbs(device, timer):
+    if device.type != "cuda":
+        return float("nan")
+    source = torch.empty(2 * 2**30 // 4, device=device)
+    target = torch.empty_like(source)
+    ms = timer.median_ms(lambda: target.copy_(source), repeats=10)
+    return 2 * source.numel() * 4 / (ms / 1e3) / 1e9  # bytes read + written
+
+
+def train_step_fn(model, log_prob_of, batch, optimizer, dtype):
+    def step():
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = -log_prob_of(model, batch).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def log_prob_fn(model, log_prob_of, batch, dtype):
+    @torch.no_grad()
+    def run():
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            return log_prob_of(model, batch)
+
+    return run
+
+
+def ours_log_prob(model, pixels):
+    return model(pixels).log_prob
+
+
+def nflows_log_prob(flow, pixels):
+    return flow.log_prob(pixels.flatten(1))
+
+
+def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, fused):
+    rows = []
+    device = pixels_8.device
+    for dtype in ("fp32", "bf16"):
+        kwargs = {"fused": True} if fused and device.type == "cuda" else {}
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **kwargs)
+        timer.reset_peak()
+        ms = timer.median_ms(train_step_fn(model, log_prob_of, pixels_8, optimizer, dtype), repeats)
+        rows.append({"model": name, "measure": f"train step b{pixels_8.shape[0]} {dtype}", "ms": ms,
+                     "images_per_s": pixels_8.shape[0] / ms * 1e3, "peak_gib": timer.peak_gib()})
+        del optimizer
+        gc.collect()
+    model.eval()
+    for dtype in ("fp32", "bf16"):
+        timer.reset_peak()
+        ms = timer.median_ms(log_prob_fn(model, log_prob_of, pixels_big, dtype), repeats)
+        rows.append({"model": name, "measure": f"log_prob b{pixels_big.shape[0]} {dtype}", "ms": ms,
+                     "images_per_s": pixels_big.shape[0] / ms * 1e3, "peak_gib": timer.peak_gib()})
+    model.train()
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timer = Timer(device)
+    if args.smoke:
+        sizes = dict(image_size=8, num_channels=3, hidden_sizes=[32, 32], num_blocks=3)
+        args.repeats = min(args.repeats, 3)
+        small_sides = [4, 6]
+    else:
+        sizes = dict(image_size=128, num_channels=3, hidden_sizes=[512, 512], num_blocks=7)
+        small_sides = [32, 64]
+    hidden = sizes["hidden_sizes"][0]
+    side, layers = sizes["image_size"], sizes["num_blocks"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    pixels_8 = torch.rand(8, 3, side, side, device=device, generator=generator)
+    pixels_big = torch.rand(132 if not args.smoke else 16, 3, side, side, device=device, generator=generator)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "sizes": sizes, "rows": []}
+    rows = results["rows"]
+
+    bandwidth = copy_bandwidth_gbs(device, timer)
+    results["copy_bandwidth_GBps"] = bandwidth
+
+    # ---------------------------------------------------------------- ours: MAF
+    with torch.device(device):
+        model = MAFModel(MAFConfig(**sizes))
+    num_params = model.num_parameters()
+    results["parameters"] = num_params
+    rows += measure_training_and_density("hf-dgm MAF (fused Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
+                                         args.repeats, fused=True)
+    rows += measure_training_and_density("hf-dgm MAF (plain Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
+                                         args.repeats, fused=False)[:2]
+    model.eval()
+    sample_generator = torch.Generator(device=device).manual_seed(0)
+    ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4), warmup=1)
+    rows.append({"model": "hf-dgm MAF", "measure": "sample 5", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                 "sequential_passes_per_block": model.num_sequential_passes()[0]})
+    # Weight traffic floor of an fp32 Adam step: forward reads W, backward reads W and writes dW, the gradient mask
+    # reads and writes dW, Adam reads W, dW, m, v and writes W, m, v: 11 x 4 bytes per parameter (+ the bool mask).
+    floor_bytes = num_params * (11 * 4 + 1)
+    results["floor"] = {"bytes_per_fp32_step": floor_bytes,
+                        "ms_at_measured_bandwidth": floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    # ---------------------------------------------------------------- ours: IAF
+    with torch.device(device):
+        iaf = IAFModel(IAFConfig(**sizes))
+    with torch.no_grad():  # non-trivial weights so that the timing is of real work
+        for block in iaf.blocks:
+            last = block.made.layers[-1]
+            last.weight.normal_(0, 1e-3).mul_(last.mask())
+    iaf.eval()
+    ms = timer.median_ms(lambda: iaf.sample(5, generator=sample_generator), repeats=args.repeats)
+    rows.append({"model": "hf-dgm IAF", "measure": "sample 5", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                 "sequential_passes_per_block": 1})
+    ms = timer.median_ms(lambda: iaf(pixels_8).log_prob, repeats=max(3, args.repeats // 4), warmup=1)
+    rows.append({"model": "hf-dgm IAF", "measure": "log_prob b8 fp32", "ms": ms, "images_per_s": 8 / ms * 1e3,
+                 "sequential_passes_per_block": iaf.num_sequential_passes()[0]})
+    if not args.skip_iaf_train:
+        iaf.train()
+        optimizer = torch.optim.Adam(iaf.parameters(), lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+        timer.reset_peak()
+        ms = timer.median_ms(train_step_fn(iaf, ours_log_prob, pixels_8, optimizer, "bf16"), repeats=3, warmup=1)
+        rows.append({"model": "hf-dgm IAF", "measure": "train step b8 bf16", "ms": ms, "images_per_s": 8 / ms * 1e3,
+                     "peak_gib": timer.peak_gib()})
+        del optimizer
+    del iaf
+    gc.collect()
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+    # ---------------------------------------------------------------- peer: nflows
+    try:
+        if args.skip_nflows:
+            raise ImportError("skipped by flag")
+        from nflows.flows import MaskedAutoregressiveFlow
+    except ImportError as error:
+        results["nflows"] = f"not run: {error}"
+    else:
+        def build_nflows(features):
+            with torch.device(device):
+                return MaskedAutoregressiveFlow(features=features, hidden_features=hidden, num_layers=layers,
+                                                num_blocks_per_layer=1, use_residual_blocks=False)
+
+        started = time.perf_counter()
+        flow = build_nflows(3 * side * side)
+        timer.sync()
+        results["nflows_build_s"] = time.perf_counter() - started
+        rows += measure_training_and_density("nflows 0.14 MAF", flow, nflows_log_prob, pixels_8, pixels_big, timer,
+                                             args.repeats, fused=False)
+        del flow
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        per_pass = []
+        for small in small_sides:
+            features = 3 * small * small
+            flow = build_nflows(features).eval()
+            with torch.no_grad():
+                ms = timer.median_ms(lambda: flow.sample(5), repeats=1, warmup=0)
+            per_pass.append(ms / (features * layers))
+            rows.append({"model": "nflows 0.14 MAF", "measure": f"sample 5 at 3x{small}x{small} (measured)", "ms": ms,
+                         "images_per_s": 5 / ms * 1e3, "sequential_passes_per_block": features})
+            del flow
+        extrapolated = per_pass[-1] * 3 * side * side * layers
+        rows.append({"model": "nflows 0.14 MAF", "measure": f"sample 5 at 3x{side}x{side} (extrapolated)",
+                     "ms": extrapolated, "images_per_s": 5 / extrapolated * 1e3,
+                     "sequential_passes_per_block": 3 * side * side,
+                     "note": f"{per_pass[-1]:.3f} ms per pass at 3x{small_sides[-1]}x{small_sides[-1]} x D passes x {layers} layers"})
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "bench_maf.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\n{results['device']}, torch {results['torch']}, {num_params:,} parameters, copy bandwidth "
+          f"{bandwidth:.0f} GB/s, fp32-step floor {results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms")
+    print(f"{'model':28s} {'measure':40s} {'ms':>12s} {'img/s':>10s} {'peak GiB':>9s} {'passes':>7s}")
+    for row in rows:
+        print(f"{row['model']:28s} {row['measure']:40s} {row['ms']:12.2f} {row['images_per_s']:10.1f} "
+              f"{row.get('peak_gib', float('nan')):9.2f} {row.get('sequential_passes_per_block', ''):>7}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

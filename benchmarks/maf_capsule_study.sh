@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The seed-spec MAF study on MVTec AD capsule (docs/RESULTS.md): every configuration trained for 100 epochs with
+# bf16 on 3 seeds, each followed by sampling (temperature 1.0 and 0.7) and the anomaly report.
+#
+#   bash benchmarks/maf_capsule_study.sh runs/study            # needs a GPU (~9 GB of GPU memory per run)
+#
+# The first run (spread degrees, no normalisation, seed 0) trains alone, so its wall time is a clean single-run
+# figure; the others then run PARALLEL at a time on the same GPU. EXTRA adds flags to every training run
+# (e.g. EXTRA="--image_size 16 --num_train_epochs 1" for a quick check). The small outputs (JSON, PNG, JSONL)
+# are packed into <out>/study.tgz; model weights are deleted after each run's report.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-runs/study}"
+DATA="${DATA:-data/mvtec_capsule}"
+PARALLEL="${PARALLEL:-4}"
+EXTRA="${EXTRA:-}"
+mkdir -p "$OUT"
+
+run_one() {  # name seed train-flags...
+  local name=$1 seed=$2; shift 2
+  local dir="$OUT/$name-s$seed"
+  OUTPUT_DIR="$dir" SKIP_SETUP=1 bash scripts/run_maf_pipeline.sh --data_dir "$DATA" --mixed_precision bf16 \
+    --checkpointing_steps no --seed "$seed" "$@" $EXTRA > "$OUT/$name-s$seed.log" 2>&1
+  echo "$name seed $seed: exit $?"; rm -f "$dir"/model.safetensors
+}
+export -f run_one
+export OUT DATA EXTRA
+
+run_one spread-none 0 --degree_assignment spread --normalization none
+printf '%s\n' \
+  "spread-none 1 --degree_assignment spread --normalization none" \
+  "spread-none 2 --degree_assignment spread --normalization none" \
+  "sequential-none 0 --degree_assignment sequential --normalization none" \
+  "sequential-none 1 --degree_assignment sequential --normalization none" \
+  "sequential-none 2 --degree_assignment sequential --normalization none" \
+  "spread-batchnorm 0 --degree_assignment spread --normalization batch_norm" \
+  "spread-batchnorm 1 --degree_assignment spread --normalization batch_norm" \
+  "spread-batchnorm 2 --degree_assignment spread --normalization batch_norm" \
+  | xargs -P "$PARALLEL" -L 1 bash -c 'run_one "$@"' _
+tar czf "$OUT/study.tgz" --exclude=study.tgz --exclude='*.safetensors' --exclude='checkpoints' --exclude='*.py' -C "$OUT" .
+python3 benchmarks/summarize_study.py "$OUT" || true
