@@ -139,6 +139,9 @@ class HubServer:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) of every request, for tests
         self.lock = threading.RLock()
         self._counter = itertools.count()
+        self.commit_gate = threading.Event()  # cleared by `holding_commits`: commits wait until it is set again
+        self.commit_gate.set()
+        self.faults: list[tuple[re.Pattern, int]] = []  # (path regex, status) of requests that fail on purpose
 
         if sock is None:
             self.httpd = ThreadingHTTPServer((host, port), _make_handler(self))
@@ -176,6 +179,25 @@ class HubServer:
             yield
         finally:
             self.upload_mode = previous
+
+    @contextlib.contextmanager
+    def holding_commits(self):
+        """Commits wait (without blocking any other request) until the block ends: a slow Hub."""
+        self.commit_gate.clear()
+        try:
+            yield
+        finally:
+            self.commit_gate.set()
+
+    @contextlib.contextmanager
+    def failing(self, path_pattern: str = ".*", status: int = 503):
+        """Requests whose path matches `path_pattern` get `status` (503: a Hub that is down) inside the block."""
+        fault = (re.compile(path_pattern), status)
+        self.faults.append(fault)
+        try:
+            yield
+        finally:
+            self.faults.remove(fault)
 
     # -- objects --------------------------------------------------------------------------------------------
 
@@ -352,6 +374,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         pass  # requests are recorded in `HubServer.requests` instead of being printed
 
     def _read_body(self) -> bytes:
+        self._body_read = True
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
             while True:
@@ -388,6 +411,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": error.message.encode("ascii", "replace").decode(), **error.headers}
         if error.error_code:
             headers["X-Error-Code"] = error.error_code
+        has_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+        if has_body and not self._body_read:  # the unread body would be parsed as the next request
+            headers["Connection"] = "close"
+            self.close_connection = True
         self._send_json(error.status, {"error": error.message, **error.body}, headers)
 
     @property
@@ -408,6 +435,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             raise HubError(401, "You must be authenticated to do this (pass a token).")
 
     def _dispatch(self):
+        self._body_read = False
         try:
             self._route()
         except HubError as error:
@@ -427,6 +455,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         raw = [segment for segment in url.path.split("/")[1:]]
         segments = [unquote(segment) for segment in raw]
         method = self.command
+        for pattern, status in list(self.server_state.faults):
+            if pattern.search(url.path):
+                raise HubError(status, f"Injected failure of the test hub for {url.path}")
 
         if segments[:2] == ["api", "whoami-v2"]:
             self._require_auth()
@@ -463,6 +494,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     def _repo_api(self, method: str, repo_type: str, repo_id: str, rest: list[str]):
         action, args = (rest[0], rest[1:]) if rest else ("", [])
         server = self.server_state
+        if action == "commit" and not server.commit_gate.wait(timeout=300):
+            raise HubError(504, "Commit held by the test hub for too long.")
         with server.lock:
             authorized = self._auth()
             repo = server.get_repo(repo_type, repo_id, authorized)

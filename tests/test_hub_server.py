@@ -226,6 +226,31 @@ def test_validate_yaml_accepts_model_cards_and_rejects_bad_metadata(hub_server, 
     assert api.model_info(repo_id).card_data.pipeline_tag == "unconditional-image-generation"
 
 
+def test_injected_failures_and_held_commits(hub_server):
+    import threading
+
+    api = HfApi()
+    repo_id = hub_server.repo_id("faults")
+    api.create_repo(repo_id)
+    with hub_server.server.failing(r"/commit/", status=503):
+        with pytest.raises(HfHubHTTPError) as error:
+            api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    assert error.value.response.status_code == 503
+    # The same client keeps working after the failure.
+    api.upload_file(path_or_fileobj=b"y", path_in_repo="y.txt", repo_id=repo_id)
+
+    with hub_server.server.holding_commits():
+        worker = threading.Thread(
+            target=api.upload_file, kwargs=dict(path_or_fileobj=b"z", path_in_repo="z.txt", repo_id=repo_id)
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive()  # the commit waits ...
+        assert "z.txt" not in api.list_repo_files(repo_id)  # ... while other requests are served
+    worker.join(timeout=30)
+    assert not worker.is_alive() and "z.txt" in api.list_repo_files(repo_id)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # transformers and datasets end to end
 # ----------------------------------------------------------------------------------------------------------
