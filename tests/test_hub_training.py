@@ -14,9 +14,11 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
+from PIL import Image
 
 from test_hub_models import make_mvtec_category
 
@@ -42,10 +44,39 @@ def maf_model_class():
     return MAFModel
 
 
+def make_unpaired_folder(root):
+    """A tiny CycleGAN-layout folder: trainA, trainB, testA, testB with 3 random 20x20 images each."""
+    rng = np.random.default_rng(0)
+    for folder in ("trainA", "trainB", "testA", "testB"):
+        (root / folder).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / folder / f"{index}.png")
+    return root
+
+
+def cyclegan_argv(data_dir, output_dir):
+    return [
+        "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--image_size", "16",
+        "--generator_filters", "4", "--num_residual_blocks", "1", "--discriminator_filters", "4",
+        "--discriminator_layers", "2", "--num_train_epochs", "2", "--checkpointing_steps", "epoch",
+        "--checkpoints_total_limit", "2", "--num_grid_images", "1", "--logging_steps", "1",
+        "--fast_path", "false", "--mixed_precision", "no",
+    ]
+
+
+def cyclegan_model_class():
+    from modeling_cyclegan import CycleGANModel
+
+    return CycleGANModel
+
+
 # script module -> (tiny argv, data maker, model class, files the final upload must contain)
 SCRIPTS = {
     "train_maf": (maf_argv, make_mvtec_category, maf_model_class,
                   {"config.json", "model.safetensors", "README.md", "nll_curve.png", "train_summary.json"}),
+    "train_cyclegan": (cyclegan_argv, make_unpaired_folder, cyclegan_model_class,
+                       {"config.json", "model.safetensors", "README.md", "preprocessor_config.json",
+                        "train_results.json"}),
 }
 
 
@@ -99,8 +130,10 @@ def test_push_to_hub_uploads_checkpoints_in_the_background_then_model_and_card(h
     for checkpoint in local:  # every checkpoint that was saved is on the Hub, with its training state
         assert f"checkpoints/{checkpoint}/training_state.json" in files
     assert not any(f.startswith("logs/") or ".hub-upload-" in f or ".tmp-" in f for f in files)
-    titles = [c.title for c in api.list_repo_commits(repo_id)]
-    assert titles[0] == "Final model" and sum(t.startswith("Checkpoint") for t in titles) >= len(local)
+    # The final model is the last commit, after every checkpoint upload.
+    commits = api.list_repo_commits(repo_id)
+    newest_files = {f.path for f in api.list_repo_tree(repo_id, revision=commits[1].commit_id, recursive=True)}
+    assert "model.safetensors" not in newest_files and len(commits) >= 2 + len(local)
 
     # The final model on the Hub is the one saved locally; its card carries metadata the Hub validated.
     model_class = get_model_class()
@@ -110,7 +143,8 @@ def test_push_to_hub_uploads_checkpoints_in_the_background_then_model_and_card(h
         assert torch.equal(tensor, hub_model.state_dict()[name]), name
     card = ModelCard.load(repo_id)
     assert card.data.library_name == "transformers" and card.data.license and card.data.tags
-    assert "```python" in card.text and repo_id in card.text  # a usage snippet for this repo
+    assert card.data.eval_results, "the card's model-index must carry the run's metrics"
+    assert "```python" in card.text and repo_id in card.text  # a usage snippet that loads this repo
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -159,4 +193,5 @@ def test_missing_token_is_a_clear_error_before_training(hub_server, tmp_path, mo
 
     with pytest.raises(ValueError, match="--hub_token"):
         module.main(argv)
-    assert not output_dir.exists()  # nothing started
+    # Nothing was trained: no checkpoint, no model.
+    assert not (output_dir / "checkpoints").exists() and not (output_dir / "model.safetensors").exists()
