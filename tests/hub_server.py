@@ -43,7 +43,6 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -203,9 +202,6 @@ class HubServer:
 
     def _object_path(self, sha256: str) -> str:
         return os.path.join(self.storage_dir, "objects", sha256)
-
-    def has_object(self, sha256: str) -> bool:
-        return os.path.exists(self._object_path(sha256))
 
     def store_object(self, content: bytes) -> str:
         sha256 = hashlib.sha256(content).hexdigest()
@@ -631,7 +627,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             current = repo.commits[current.parent]
         return {"id": current.oid, "title": current.title, "date": current.date}
 
-    def _entry_info(self, repo: Repo, commit: Commit, path: str, folders: set[str], expand: bool) -> dict:
+    def _entry_info(self, repo: Repo, commit: Commit, path: str, expand: bool) -> dict:
         if path in commit.files:
             info = self._file_info(path, commit.files[path])
         else:
@@ -657,7 +653,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         candidates = [p for p in sorted(folders) + sorted(commit.files) if p.startswith(prefix)]
         if not recursive:
             candidates = [p for p in candidates if "/" not in p[len(prefix):]]
-        entries = [self._entry_info(repo, commit, p, folders, expand) for p in candidates]
+        entries = [self._entry_info(repo, commit, p, expand) for p in candidates]
         self._send_json(200, entries)
 
     def _paths_info(self, repo: Repo, revision: str):
@@ -672,7 +668,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             expand = form.get("expand", ["false"])[0].lower() in ("1", "true")
         folders = self._folders(commit)
         entries = [
-            self._entry_info(repo, commit, path.strip("/"), folders, expand)
+            self._entry_info(repo, commit, path.strip("/"), expand)
             for path in paths
             if path.strip("/") in commit.files or path.strip("/") in folders
         ]
