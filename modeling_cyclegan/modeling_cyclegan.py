@@ -235,8 +235,10 @@ class ImagePool:
         images = images.detach()
         if self.images is None:
             self.images = images.new_empty((self.pool_size, *images.shape[1:]))
-        elif self.images.shape[1:] != images.shape[1:]:
+        if self.images.shape[1:] != images.shape[1:]:
             raise ValueError(f"ImagePool stores images of shape {tuple(self.images.shape[1:])}, got {tuple(images.shape[1:])}.")
+        if self.images.device != images.device or self.images.dtype != images.dtype:
+            self.images = self.images.to(device=images.device, dtype=images.dtype)  # e.g. restored on the CPU
         returned = []
         for image in images:
             if self.num_images < self.pool_size:
@@ -263,8 +265,7 @@ class ImagePool:
         if stored is None:
             self.images = None
             return
-        device = self.images.device if self.images is not None else stored.device
-        self.images = stored.new_empty((self.pool_size, *stored.shape[1:])).to(device)
+        self.images = stored.new_zeros((self.pool_size, *stored.shape[1:]))  # moved to the images' device on query
         self.images[: self.num_images].copy_(stored)
 
 
