@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -123,7 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=100,
         help="Fetch the losses from the device every N steps (every step is still logged; larger = fewer syncs).",
     )
-    parser.add_argument("--hub_dataset_split_test", type=str, default="test", help="Split with the grid images.")
+    parser.add_argument(
+        "--test_split",
+        type=str,
+        default="test",
+        help="Split with the images of the epoch grids and the final evaluation (local folders <split>A, <split>B).",
+    )
     fast = parser.add_argument_group("speed (the maths is the same on every path)")
     fast.add_argument(
         "--fast_path",
@@ -279,11 +285,14 @@ class CycleGANTrainStep:
         self.discriminator_params = [*model.discriminator_a.parameters(), *model.discriminator_b.parameters()]
         self.generator_losses = self._generator_losses
         self.discriminator_losses = self._discriminator_losses
+        self.compiled = options.torch_compile
         if options.torch_compile:
             self.generator_losses = torch.compile(self._generator_losses, mode=options.compile_mode, dynamic=False)
             self.discriminator_losses = torch.compile(self._discriminator_losses, mode=options.compile_mode, dynamic=False)
+        self.use_graphs = options.cuda_graphs
         self.eager_steps_done = 0
         self.graph_g = self.graph_d = None
+        self.fallbacks: list[str] = []  # what had to be switched off, and why
 
     # -- the maths ------------------------------------------------------------------------------------------
 
@@ -327,12 +336,43 @@ class CycleGANTrainStep:
         return values
 
     def _eager_step(self, real_a, real_b):
-        generator_values, fake_a, fake_b = self._generator_update(real_a, real_b)
+        generator_values, fake_a, fake_b = self._first_step_guard(self._generator_update, real_a, real_b)
         pooled_b = self.pool_b.query(fake_b)  # reference order: D_A's pool first
         pooled_a = self.pool_a.query(fake_a)
-        return generator_values, self._discriminator_update(real_a, real_b, pooled_a, pooled_b)
+        return generator_values, self._first_step_guard(self._discriminator_update, real_a, real_b, pooled_a, pooled_b)
 
     # -- running it -----------------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """The options actually in use (after any fallback)."""
+        described = self.options.describe()
+        described.update(
+            torch_compile=self.compiled,
+            cuda_graphs=self.use_graphs,
+            fallbacks=list(self.fallbacks),
+        )
+        return described
+
+    def _thaw_discriminators(self):
+        for parameter in self.discriminator_params:
+            parameter.requires_grad_(True)
+
+    def _first_step_guard(self, update, *args):
+        """Runs an update; if torch.compile fails on the very first step, warns and redoes it eagerly.
+
+        Safe to redo: compilation fails in the forward or backward pass, before the optimizer step changes anything.
+        """
+        if self.eager_steps_done > 0 or not self.compiled:
+            return update(*args)
+        try:
+            return update(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: fall back to the same maths, eagerly
+            self.fallbacks.append(f"torch.compile failed, running eagerly: {type(error).__name__}: {error}"[:500])
+            warnings.warn(self.fallbacks[-1])
+            self.generator_losses, self.discriminator_losses = self._generator_losses, self._discriminator_losses
+            self.compiled = False
+            self._thaw_discriminators()
+            return update(*args)
 
     def set_learning_rate(self, value: float) -> None:
         """Sets both optimizers' learning rate. With CUDA graphs it is a device tensor updated in place, so the
@@ -340,16 +380,18 @@ class CycleGANTrainStep:
         for optimizer in (self.optimizer_g, self.optimizer_d):
             for group in optimizer.param_groups:
                 device = group["params"][0].device
-                if not self.options.cuda_graphs:
-                    group["lr"] = value
-                elif isinstance(group["lr"], torch.Tensor) and group["lr"].device == device:
+                if isinstance(group["lr"], torch.Tensor) and group["lr"].device == device:
                     group["lr"].fill_(value)
-                else:
+                elif self.use_graphs:
                     group["lr"] = torch.tensor(float(value), device=device)
+                else:
+                    group["lr"] = value
 
     def __call__(self, real_a: torch.Tensor, real_b: torch.Tensor):
-        if not self.options.cuda_graphs:
-            return self._eager_step(real_a, real_b)
+        if not self.use_graphs:
+            result = self._eager_step(real_a, real_b)
+            self.eager_steps_done += 1
+            return result
         if self.graph_g is None and self.eager_steps_done < self.options.warmup_steps:
             # Warm-up steps (real training steps) on a side stream, as CUDA graph capture requires: they create
             # the optimizer states, pick the cuDNN algorithms and run torch.compile.
@@ -361,7 +403,16 @@ class CycleGANTrainStep:
             self.eager_steps_done += 1
             return result
         if self.graph_g is None:
-            self._capture(real_a, real_b)
+            try:
+                self._capture(real_a, real_b)
+            except Exception as error:  # noqa: BLE001 - nothing ran during capture: continue without graphs
+                self.fallbacks.append(f"CUDA graph capture failed, running eagerly: {type(error).__name__}: {error}"[:500])
+                warnings.warn(self.fallbacks[-1])
+                self.graph_g = self.graph_d = None
+                self.use_graphs = False
+                self._thaw_discriminators()
+                torch.cuda.synchronize()
+                return self(real_a, real_b)
         self.static_a.copy_(real_a)
         self.static_b.copy_(real_b)
         self.graph_g.replay()
@@ -375,18 +426,19 @@ class CycleGANTrainStep:
         self.static_a = real_a.clone(memory_format=torch.preserve_format)
         self.static_b = real_b.clone(memory_format=torch.preserve_format)
         torch.cuda.synchronize()
-        self.graph_g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph_g):
+        graph_g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph_g):
             self.static_generator_values, self.static_fake_a, self.static_fake_b = self._generator_update(
                 self.static_a, self.static_b
             )
         self.static_pooled_a = torch.empty_like(self.static_fake_a)
         self.static_pooled_b = torch.empty_like(self.static_fake_b)
-        self.graph_d = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph_d):
+        graph_d = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph_d):
             self.static_discriminator_values = self._discriminator_update(
                 self.static_a, self.static_b, self.static_pooled_a, self.static_pooled_b
             )
+        self.graph_g, self.graph_d = graph_g, graph_d
 
 
 def prepare_model(model: CycleGANModel, device, options: FastPathOptions) -> CycleGANModel:
@@ -590,13 +642,14 @@ def main(argv=None):
     logger.info(f"Step options: {options.describe()}", main_process_only=True)
 
     # Data: both domains resized once to the load size, kept on the device as uint8.
-    train_a, train_b = load_unpaired_split(args.data_dir, args.dataset_name, "train", token=args.hub_token)
-    evaluation_split = args.hub_dataset_split_test
-    try:
-        test_a, test_b = load_unpaired_split(args.data_dir, args.dataset_name, evaluation_split, token=args.hub_token)
-    except (FileNotFoundError, ValueError) as error:
-        logger.warning(f"No test images ({error}); grids and evaluation use training images.", main_process_only=True)
-        test_a, test_b, evaluation_split = train_a, train_b, "train"
+    evaluation_split = args.test_split
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        train_a, train_b = load_unpaired_split(args.data_dir, args.dataset_name, "train", token=args.hub_token)
+        try:
+            test_a, test_b = load_unpaired_split(args.data_dir, args.dataset_name, evaluation_split, token=args.hub_token)
+        except (FileNotFoundError, ValueError) as error:
+            logger.warning(f"No test images ({error}); grids and evaluation use training images.", main_process_only=True)
+            test_a, test_b, evaluation_split = train_a, train_b, "train"
     images_a = images_to_uint8_tensor(train_a, load_size, "domain A", is_main).to(device)
     images_b = images_to_uint8_tensor(train_b, load_size, "domain B", is_main).to(device)
     batch_size = args.per_device_train_batch_size
@@ -765,7 +818,7 @@ def main(argv=None):
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "torch_version": torch.__version__,
             "mixed_precision": args.mixed_precision,
-            "fast_path": options.describe(),
+            "fast_path": train_step.describe(),
             "final_epoch_mean_losses": final_losses,
             "evaluation": evaluation,
             "evaluation_split": evaluation_split,

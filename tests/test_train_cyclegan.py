@@ -256,3 +256,31 @@ def test_fast_and_plain_steps_have_the_same_maths():
     # instance norm, into full-size steps, so equal maths shows in the losses, not in bitwise equal weights)
     # the discriminators were frozen for the generator update and trained by their own
     assert all(p.requires_grad for p in plain_model.discriminator_a.parameters())
+
+
+def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
+    import train_cyclegan
+    from train_cyclegan import FastPathOptions
+
+    def broken_compile(function, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(train_cyclegan.torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8)
+    eager_model = CycleGANModel(config)
+    compiled_model = copy.deepcopy(eager_model)
+    eager = make_step(eager_model, FastPathOptions(batch_passes=True))
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        fallback = make_step(compiled_model, FastPathOptions(batch_passes=True, torch_compile=True))
+        a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+        random.seed(0)
+        got = torch.cat(fallback(a, b))
+    random.seed(0)
+    torch.testing.assert_close(got, torch.cat(eager(a, b)))
+    described = fallback.describe()
+    assert not described["torch_compile"] and "no compiler here" in described["fallbacks"][0]
+    assert all(p.requires_grad for p in compiled_model.discriminator_a.parameters())

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+# Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
+"""Benchmark one full CycleGAN training iteration: plain eager float32 against the fast path, same maths.
+
+A full iteration is what `scripts/train_cyclegan.py` runs every step, with its own code (`CycleGANTrainStep`,
+`UnpairedSampler`): augmentation of one batch per domain on the device, the generator update (both generators,
+frozen discriminators, Adam), both image pools, the discriminator update (Adam), and the losses kept on the device.
+
+Variants (the first step of every variant starts from the same weights and the same batch, so its eight losses
+are compared with the plain variant's: "loss diff"):
+
+- plain:        eager float32, the reference's call order (6 generator calls, 4 + 2 discriminator calls), Adam
+                (foreach). The paper-faithful baseline; the reference implementation itself measured 12.9 it/s
+                (128^2, 6 blocks) and 10.7 it/s (256^2, 9 blocks) on one H100 (issue 7).
+- bf16_eager:   bf16 autocast, channels_last, fused Adam, batched passes (3 generator calls, exact with instance
+                norm), still launched op by op from Python.
+- fast:         bf16_eager + the generator and discriminator updates replayed as CUDA graphs (the training
+                script's default on one GPU).
+- fast_compile: fast + torch.compile of the loss computations (compile time is reported as startup).
+
+    python benchmarks/bench_cyclegan.py --output_dir outputs/bench_cyclegan          # one GPU, a few minutes
+    python benchmarks/bench_cyclegan.py --smoke --output_dir /tmp/bench               # tiny, CPU, seconds
+
+Prints a table and writes bench_cyclegan.json: ms/iteration, iterations/s, images/s (images of one domain), peak
+GPU memory, startup (warm-up, compile, capture) seconds, host syncs per step seen by CUDA's sync debug mode,
+GPU-bound time per step (graph replays back to back, no host work) and the loss agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import torch  # noqa: E402
+from train_cyclegan import (  # noqa: E402
+    CycleGANTrainStep,
+    FastPathOptions,
+    build_optimizers,
+    new_batch_buffers,
+    prepare_model,
+)
+
+from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel, ImagePool  # noqa: E402
+from modeling_cyclegan.data import UnpairedSampler, default_load_size  # noqa: E402
+
+
+# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix) on one H100, batch 1 (issue 7).
+REFERENCE_IT_PER_S = {(128, 6): 12.9, (256, 9): 10.7}
+VARIANTS = ("plain", "bf16_eager", "fast", "fast_compile")
+# Order of the losses in a step's outputs (generator values, then discriminator values) -> LOSS_NAMES order.
+STEP_ORDER = ("G_A", "cycle_A", "idt_A", "G_B", "cycle_B", "idt_B", "D_A", "D_B")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/bench_cyclegan", help="Where bench_cyclegan.json goes.")
+    parser.add_argument("--cases", default="128:6:1,128:6:4,256:9:1,256:9:4",
+                        help="Comma-separated size:residual_blocks:batch cases.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated subset of {VARIANTS}.")
+    parser.add_argument("--compile_cases", default="128:6:1,256:9:1",
+                        help="Cases that also run fast_compile (each compiles for a minute or two).")
+    parser.add_argument("--steps", type=int, default=100, help="Timed iterations per case and variant.")
+    parser.add_argument("--warmup", type=int, default=10, help="Untimed iterations first (includes compile/capture).")
+    parser.add_argument("--filters", type=int, default=64, help="Generator and discriminator filters (paper: 64).")
+    parser.add_argument("--time_budget_s", type=float, default=270.0,
+                        help="Skip the remaining runs once this much time has passed (they are listed as skipped).")
+    parser.add_argument("--smoke", action="store_true",
+                        help="Tiny sizes and few steps (a quick check, e.g. on a CPU).")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cases, args.compile_cases, args.steps, args.warmup, args.filters = "32:1:1,32:1:2", "", 3, 2, 8
+    return args
+
+
+def parse_cases(text: str) -> list[tuple[int, int, int]]:
+    cases = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        size, blocks, batch = (int(value) for value in item.split(":"))
+        cases.append((size, blocks, batch))
+    return cases
+
+
+def make_options(variant: str, device: torch.device) -> FastPathOptions | None:
+    """The step options of a variant on this device, or None where the variant needs a GPU."""
+    cuda = device.type == "cuda"
+    if variant == "plain":
+        return FastPathOptions(device_type=device.type)
+    if not cuda and variant != "fast":
+        return None
+    return FastPathOptions(
+        device_type=device.type,
+        autocast_dtype=torch.bfloat16 if cuda else None,
+        channels_last=cuda,
+        fused_optimizer=cuda,
+        batch_passes=True,
+        cuda_graphs=cuda and variant in ("fast", "fast_compile"),
+        torch_compile=variant == "fast_compile",
+    )
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(size, blocks, batch, variant, options, args, device) -> dict:
+    torch.manual_seed(0)
+    config = CycleGANConfig(
+        image_size=size, num_residual_blocks=blocks, generator_filters=args.filters, discriminator_filters=args.filters
+    )
+    model = prepare_model(CycleGANModel(config), device, options)
+    optimizer_g, optimizer_d = build_optimizers(model, 2e-4, (0.5, 0.999), options)
+    step = CycleGANTrainStep(
+        model, optimizer_g, optimizer_d, ImagePool(config.pool_size), ImagePool(config.pool_size), options
+    )
+    step.set_learning_rate(2e-4)
+
+    generator = torch.Generator().manual_seed(0)
+    load_size = default_load_size(size)
+    images = [torch.randint(0, 256, (64, 3, load_size, load_size), generator=generator, dtype=torch.uint8).to(device)
+              for _ in range(2)]
+    sampler = UnpairedSampler(images[0], images[1], size, batch, seed=0)
+    batches = sampler.epoch_order(0)
+    real_a, real_b = new_batch_buffers(batch, config, device, options)
+    total = args.warmup + args.steps
+    history = torch.zeros((total, len(STEP_ORDER)), device=device)
+    random.seed(0)
+
+    def iteration(index):
+        sampler.fill_batch(real_a, real_b, batches[index % len(batches)])
+        generator_values, discriminator_values = step(real_a, real_b)
+        history[index, :6].copy_(generator_values)
+        history[index, 6:].copy_(discriminator_values)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    started = time.perf_counter()
+    for index in range(args.warmup):
+        iteration(index)
+    synchronize(device)
+    startup_seconds = time.perf_counter() - started
+
+    syncs = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")  # every host-device sync in the timed steps becomes a warning
+        started = time.perf_counter()
+        for index in range(args.warmup, total):
+            iteration(index)
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    replay_ms = None
+    if step.graph_g is not None:  # the GPU-bound time: both graphs back to back, no host work in between
+        synchronize(device)
+        replay_started = time.perf_counter()
+        for _ in range(args.steps):
+            step.graph_g.replay()
+            step.graph_d.replay()
+        synchronize(device)
+        replay_ms = 1000 * (time.perf_counter() - replay_started) / args.steps
+
+    first_losses = dict(zip(STEP_ORDER, history[0].tolist()))
+    result = {
+        "size": size,
+        "residual_blocks": blocks,
+        "batch": batch,
+        "variant": variant,
+        "options": step.describe(),
+        "ms_per_iteration": 1000 * seconds / args.steps,
+        "iterations_per_second": args.steps / seconds,
+        "images_per_second": args.steps * batch / seconds,
+        "startup_seconds": startup_seconds,
+        "host_syncs_per_step": syncs / args.steps,
+        "graph_replay_ms_per_iteration": replay_ms,
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "first_step_losses": {name: first_losses[name] for name in LOSS_NAMES},
+        "finite": bool(torch.isfinite(history).all()),
+    }
+    del model, optimizer_g, optimizer_d, step, images, sampler, history
+    return result
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("size", "blocks", "batch", "variant", "ms/it", "it/s", "img/s", "x plain", "x ref", "GPU ms/it",
+              "peak MiB", "startup s", "syncs/it", "max loss diff")
+    rows = [header]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            rows.append((str(r["size"]), str(r["residual_blocks"]), str(r["batch"]), r["variant"],
+                         r.get("error", r.get("skipped"))[:60], *[""] * (len(header) - 5)))
+            continue
+
+        def number(value, digits=1):
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        rows.append((
+            str(r["size"]), str(r["residual_blocks"]), str(r["batch"]), r["variant"], number(r["ms_per_iteration"], 2),
+            number(r["iterations_per_second"]), number(r["images_per_second"]), number(r.get("speedup_vs_plain"), 2),
+            number(r.get("speedup_vs_reference"), 2), number(r["graph_replay_ms_per_iteration"], 2),
+            number(r["peak_memory_mib"], 0), number(r["startup_seconds"]), number(r["host_syncs_per_step"], 2),
+            number(r.get("max_loss_diff_vs_plain"), 4),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the training script's fast path (static shapes)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; choose from {VARIANTS}.")
+    compile_cases = set(parse_cases(args.compile_cases))
+    # Everything but torch.compile first, so that a tight budget drops the slowest-to-start runs.
+    plan = [(case, v) for v in variants if v != "fast_compile" for case in parse_cases(args.cases)]
+    plan += [(case, "fast_compile") for case in parse_cases(args.cases) if "fast_compile" in variants and case in compile_cases]
+
+    started = time.perf_counter()
+    results = []
+    for (size, blocks, batch), variant in plan:
+        entry = {"size": size, "residual_blocks": blocks, "batch": batch, "variant": variant}
+        options = make_options(variant, device)
+        if options is None:
+            continue
+        if time.perf_counter() - started > args.time_budget_s:
+            results.append(entry | {"skipped": f"time budget of {args.time_budget_s:.0f} s used up"})
+            continue
+        print(f"running {size}^2, {blocks} blocks, batch {batch}, {variant} ...", flush=True)
+        try:
+            results.append(run_case(size, blocks, batch, variant, options, args, device))
+        except Exception as error:  # noqa: BLE001 - report the failure and go on with the other runs
+            results.append(entry | {"error": f"{type(error).__name__}: {error}"[:500]})
+        gc.collect()
+        if variant == "fast_compile":
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    plain = {(r["size"], r["residual_blocks"], r["batch"]): r for r in results if r["variant"] == "plain" and "error" not in r and "skipped" not in r}
+    for r in results:
+        if "error" in r or "skipped" in r:
+            continue
+        key = (r["size"], r["residual_blocks"], r["batch"])
+        if key in plain:
+            base = plain[key]
+            r["speedup_vs_plain"] = r["iterations_per_second"] / base["iterations_per_second"]
+            r["max_loss_diff_vs_plain"] = max(
+                abs(r["first_step_losses"][n] - base["first_step_losses"][n]) for n in LOSS_NAMES
+            )
+            r["max_relative_loss_diff_vs_plain"] = max(
+                abs(r["first_step_losses"][n] - base["first_step_losses"][n]) / max(abs(base["first_step_losses"][n]), 1e-8)
+                for n in LOSS_NAMES
+            )
+        reference = REFERENCE_IT_PER_S.get((r["size"], r["residual_blocks"]))
+        if reference and r["batch"] == 1 and device.type == "cuda" and args.filters == 64:
+            r["speedup_vs_reference"] = r["iterations_per_second"] / reference
+
+    report = {
+        "benchmark": "CycleGAN full training iteration",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "commit": git_commit(),
+        "command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
+        "reference_iterations_per_second": {f"{s}x{s}, {b} blocks": v for (s, b), v in REFERENCE_IT_PER_S.items()},
+        "images_per_second_counts": "images of one domain per second (each iteration also processes as many of the other)",
+        "seconds": time.perf_counter() - started,
+        "results": results,
+    }
+    table = format_table(results)
+    print(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "bench_cyclegan.json"), "w", encoding="utf-8") as f:
+        json.dump(report | {"table": table}, f, indent=2)
+    print(f"Wrote {os.path.join(args.output_dir, 'bench_cyclegan.json')} ({report['seconds']:.0f} s).")
+    return report
+
+
+if __name__ == "__main__":
+    main()
