@@ -8,6 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="$1"; OUTDIR="$2"; shift 2
 BUDGET_S="${BUDGET_S:-480}"; EPOCHS="${EPOCHS:-20}"
+mkdir -p "$(dirname "$OUTDIR")"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the repo need not be pip-installed
 start=$(date +%s)
 FAST=()
 if ! python3 scripts/train_cyclegan.py --data_dir "$DATA" --output_dir "$OUTDIR-probe" --image_size 128 \

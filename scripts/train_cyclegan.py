@@ -138,13 +138,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="true (default): bf16 autocast, channels_last, fused Adam, batched generator passes, CUDA graphs where "
         "possible. false: the plain eager float32 step in the reference's call order.",
     )
-    fast.add_argument("--torch_compile", type=_auto_bool, default="false", help="torch.compile the loss computations "
-                      "(auto: on for CUDA on the fast path).")
+    fast.add_argument(
+        "--torch_compile",
+        type=_auto_bool,
+        default="auto",
+        help="torch.compile the generator and discriminator loss computations (auto: on for CUDA on the fast path; "
+        "compiling takes a minute or two at start; if it fails the step runs eagerly and train_results.json says why).",
+    )
     fast.add_argument("--torch_compile_mode", type=str, default="default", help="Mode for torch.compile.")
-    fast.add_argument("--cuda_graphs", type=_auto_bool, default="auto",
-                      help="Replay the generator and discriminator updates as CUDA graphs (auto: on for one CUDA GPU "
-                      "on the fast path).")
-    fast.add_argument("--channels_last", type=_auto_bool, default="auto", help="channels_last tensors (auto: on CUDA).")
+    fast.add_argument(
+        "--cuda_graphs",
+        type=_auto_bool,
+        default="auto",
+        help="Replay the generator and discriminator updates as CUDA graphs after 3 eager warm-up steps (auto: on for "
+        "one CUDA GPU on the fast path; off with several processes).",
+    )
+    fast.add_argument(
+        "--channels_last", type=_auto_bool, default="auto", help="channels_last tensors (auto: on CUDA on the fast path)."
+    )
     add_config_override_args(parser, CycleGANConfig)
     args = parser.parse_args(argv)
 
@@ -152,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--mixed_precision fp16 needs loss scaling, which this script does not do; use bf16 or no.")
     if args.mixed_precision is None:
         on_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args.mixed_precision = "bf16" if args.fast_path == "true" and on_gpu else "no"
+        args.mixed_precision = "bf16" if args.fast_path != "false" and on_gpu else "no"
     if args.num_train_epochs < 1:
         parser.error("--num_train_epochs must be at least 1.")
     if args.num_decay_epochs is None:
@@ -201,7 +212,7 @@ class FastPathOptions:
 def resolve_fast_path(args, device: torch.device, num_processes: int, config: CycleGANConfig) -> FastPathOptions:
     """Turns the speed flags ('auto' / 'true' / 'false') into options for this device."""
     on_cuda = device.type == "cuda"
-    fast = args.fast_path == "true"
+    fast = args.fast_path != "false"
 
     def choose(flag: str, auto: bool) -> bool:
         return auto if flag == "auto" else flag == "true"
