@@ -712,12 +712,17 @@ def main(argv=None):
     step_interval = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
     progress = tqdm(total=max_steps, initial=min(global_step, max_steps), disable=not is_main, desc="Training")
 
+    grids_dir = os.path.join(args.output_dir, "grids")
+    # Throughput excludes the start (warm-up, compile, capture) and the time spent on checkpoints and grids.
+    timing = {"startup_seconds": None, "startup_steps": 0, "overhead_seconds": 0.0}
+
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
+        started = time.perf_counter()
         path = checkpoints.save(global_step, epoch, {"step_in_epoch": step_in_epoch})
         if pusher is not None:  # uploads in the background; training goes on
             pusher.push_folder(path, path_in_repo=f"checkpoints/{os.path.basename(path)}",
                                commit_message=f"Checkpoint at step {global_step}")
-    grids_dir = os.path.join(args.output_dir, "grids")
+        timing["overhead_seconds"] += time.perf_counter() - started
 
     def flush():
         if not pending:
@@ -735,7 +740,6 @@ def main(argv=None):
 
     epoch_seconds, steps_this_run, stopped_early = [], 0, False
     loop_start = time.perf_counter()
-    startup_seconds = None
     for epoch in range(start_epoch, args.num_train_epochs):
         if global_step >= max_steps:
             stopped_early = global_step < total_steps
@@ -759,7 +763,8 @@ def main(argv=None):
             progress.update(1)
             if steps_this_run == options.warmup_steps + 2:  # compile and graph capture are behind us
                 flush()
-                startup_seconds = time.perf_counter() - loop_start
+                timing.update(startup_seconds=time.perf_counter() - loop_start, startup_steps=steps_this_run,
+                              overhead_seconds=0.0)
             if len(pending) == args.logging_steps:
                 flush()
             if step_interval and global_step % step_interval == 0 and step_in_epoch + 1 < steps_per_epoch:
@@ -774,7 +779,9 @@ def main(argv=None):
             break
         epoch_seconds.append(time.perf_counter() - epoch_start)
         if grid_a is not None and is_main:
+            started = time.perf_counter()
             save_epoch_grid(model, grid_a, grid_b, os.path.join(grids_dir, f"epoch_{epoch + 1:03d}.png"))
+            timing["overhead_seconds"] += time.perf_counter() - started
         save_checkpoint(epoch + 1, 0)
     train_seconds = time.perf_counter() - loop_start
     progress.close()
@@ -801,8 +808,11 @@ def main(argv=None):
         } if records else {}
         evaluation = evaluate_cycle_consistency(model, test_a, test_b, config.image_size, device)
         iterations_per_second = steps_this_run / train_seconds if train_seconds > 0 else 0.0
-        steady = epoch_seconds[1:] or epoch_seconds
-        steady_rate = (len(steady) * steps_per_epoch / sum(steady)) if steady and sum(steady) > 0 else None
+        steady_rate = None
+        if timing["startup_seconds"] is not None:
+            steady_seconds = train_seconds - timing["startup_seconds"] - timing["overhead_seconds"]
+            steady_steps = steps_this_run - timing["startup_steps"]
+            steady_rate = steady_steps / steady_seconds if steady_steps > 0 and steady_seconds > 0 else None
         global_batch = batch_size * accelerator.num_processes
         results = {
             "completed": global_step >= total_steps,
@@ -815,7 +825,8 @@ def main(argv=None):
             "steps_this_run": steps_this_run,
             "train_seconds": train_seconds,
             "script_seconds": time.perf_counter() - script_start,
-            "startup_seconds": startup_seconds,
+            "startup_seconds": timing["startup_seconds"],
+            "checkpoint_and_grid_seconds": timing["overhead_seconds"],
             "epoch_seconds": epoch_seconds,
             "iterations_per_second": iterations_per_second,
             "images_per_second": iterations_per_second * global_batch,
