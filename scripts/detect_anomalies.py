@@ -116,6 +116,31 @@ def roc_points(scores, labels):
     return fpr, tpr
 
 
+def plot_nll_histogram(path, nll, defect_types):
+    """Histogram of NLL per defect type on a log axis: defective images can score orders of magnitude above
+    the good ones, which a linear axis squeezes into one bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nll = np.asarray(nll, dtype=np.float64)
+    low, high = nll.min(), nll.max()
+    bins = np.geomspace(low, high, 40) if low > 0 else np.linspace(low, high, 40)
+    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for defect in ["good"] + sorted(set(defect_types) - {"good"}):
+        selected = np.array([d == defect for d in defect_types])
+        axis.hist(nll[selected], bins=bins, alpha=0.6 if defect == "good" else 0.9, label=f"{defect} ({selected.sum()})",
+                  histtype="stepfilled" if defect == "good" else "step", linewidth=1.5)
+    if low > 0:
+        axis.set_xscale("log")
+    axis.set(xlabel="NLL (nats, log scale)", ylabel="images", title="NLL of test images: good vs each defect type")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def plot_figures(output_dir, scores, labels, defect_types, metrics, pixel_values, smoothed, masks, num_examples):
     import matplotlib
 
@@ -133,18 +158,7 @@ def plot_figures(output_dir, scores, labels, defect_types, metrics, pixel_values
     figure.savefig(os.path.join(output_dir, "roc_curve.png"))
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=100)
-    nll = scores["nll"]
-    bins = np.linspace(nll.min(), nll.max(), 30)
-    for defect in ["good"] + sorted(set(defect_types) - {"good"}):
-        selected = np.array([d == defect for d in defect_types])
-        axis.hist(nll[selected], bins=bins, alpha=0.6 if defect == "good" else 0.45, label=f"{defect} ({selected.sum()})",
-                  histtype="stepfilled" if defect == "good" else "step", linewidth=1.5)
-    axis.set(xlabel="NLL (nats)", ylabel="images", title="NLL of test images: good vs each defect type")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "nll_histogram.png"))
-    plt.close(figure)
+    plot_nll_histogram(os.path.join(output_dir, "nll_histogram.png"), scores["nll"], defect_types)
 
     # Examples: the best-scoring good image and the most anomalous defective ones, with map and ground truth.
     order = np.argsort(-scores["map-max"])
