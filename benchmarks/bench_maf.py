@@ -17,7 +17,6 @@ Prints a table and writes bench_maf.json in --output_dir.
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import sys

@@ -85,7 +85,7 @@ def score_images(model, pixel_values, batch_size, sigma, device):
 
 def compute_metrics(scores, labels, defect_types, smoothed=None, masks=None):
     try:
-        import evaluate  # noqa: F401
+        import evaluate
     except ImportError:  # a machine without `evaluate`: the same numpy code the module runs
         from modeling_maf.metrics import average_precision, f1_max, pixel_auroc, roc_auc, roc_auc_per_group
 
@@ -98,8 +98,6 @@ def compute_metrics(scores, labels, defect_types, smoothed=None, masks=None):
             result["pixel_auroc"] = pixel_auroc(smoothed, masks)
         result["metric_backend"] = "modeling_maf.metrics (numpy; evaluate not installed)"
         return result
-    import evaluate
-
     metric = evaluate.load(ANOMALY_METRIC_PATH)
     extra = {"anomaly_maps": smoothed, "masks": masks} if smoothed is not None else {}
     result = metric.compute(predictions=scores.tolist(), references=labels.tolist(), defect_types=defect_types,

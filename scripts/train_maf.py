@@ -99,12 +99,15 @@ def load_data(args):
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees exactly the batches it would have."""
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees exactly the batches it would have.
+
+    The epoch is set with `use_epoch`, not `set_epoch`: accelerate calls `set_epoch` with the number of times the
+    (prepared) loader was iterated, which restarts at 0 for the loader that skips the batches already done."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed, self.epoch = size, seed, 0
 
-    def set_epoch(self, epoch: int):
+    def use_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __iter__(self):
@@ -183,7 +186,10 @@ def main(argv=None):
     sampler = EpochSeededSampler(len(dataset), args.seed)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size, sampler=sampler,
                                              num_workers=args.dataloader_num_workers,
-                                             pin_memory=accelerator.device.type == "cuda")
+                                             pin_memory=accelerator.device.type == "cuda",
+                                             # Its own generator: creating an iterator then leaves the global RNG
+                                             # (dequantisation noise) alone, so a resumed run draws the same noise.
+                                             generator=torch.Generator().manual_seed(args.seed))
     fused = accelerator.device.type == "cuda" and not args.plain
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=fused or None,
                                  foreach=False if args.plain else None)
@@ -234,7 +240,7 @@ def main(argv=None):
     stop = False
     for epoch in range(start_epoch, args.num_train_epochs):
         model.train()
-        sampler.set_epoch(epoch)
+        sampler.use_epoch(epoch)
         epoch_loader = dataloader
         if epoch == start_epoch and resume_step_in_epoch:
             epoch_loader = accelerator.skip_first_batches(dataloader, resume_step_in_epoch)

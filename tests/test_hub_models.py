@@ -24,6 +24,8 @@ from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANMo
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 
+from synthetic_data import make_mvtec_category
+
 
 def randomize(model, seed=0, std=0.1):
     """Random weights (masked ones kept at zero): a fresh flow is the identity, which would compare trivially."""
@@ -211,25 +213,6 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
 # ----------------------------------------------------------------------------------------------------------
 # MVTec DatasetDict through scripts/push_mvtec_dataset.py
 # ----------------------------------------------------------------------------------------------------------
-
-
-def make_mvtec_category(root):
-    """A tiny MVTec-layout category: train/good, test/good, test/crack with masks in ground_truth/crack."""
-    rng = np.random.default_rng(0)
-
-    def save(path, array):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
-
-    for index in range(3):
-        save(root / "train" / "good" / f"{index:03d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    save(root / "test" / "good" / "000.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    for index in range(2):
-        save(root / "test" / "crack" / f"{index:03d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        mask = np.zeros((8, 8), dtype=np.uint8)
-        mask[index : index + 3, 2:5] = 255
-        save(root / "ground_truth" / "crack" / f"{index:03d}_mask.png", mask)
-    return root
 
 
 def rows_as_arrays(split):

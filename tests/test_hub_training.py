@@ -14,13 +14,11 @@ import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from PIL import Image
 
-from test_hub_models import make_mvtec_category
+from synthetic_data import make_mvtec_category, make_unpaired_folder
 
 
 def closed_loopback_port():
@@ -44,16 +42,6 @@ def maf_model_class():
     return MAFModel
 
 
-def make_unpaired_folder(root):
-    """A tiny CycleGAN-layout folder: trainA, trainB, testA, testB with 3 random 20x20 images each."""
-    rng = np.random.default_rng(0)
-    for folder in ("trainA", "trainB", "testA", "testB"):
-        (root / folder).mkdir(parents=True)
-        for index in range(3):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / folder / f"{index}.png")
-    return root
-
-
 def cyclegan_argv(data_dir, output_dir):
     return [
         "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--image_size", "16",
@@ -70,11 +58,13 @@ def cyclegan_model_class():
     return CycleGANModel
 
 
+FOLDERS = ("trainA", "trainB", "testA", "testB")
 # script module -> (tiny argv, data maker, model class, files the final upload must contain)
 SCRIPTS = {
     "train_maf": (maf_argv, make_mvtec_category, maf_model_class,
                   {"config.json", "model.safetensors", "README.md", "nll_curve.png", "train_summary.json"}),
-    "train_cyclegan": (cyclegan_argv, make_unpaired_folder, cyclegan_model_class,
+    "train_cyclegan": (cyclegan_argv, lambda root: make_unpaired_folder(root, counts=[(f, 3) for f in FOLDERS], size=20),
+                       cyclegan_model_class,
                        {"config.json", "model.safetensors", "README.md", "preprocessor_config.json",
                         "train_results.json"}),
 }
