@@ -132,6 +132,7 @@ def test_push_to_hub_uploads_checkpoints_in_the_background_then_model_and_card(h
     for name, tensor in local_model.state_dict().items():
         assert torch.equal(tensor, hub_model.state_dict()[name]), name
     card = ModelCard.load(repo_id)
+    api._validate_yaml(card.content)  # the server's validate-yaml accepts the card the script wrote
     assert card.data.library_name == "transformers" and card.data.license and card.data.tags
     assert card.data.eval_results, "the card's model-index must carry the run's metrics"
     assert "```python" in card.text and repo_id in card.text  # a usage snippet that loads this repo
