@@ -174,30 +174,35 @@ class MADEBlock(nn.Module):
         """
         made = self.made
         first, *middle, last = made.layers
-        device = known.device
-        degrees = self.input_degrees.to(device)
+        degrees = self.input_degrees.to(known.device)
         by_degree = torch.argsort(degrees)  # by_degree[d - 1] = position of degree d
         num_features = made.num_features
+        sizes = [high - low for low, high in self.segments]
+        pair_sizes = [2 * size for size in sizes]
 
-        first_weight = first.masked_weight()[:, by_degree]
-        middle_weights = [layer.masked_weight() for layer in middle]
+        # Everything a pass needs is cut into per-segment views once, so a pass is a handful of kernels:
+        # first-layer columns as contiguous rows (pre_activation += segment @ rows), and the output rows of
+        # (shift, log_scale) interleaved per position, so that one matmul yields both for a segment.
+        first_rows = first.masked_weight()[:, by_degree].t().contiguous().split(sizes)
+        middle_layers = [(layer.masked_weight(), layer.bias) for layer in middle]
         output_weight = last.masked_weight()
-        # Rows of (shift, log_scale) interleaved per position so that one matmul yields both for a segment.
         output_rows = torch.stack([output_weight[by_degree], output_weight[num_features + by_degree]], dim=1)
+        output_rows = output_rows.flatten(0, 1).split(pair_sizes)
         output_bias = torch.stack([last.bias[by_degree], last.bias[num_features + by_degree]], dim=1)
-        known_by_degree = known[:, by_degree]
+        output_bias = output_bias.flatten().split(pair_sizes)
+        known_segments = known[:, by_degree].split(sizes, dim=1)
 
-        pre_activation = first.bias.expand(known.shape[0], -1)
+        batch_size = known.shape[0]
+        pre_activation = first.bias.expand(batch_size, -1)
         solved, log_scales = [], []
-        for low, high in self.segments:
+        for rows_in, rows_out, bias_out, known_segment in zip(first_rows, output_rows, output_bias, known_segments):
             hidden = made.activation(pre_activation)
-            for layer, weight in zip(middle, middle_weights):
-                hidden = made.activation(F.linear(hidden, weight, layer.bias))
-            params = F.linear(hidden, output_rows[low:high].flatten(0, 1), output_bias[low:high].flatten())
-            params = _at_least_float32(params).unflatten(1, (high - low, 2))
-            shift, log_scale = params[..., 0], made.soft_clamp(params[..., 1])
-            segment = solve_segment(known_by_degree[:, low:high], shift, log_scale)
-            pre_activation = pre_activation + F.linear(segment.to(first_weight.dtype), first_weight[:, low:high])
+            for weight, bias in middle_layers:
+                hidden = made.activation(F.linear(hidden, weight, bias))
+            shift, raw_log_scale = F.linear(hidden, rows_out, bias_out).view(batch_size, -1, 2).unbind(-1)
+            log_scale = made.soft_clamp(_at_least_float32(raw_log_scale))
+            segment = solve_segment(known_segment, _at_least_float32(shift), log_scale)
+            pre_activation = torch.addmm(pre_activation, segment.to(rows_in.dtype), rows_in)
             solved.append(segment)
             log_scales.append(log_scale)
         at_position = degrees - 1
@@ -351,7 +356,7 @@ class MAFModel(MAFPreTrainedModel):
         if not self.conditioner_on_noise:
             shift, log_scale = block(data_side)
             return (data_side - shift) * torch.exp(-log_scale), -log_scale
-        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) * torch.exp(-a))
+        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) / torch.exp(a))
         return noise, -log_scale
 
     def _block_generate(self, block, noise_side):
@@ -359,7 +364,7 @@ class MAFModel(MAFPreTrainedModel):
         if self.conditioner_on_noise:
             shift, log_scale = block(noise_side)
             return noise_side * torch.exp(log_scale) + shift
-        data, _ = block.solve_sequential(noise_side, lambda z, shift, a: z * torch.exp(a) + shift)
+        data, _ = block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)))
         return data
 
     def _flow_density(self, logits):
