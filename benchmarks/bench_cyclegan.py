@@ -16,14 +16,24 @@ are compared with the plain variant's: "loss diff"):
                 norm), still launched op by op from Python.
 - fast:         bf16_eager + the generator and discriminator updates replayed as CUDA graphs (the training
                 script's default on one GPU).
-- fast_compile: fast + torch.compile of the loss computations (compile time is reported as startup).
+- fast_compile: fast + torch.compile of the loss computations (`--torch_compile true` in the training script;
+                compile time is reported as startup). Off by default in training since an H200 trained
+                horse2zebra at 25.6 it/s with it against 101 it/s without; this variant is here to confirm that
+                in one run and to show whether graph capture fell back to eager (the "graphs" column).
 
-    python benchmarks/bench_cyclegan.py --output_dir outputs/bench_cyclegan          # one GPU, a few minutes
+    python benchmarks/bench_cyclegan.py --output_dir outputs/bench_cyclegan          # one GPU, <= ~7.5 minutes
+    python benchmarks/bench_cyclegan.py --cases 128:6:1 --compile_cases 128:6:1       # the key comparison, ~3 min
     python benchmarks/bench_cyclegan.py --smoke --output_dir /tmp/bench               # tiny, CPU, seconds
 
-Prints a table and writes bench_cyclegan.json: ms/iteration, iterations/s, images/s (images of one domain), peak
-GPU memory, startup (warm-up, compile, capture) seconds, host syncs per step seen by CUDA's sync debug mode,
-GPU-bound time per step (graph replays back to back, no host work) and the loss agreement.
+The default plan fits one 10-minute device command: runs start only while --time_budget_s (420 s) lasts, and a
+fast_compile run only when --compile_estimate_s (150 s) of the budget is left; the compile runs come last. The
+JSON is rewritten after every run, so a command killed by its time limit still leaves the finished runs.
+
+Prints a Markdown table and writes bench_cyclegan.json: ms/iteration, iterations/s, images/s (images of one
+domain), speed-up over plain and over the reference implementation, peak GPU memory, startup (warm-up, compile,
+capture) seconds, host syncs per step seen by CUDA's sync debug mode, GPU-bound time per step (graph replays back
+to back, no host work), whether CUDA graphs and torch.compile were really used (and why not), and the loss
+agreement with the plain variant.
 """
 
 from __future__ import annotations
@@ -73,8 +83,12 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=100, help="Timed iterations per case and variant.")
     parser.add_argument("--warmup", type=int, default=10, help="Untimed iterations first (includes compile/capture).")
     parser.add_argument("--filters", type=int, default=64, help="Generator and discriminator filters (paper: 64).")
-    parser.add_argument("--time_budget_s", type=float, default=270.0,
-                        help="Skip the remaining runs once this much time has passed (they are listed as skipped).")
+    parser.add_argument("--time_budget_s", type=float, default=420.0,
+                        help="Start no run once this much time has passed (the rest are listed as skipped); the "
+                        "default leaves margin in a 10-minute command for start-up and the last run.")
+    parser.add_argument("--compile_estimate_s", type=float, default=150.0,
+                        help="Seconds a fast_compile run is expected to take (compiling ~2 minutes on an H200): one "
+                        "starts only if this much of --time_budget_s is left.")
     parser.add_argument("--smoke", action="store_true",
                         help="Tiny sizes and few steps (a quick check, e.g. on a CPU).")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
@@ -82,6 +96,19 @@ def parse_args(argv=None):
     if args.smoke:
         args.cases, args.compile_cases, args.steps, args.warmup, args.filters = "32:1:1,32:1:2", "", 3, 2, 8
     return args
+
+
+def planned_runs(args) -> list[tuple[tuple[int, int, int], str]]:
+    """Everything but torch.compile first, case by case, so that a tight budget drops the slowest-to-start runs."""
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; choose from {VARIANTS}.")
+    cases = parse_cases(args.cases)
+    compile_cases = set(parse_cases(args.compile_cases))
+    plan = [(case, v) for case in cases for v in variants if v != "fast_compile"]
+    plan += [(case, "fast_compile") for case in cases if "fast_compile" in variants and case in compile_cases]
+    return plan
 
 
 def parse_cases(text: str) -> list[tuple[int, int, int]]:
@@ -206,67 +233,60 @@ def git_commit() -> str | None:
 
 
 def format_table(results: list[dict]) -> str:
-    header = ("size", "blocks", "batch", "variant", "ms/it", "it/s", "img/s", "x plain", "x ref", "GPU ms/it",
-              "peak MiB", "startup s", "syncs/it", "max loss diff")
+    """A Markdown table of the runs (aligned, so it also reads as plain text), then notes on fallbacks."""
+    header = ("size", "blocks", "batch", "variant", "graphs", "compiled", "ms/it", "it/s", "img/s", "x plain", "x ref",
+              "GPU ms/it", "peak MiB", "startup s", "syncs/it", "max loss diff")
     rows = [header]
+    notes = []
     for r in results:
         if "error" in r or "skipped" in r:
             rows.append((str(r["size"]), str(r["residual_blocks"]), str(r["batch"]), r["variant"],
-                         r.get("error", r.get("skipped"))[:60], *[""] * (len(header) - 5)))
+                         ("error: " + r["error"] if "error" in r else "skipped: " + r["skipped"])[:70],
+                         *[""] * (len(header) - 5)))
             continue
 
         def number(value, digits=1):
             return "-" if value is None else f"{value:.{digits}f}"
 
+        options = r.get("options", {})
         rows.append((
-            str(r["size"]), str(r["residual_blocks"]), str(r["batch"]), r["variant"], number(r["ms_per_iteration"], 2),
-            number(r["iterations_per_second"]), number(r["images_per_second"]), number(r.get("speedup_vs_plain"), 2),
-            number(r.get("speedup_vs_reference"), 2), number(r["graph_replay_ms_per_iteration"], 2),
-            number(r["peak_memory_mib"], 0), number(r["startup_seconds"]), number(r["host_syncs_per_step"], 2),
-            number(r.get("max_loss_diff_vs_plain"), 4),
+            str(r["size"]), str(r["residual_blocks"]), str(r["batch"]), r["variant"],
+            "yes" if options.get("cuda_graphs") else "no", "yes" if options.get("torch_compile") else "no",
+            number(r["ms_per_iteration"], 2), number(r["iterations_per_second"]), number(r["images_per_second"]),
+            number(r.get("speedup_vs_plain"), 2), number(r.get("speedup_vs_reference"), 2),
+            number(r["graph_replay_ms_per_iteration"], 2), number(r["peak_memory_mib"], 0),
+            number(r["startup_seconds"]), number(r["host_syncs_per_step"], 2), number(r.get("max_loss_diff_vs_plain"), 4),
         ))
+        for fallback in options.get("fallbacks", []):
+            notes.append(f"- {r['size']}^2/{r['residual_blocks']} blocks/batch {r['batch']} {r['variant']}: {fallback}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    if notes:
+        lines += ["", "Fallbacks (the step ran without what was asked for):", *notes]
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the training script's fast path (static shapes)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"Unknown variants {unknown}; choose from {VARIANTS}.")
-    compile_cases = set(parse_cases(args.compile_cases))
-    # Everything but torch.compile first, so that a tight budget drops the slowest-to-start runs.
-    plan = [(case, v) for v in variants if v != "fast_compile" for case in parse_cases(args.cases)]
-    plan += [(case, "fast_compile") for case in parse_cases(args.cases) if "fast_compile" in variants and case in compile_cases]
+def compile_comparison(results: list[dict]) -> list[dict]:
+    """fast_compile against fast for every case that has both: the question behind the training default."""
+    done = {(r["size"], r["residual_blocks"], r["batch"], r["variant"]): r for r in results
+            if "error" not in r and "skipped" not in r}
+    rows = []
+    for (size, blocks, batch, variant), run in done.items():
+        fast = done.get((size, blocks, batch, "fast"))
+        if variant == "fast_compile" and fast is not None:
+            rows.append({"size": size, "residual_blocks": blocks, "batch": batch,
+                         "fast_it_per_s": fast["iterations_per_second"],
+                         "fast_compile_it_per_s": run["iterations_per_second"],
+                         "compile_over_fast": run["iterations_per_second"] / fast["iterations_per_second"],
+                         "compile_startup_seconds": run["startup_seconds"],
+                         "compile_used_graphs": bool(run["options"].get("cuda_graphs"))})
+    return rows
 
-    started = time.perf_counter()
-    results = []
-    for (size, blocks, batch), variant in plan:
-        entry = {"size": size, "residual_blocks": blocks, "batch": batch, "variant": variant}
-        options = make_options(variant, device)
-        if options is None:
-            continue
-        if time.perf_counter() - started > args.time_budget_s:
-            results.append(entry | {"skipped": f"time budget of {args.time_budget_s:.0f} s used up"})
-            continue
-        print(f"running {size}^2, {blocks} blocks, batch {batch}, {variant} ...", flush=True)
-        try:
-            results.append(run_case(size, blocks, batch, variant, options, args, device))
-        except Exception as error:  # noqa: BLE001 - report the failure and go on with the other runs
-            results.append(entry | {"error": f"{type(error).__name__}: {error}"[:500]})
-        gc.collect()
-        if variant == "fast_compile":
-            torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
-    plain = {(r["size"], r["residual_blocks"], r["batch"]): r for r in results if r["variant"] == "plain" and "error" not in r and "skipped" not in r}
+def add_comparisons(results: list[dict], device, filters: int) -> None:
+    plain = {(r["size"], r["residual_blocks"], r["batch"]): r for r in results
+             if r["variant"] == "plain" and "error" not in r and "skipped" not in r}
     for r in results:
         if "error" in r or "skipped" in r:
             continue
@@ -282,26 +302,76 @@ def main(argv=None):
                 for n in LOSS_NAMES
             )
         reference = REFERENCE_IT_PER_S.get((r["size"], r["residual_blocks"]))
-        if reference and r["batch"] == 1 and device.type == "cuda" and args.filters == 64:
+        if reference and r["batch"] == 1 and device.type == "cuda" and filters == 64:
             r["speedup_vs_reference"] = r["iterations_per_second"] / reference
 
-    report = {
-        "benchmark": "CycleGAN full training iteration",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_version": torch.__version__,
-        "commit": git_commit(),
-        "command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
-        "reference_iterations_per_second": {f"{s}x{s}, {b} blocks": v for (s, b), v in REFERENCE_IT_PER_S.items()},
-        "images_per_second_counts": "images of one domain per second (each iteration also processes as many of the other)",
-        "seconds": time.perf_counter() - started,
-        "results": results,
-    }
-    table = format_table(results)
-    print(table)
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the training script's fast path (static shapes)
+    plan = planned_runs(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "bench_cyclegan.json"), "w", encoding="utf-8") as f:
-        json.dump(report | {"table": table}, f, indent=2)
-    print(f"Wrote {os.path.join(args.output_dir, 'bench_cyclegan.json')} ({report['seconds']:.0f} s).")
+    json_path = os.path.join(args.output_dir, "bench_cyclegan.json")
+
+    started = time.perf_counter()
+    results = []
+
+    def report_now() -> dict:
+        add_comparisons(results, device, args.filters)
+        report = {
+            "benchmark": "CycleGAN full training iteration",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch_version": torch.__version__,
+            "commit": git_commit(),
+            "command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "time_budget_s": args.time_budget_s,
+            "reference_iterations_per_second": {f"{s}x{s}, {b} blocks": v for (s, b), v in REFERENCE_IT_PER_S.items()},
+            "images_per_second_counts": "images of one domain per second (each iteration also processes as many of the other)",
+            "seconds": time.perf_counter() - started,
+            "results": results,
+            "compile_vs_fast": compile_comparison(results),
+        }
+        table = format_table(results)
+        with open(json_path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report | {"table": table}, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)  # a run killed mid-write keeps the previous complete file
+        return report | {"table": table}
+
+    for (size, blocks, batch), variant in plan:
+        entry = {"size": size, "residual_blocks": blocks, "batch": batch, "variant": variant}
+        options = make_options(variant, device)
+        if options is None:
+            continue
+        elapsed = time.perf_counter() - started
+        needed = args.compile_estimate_s if variant == "fast_compile" else 0.0
+        if elapsed + needed > args.time_budget_s:
+            results.append(entry | {"skipped": f"time budget: {elapsed:.0f} s used of {args.time_budget_s:.0f} s"
+                                    + (f", a compile run needs ~{needed:.0f} s" if needed else "")})
+            continue
+        print(f"[{elapsed:5.0f} s] running {size}^2, {blocks} blocks, batch {batch}, {variant} ...", flush=True)
+        try:
+            results.append(run_case(size, blocks, batch, variant, options, args, device))
+        except Exception as error:  # noqa: BLE001 - report the failure and go on with the other runs
+            results.append(entry | {"error": f"{type(error).__name__}: {error}"[:500]})
+        gc.collect()
+        if variant == "fast_compile":
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report_now()
+
+    report = report_now()
+    print(report["table"])
+    for row in report["compile_vs_fast"]:
+        print(f"torch.compile at {row['size']}^2, {row['residual_blocks']} blocks, batch {row['batch']}: "
+              f"{row['fast_compile_it_per_s']:.1f} it/s against {row['fast_it_per_s']:.1f} it/s without "
+              f"({row['compile_over_fast']:.2f}x; CUDA graphs {'used' if row['compile_used_graphs'] else 'NOT used'}; "
+              f"{row['compile_startup_seconds']:.0f} s of warm-up and compiling).")
+    print(f"Wrote {json_path} ({report['seconds']:.0f} s).")
     return report
 
 
