@@ -38,7 +38,8 @@ def read_jsonl(path):
 
 def test_train_sample_detect_write_every_output(category, tmp_path):
     out = tmp_path / "maf"
-    run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 2, *TINY)
+    run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 2, "--max_grad_norm", 1.0,
+        *TINY)
     for name in ("model.safetensors", "config.json", "modeling_maf.py", "README.md", "metrics.jsonl",
                  "nll_curve.png", "train_summary.json"):
         assert (out / name).is_file(), name
