@@ -84,24 +84,18 @@ def score_images(model, pixel_values, batch_size, sigma, device):
 
 
 def compute_metrics(scores, labels, defect_types, smoothed=None, masks=None):
+    """Through the `evaluate` module loaded by path; on a machine without `evaluate`, the same numpy code."""
     try:
         import evaluate
-    except ImportError:  # a machine without `evaluate`: the same numpy code the module runs
-        from modeling_maf.metrics import average_precision, f1_max, pixel_auroc, roc_auc, roc_auc_per_group
+    except ImportError:
+        from modeling_maf.metrics import anomaly_metrics
 
-        f1, threshold = f1_max(scores, labels)
-        result = {"auroc": roc_auc(scores, labels), "aupr": average_precision(scores, labels), "f1_max": f1,
-                  "f1_threshold": threshold, "num_normal": int((labels == 0).sum()),
-                  "num_anomalous": int((labels == 1).sum()),
-                  "auroc_per_defect": roc_auc_per_group(scores, labels, defect_types)}
-        if smoothed is not None:
-            result["pixel_auroc"] = pixel_auroc(smoothed, masks)
+        result = anomaly_metrics(scores, labels, defect_types, smoothed, masks)
         result["metric_backend"] = "modeling_maf.metrics (numpy; evaluate not installed)"
         return result
-    metric = evaluate.load(ANOMALY_METRIC_PATH)
     extra = {"anomaly_maps": smoothed, "masks": masks} if smoothed is not None else {}
-    result = metric.compute(predictions=scores.tolist(), references=labels.tolist(), defect_types=defect_types,
-                            **extra)
+    result = evaluate.load(ANOMALY_METRIC_PATH).compute(predictions=scores.tolist(), references=labels.tolist(),
+                                                        defect_types=defect_types, **extra)
     result["metric_backend"] = f"evaluate.load({os.path.relpath(ANOMALY_METRIC_PATH)})"
     return result
 

@@ -6,7 +6,14 @@ The numpy functions behind it are importable without `evaluate` (e.g. on a machi
 
 import os
 
-from .anomaly_detection.ranking import average_precision, f1_max, pixel_auroc, roc_auc, roc_auc_per_group
+from .anomaly_detection.ranking import (
+    anomaly_metrics,
+    average_precision,
+    f1_max,
+    pixel_auroc,
+    roc_auc,
+    roc_auc_per_group,
+)
 
 
 ANOMALY_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "anomaly_detection")
@@ -21,6 +28,7 @@ def load_anomaly_metric(**kwargs):
 
 __all__ = [
     "ANOMALY_METRIC_PATH",
+    "anomaly_metrics",
     "average_precision",
     "f1_max",
     "load_anomaly_metric",

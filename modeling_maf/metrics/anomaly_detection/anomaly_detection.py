@@ -12,9 +12,8 @@ cannot load offline:
 
 import datasets
 import evaluate
-import numpy as np
 
-from .ranking import average_precision, f1_max, pixel_auroc, roc_auc, roc_auc_per_group
+from .ranking import anomaly_metrics
 
 
 _DESCRIPTION = """
@@ -77,21 +76,5 @@ class AnomalyDetection(evaluate.Metric):
 
     def _compute(self, predictions, references, defect_types=None, anomaly_maps=None, masks=None):
         # Python lists from the cache; not format="numpy", which would round the scores to float32.
-        predictions = np.asarray(predictions, dtype=np.float64)
-        references = np.asarray(references, dtype=np.int64)
-        f1, threshold = f1_max(predictions, references)
-        result = {
-            "auroc": roc_auc(predictions, references),
-            "aupr": average_precision(predictions, references),
-            "f1_max": f1,
-            "f1_threshold": threshold,
-            "num_normal": int((references == 0).sum()),
-            "num_anomalous": int((references == 1).sum()),
-        }
-        if defect_types is not None:
-            result["auroc_per_defect"] = roc_auc_per_group(predictions, references, defect_types)
-        if (anomaly_maps is None) != (masks is None):
-            raise ValueError("pixel AUROC needs both anomaly_maps and masks; pass both or neither.")
-        if anomaly_maps is not None:
-            result["pixel_auroc"] = pixel_auroc(anomaly_maps, masks)
-        return result
+        return anomaly_metrics(predictions, references, defect_types=defect_types, anomaly_maps=anomaly_maps,
+                               masks=masks)

@@ -154,3 +154,26 @@ def _to_numpy(array) -> np.ndarray:
     if hasattr(array, "detach"):  # a torch tensor, without importing torch here
         array = array.detach().float().cpu().numpy() if array.dtype.is_floating_point else array.detach().cpu().numpy()
     return np.asarray(array)
+
+
+def anomaly_metrics(predictions, references, defect_types=None, anomaly_maps=None, masks=None) -> dict:
+    """Every metric of the `anomaly_detection` module from scores (higher = more anomalous) and 0/1 labels:
+    auroc, aupr, f1_max, f1_threshold, the class counts, and auroc_per_defect / pixel_auroc when asked for."""
+    predictions = np.asarray(predictions, dtype=np.float64)
+    references = np.asarray(references, dtype=np.int64)
+    f1, threshold = f1_max(predictions, references)
+    result = {
+        "auroc": roc_auc(predictions, references),
+        "aupr": average_precision(predictions, references),
+        "f1_max": f1,
+        "f1_threshold": threshold,
+        "num_normal": int((references == 0).sum()),
+        "num_anomalous": int((references == 1).sum()),
+    }
+    if defect_types is not None:
+        result["auroc_per_defect"] = roc_auc_per_group(predictions, references, defect_types)
+    if (anomaly_maps is None) != (masks is None):
+        raise ValueError("pixel AUROC needs both anomaly_maps and masks; pass both or neither.")
+    if anomaly_maps is not None:
+        result["pixel_auroc"] = pixel_auroc(anomaly_maps, masks)
+    return result
