@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
 from modeling_maf.data import load_mvtec, load_split_as_tensors  # noqa: E402
 from modeling_maf.metrics import ANOMALY_METRIC_PATH  # noqa: E402
-from training_utils import write_json  # noqa: E402
+from training_utils import device_description, resolve_device, write_json  # noqa: E402
 
 SCORES = ("nll", "map-max", "map-top1")
 
@@ -178,7 +178,7 @@ def plot_figures(output_dir, scores, labels, defect_types, metrics, pixel_values
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     output_dir = args.output_dir or os.path.join(args.model_name_or_path, "anomaly")
     os.makedirs(output_dir, exist_ok=True)
     model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
@@ -206,7 +206,7 @@ def main(argv=None):
     good = labels == 0
     report = {
         "model": args.model_name_or_path,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_description(device),
         "score": args.score,
         "image_auroc": headline["auroc"],
         "aupr": headline["aupr"],

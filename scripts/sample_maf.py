@@ -17,7 +17,7 @@ from transformers import AutoModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
-from training_utils import save_image_grid, write_json  # noqa: E402
+from training_utils import device_description, resolve_device, save_image_grid, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,12 +41,12 @@ def synchronize(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     output_dir = args.output_dir or os.path.join(args.model_name_or_path, "samples")
     os.makedirs(output_dir, exist_ok=True)
     model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
     report = {"model": args.model_name_or_path, "model_type": model.config.model_type,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "device": device_description(device),
               "num_samples": args.num_samples, "sequential_passes_per_block": model.num_sequential_passes()
               if model.config.model_type == "maf" else [1] * model.config.num_blocks, "runs": []}
     for temperature in args.temperature:

@@ -49,6 +49,7 @@ from training_utils import (  # noqa: E402
     resolve_hub_token,
     save_image_grid,
     setup_accelerator,
+    device_description,
     write_json,
     write_model_card,
 )
@@ -896,7 +897,7 @@ def main(argv=None):
             "per_device_train_batch_size": batch_size,
             "load_size": load_size,
             "train_images": {"A": len(images_a), "B": len(images_b)},
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "device": device_description(device),
             "torch_version": torch.__version__,
             "mixed_precision": args.mixed_precision,
             "fast_path": train_step.describe(),

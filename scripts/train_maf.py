@@ -34,6 +34,7 @@ from training_utils import (  # noqa: E402
     add_config_override_args,
     checkpointing_interval,
     config_overrides_from_args,
+    device_description,
     plot_curves,
     resolve_hub_token,
     setup_accelerator,
@@ -310,7 +311,7 @@ def main(argv=None):
             "test_good_bits_per_dim": test_curve[1][-1] if test_curve[1] else None,
             "mixed_precision": args.mixed_precision,
             "num_processes": accelerator.num_processes,
-            "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+            "device": device_description(accelerator.device),
             "config": unwrapped.config.to_diff_dict(),
         }
         curves = {"train bits/dim (per step)": step_curve, "train bits/dim (epoch mean)": epoch_curve}

@@ -520,6 +520,21 @@ class HubPusher:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def resolve_device(name: str | None = None):
+    """The device an inference script runs on: `name` (e.g. from --device), else CUDA when available, else CPU."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_description(device) -> str:
+    """What to record next to a measurement: the GPU's name (e.g. "NVIDIA H200"), or the device type."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def write_json(path: str, obj) -> None:
     """Writes `obj` as indented JSON, atomically: readers see the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from training_utils import save_image_grid, write_json  # noqa: E402
+from training_utils import device_description, resolve_device, save_image_grid, write_json  # noqa: E402
 
 from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel  # noqa: E402
 from modeling_cyclegan.data import IMAGE_EXTENSIONS  # noqa: E402
@@ -117,7 +117,7 @@ def iterate_inputs(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = CycleGANModel.from_pretrained(args.model_name_or_path, with_discriminators=False, token=args.hub_token)
     model.to(device).eval()
     try:
@@ -177,7 +177,7 @@ def main(argv=None):
         "seconds": seconds,
         "images_per_second": written / seconds if seconds > 0 else None,
         "image_size": processor.size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "device": device_description(device),
         "output_dir": output_dir,
     }
     write_json(os.path.join(output_dir, "translate_results.json"), results)
