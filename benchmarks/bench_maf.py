@@ -24,7 +24,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]  # modeling_maf, and training_utils for the graphed step
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
 
 
@@ -84,6 +85,31 @@ def train_step_fn(model, log_prob_of, batch, optimizer, dtype):
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def graphed_train_step_ms(model, batch, timer, repeats, dtype):
+    """The training script's default step on one GPU: the whole step replayed as one CUDA graph."""
+    from training_utils import CUDAGraphStep
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True, capturable=True)
+
+    def step(pixels):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=False):
+            loss = model(pixels).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    runner = CUDAGraphStep(step, enabled=True, reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
+    timer.reset_peak()
+    ms = timer.median_ms(lambda: runner(batch), repeats, warmup=5)
+    peak = timer.peak_gib()
+    described = runner.describe()
+    optimizer.zero_grad(set_to_none=True)
+    del runner, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms, peak, described
 
 
 def log_prob_fn(model, log_prob_of, batch, dtype):
@@ -157,6 +183,11 @@ def main(argv=None):
                                          args.repeats, fused=True)
     rows += measure_training_and_density("hf-dgm MAF (plain Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
                                          args.repeats, fused=False)[:2]
+    if device.type == "cuda":
+        for dtype in ("fp32", "bf16"):
+            ms, peak, described = graphed_train_step_ms(model, pixels_8, timer, args.repeats, dtype)
+            rows.append({"model": "hf-dgm MAF (fused Adam + CUDA graph)", "measure": f"train step b8 {dtype}",
+                         "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
     model.eval()
     sample_generator = torch.Generator(device=device).manual_seed(0)
     ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4), warmup=1)

@@ -322,6 +322,8 @@ class MAFModel(MAFPreTrainedModel):
             raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model "
                              f"(num_channels={config.num_channels}, image_size={config.image_size}), got "
                              f"{tuple(pixel_values.shape)}. Resize the images or build a config that matches them.")
+        if pixel_values.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # the range check reads values on the host, which a CUDA graph capture forbids
         low, high = torch.aminmax(pixel_values.detach())
         if bool(low < -1e-6) or bool(high > 1 + 1e-6):
             raise ValueError(f"pixel_values must lie in [0, 1], got values in [{float(low):.3g}, {float(high):.3g}]; "

@@ -28,6 +28,7 @@ from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
 from modeling_maf.data import load_mvtec, load_split_as_tensors  # noqa: E402
 from training_utils import (  # noqa: E402
     CheckpointManager,
+    CUDAGraphStep,
     HubPusher,
     MetricsLogger,
     add_common_args,
@@ -65,7 +66,12 @@ def parse_args(argv=None):
                         help="Clip the global gradient norm to this value (off by default, as in the seed spec; the "
                              "spec runs showed rare loss spikes that clipping would bound).")
     parser.add_argument("--plain", action="store_true",
-                        help="Fall back to the plain path: foreach (unfused) Adam instead of the fused CUDA kernel.")
+                        help="Fall back to the plain path: foreach (unfused) Adam instead of the fused CUDA kernel, "
+                             "and no CUDA graph.")
+    parser.add_argument("--cuda_graphs", choices=("auto", "true", "false"), default="auto",
+                        help="Replay the whole training step (forward, backward, clipping, Adam) as one CUDA graph "
+                             "after 3 eager warm-up steps: no host work per step (auto: on for one CUDA process "
+                             "unless --plain; a last partial batch runs eagerly).")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = parser.parse_args(argv)
     if args.data_dir is None and args.dataset_name is None:
@@ -194,10 +200,27 @@ def main(argv=None):
                                              # Its own generator: creating an iterator then leaves the global RNG
                                              # (dequantisation noise) alone, so a resumed run draws the same noise.
                                              generator=torch.Generator().manual_seed(args.seed))
-    fused = accelerator.device.type == "cuda" and not args.plain
+    on_cuda = accelerator.device.type == "cuda"
+    use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and not args.plain
+                                                and accelerator.num_processes == 1)
+    if use_graphs and (not on_cuda or accelerator.num_processes > 1):
+        raise ValueError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+    fused = on_cuda and not args.plain
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, fused=fused or None,
-                                 foreach=False if args.plain else None)
+                                 foreach=False if args.plain else None, capturable=use_graphs)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+
+    def training_step(pixel_values):
+        loss = model(pixel_values).loss
+        accelerator.backward(loss)
+        if args.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        return loss.detach()
+
+    # One CUDA graph per step on one GPU: the step's ~440 kernels then cost no Python or launch time.
+    step_runner = CUDAGraphStep(training_step, enabled=use_graphs,
+                                reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
 
     steps_per_epoch = len(dataloader)
     total_steps = steps_per_epoch * args.num_train_epochs
@@ -252,15 +275,10 @@ def main(argv=None):
         accelerator.wait_for_everyone()
         started = time.perf_counter()
         for (pixel_values,) in epoch_loader:
-            loss = model(pixel_values).loss
-            accelerator.backward(loss)
-            if args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = step_runner(pixel_values).clone()  # a replay returns the graph's own loss tensor
             global_step += 1
             samples_seen += pixel_values.shape[0] * accelerator.num_processes
-            pending.append((global_step, epoch, accelerator.reduce(loss.detach(), "mean")))
+            pending.append((global_step, epoch, accelerator.reduce(loss, "mean")))
             progress.update(1)
             if global_step % args.logging_steps == 0:
                 epoch_losses += flush(epoch)
@@ -311,6 +329,7 @@ def main(argv=None):
             "test_good_bits_per_dim": test_curve[1][-1] if test_curve[1] else None,
             "mixed_precision": args.mixed_precision,
             "num_processes": accelerator.num_processes,
+            "fast_path": {"fused_adam": bool(fused), **step_runner.describe()},
             "device": device_description(accelerator.device),
             "config": unwrapped.config.to_diff_dict(),
         }
