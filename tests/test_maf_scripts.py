@@ -115,3 +115,10 @@ def test_iaf_trains_through_the_script_and_samples(category, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "iaf"
     run("sample_maf.py", "--model_name_or_path", out, "--num_samples", 2)
     assert json.loads((out / "samples" / "samples.json").read_text())["sequential_passes_per_block"] == [1, 1]
+
+
+def test_cuda_graphs_true_without_a_gpu_is_a_clear_error(category, tmp_path):
+    result = run("train_maf.py", "--data_dir", category, "--output_dir", tmp_path / "out", *TINY,
+                 "--num_train_epochs", "1", "--cuda_graphs", "true", expect_ok=False)
+    assert result.returncode != 0
+    assert "--cuda_graphs true needs one process on a CUDA device" in result.stderr

@@ -347,3 +347,24 @@ def test_resolve_hub_token(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
     with pytest.raises(ValueError, match="--hub_token"):
         resolve_hub_token(None)
+
+
+def test_cuda_graph_step_disabled_runs_every_step_eagerly_after_a_reset():
+    """Without a GPU (or with graphs off) the runner is a plain call that resets the gradients first, so gradients
+    never accumulate across steps; this is the path every CPU and multi-process run takes."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+
+    def step(inputs):
+        loss = (weight * inputs).sum()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    runner = training_utils.CUDAGraphStep(step, enabled=False, reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
+    inputs = torch.tensor([1.0, 2.0, 3.0])
+    losses = [float(runner(inputs)) for _ in range(3)]
+    # Gradient = inputs every step (not 2x, 3x inputs): 1 - 0.1 * k * inputs after k steps.
+    assert torch.allclose(weight.detach(), 1 - 0.3 * inputs)
+    assert losses == pytest.approx([6.0, 6.0 - 0.1 * 14, 6.0 - 0.2 * 14])
+    assert runner.describe() == {"cuda_graphs": False, "graph_replays": 0, "eager_steps": 3, "fallbacks": []}
