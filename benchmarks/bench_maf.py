@@ -4,7 +4,8 @@
     python benchmarks/bench_maf.py --smoke                              # CPU, tiny sizes: checks that it runs
 
 Measures (median over repeated runs, CUDA-event timed after warm-up):
-  - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory;
+  - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory; eager
+    with fused and with plain Adam, and on a GPU also replayed as one CUDA graph (train_maf.py's default there);
   - log_prob throughput at batch 132 (the capsule test-set size);
   - sampling 5 images: seconds and sequential MADE evaluations per block;
   - IAF at the same size: sampling, density and train-step time;
