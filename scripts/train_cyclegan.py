@@ -44,6 +44,7 @@ from training_utils import (  # noqa: E402
     MetricsLogger,
     add_common_args,
     add_config_override_args,
+    checkpointing_interval,
     config_overrides_from_args,
     plot_curves,
     resolve_hub_token,
@@ -194,8 +195,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--grid_colors must be 0 (lossless) or in [2, 256].")
     if args.grid_tile_size < 0:
         parser.error("--grid_tile_size must be 0 (full size) or positive.")
-    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
-        parser.error("--checkpointing_steps must be 'epoch' or a positive integer.")
+    try:
+        args.checkpointing_steps = checkpointing_interval(args.checkpointing_steps)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -768,7 +771,8 @@ def main(argv=None):
     pending: list[tuple[int, int, float]] = []  # (step, epoch, lr) of the rows in the histories
     total_steps = args.num_train_epochs * steps_per_epoch
     max_steps = min(total_steps, args.max_train_steps) if args.max_train_steps else total_steps
-    step_interval = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
+    step_interval = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
+    checkpointing = args.checkpointing_steps != "no"  # "no": not even at the end of an epoch
     progress = tqdm(total=max_steps, initial=min(global_step, max_steps), disable=not is_main, desc="Training")
 
     grids_dir = os.path.join(args.output_dir, "grids")
@@ -776,6 +780,8 @@ def main(argv=None):
     timing = {"startup_seconds": None, "startup_steps": 0, "overhead_seconds": 0.0}
 
     def save_checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if not checkpointing:
+            return
         started = time.perf_counter()
         path = checkpoints.save(global_step, epoch, {"step_in_epoch": step_in_epoch})
         if pusher is not None:  # uploads in the background; training goes on

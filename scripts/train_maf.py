@@ -79,8 +79,10 @@ def parse_args(argv=None):
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id, e.g. --hub_model_id <user>/maf-capsule.")
     # A spec checkpoint (weights + Adam state) is ~8.5 GB: every 700 steps (25 epochs) by default, "no" for none.
-    args.checkpointing_steps = None if args.checkpointing_steps in ("no", "none") else \
-        checkpointing_interval(args.checkpointing_steps)
+    try:
+        args.checkpointing_steps = checkpointing_interval(args.checkpointing_steps)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

@@ -86,7 +86,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         "--checkpointing_steps",
         type=str,
         default=None,
-        help="Save a checkpoint every N steps (an integer) or at the end of every epoch ('epoch').",
+        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), or never ('no').",
     )
     group.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
@@ -124,12 +124,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
 
 
 def checkpointing_interval(value: str | None) -> str | int | None:
-    """Parses `--checkpointing_steps`: None (no intermediate checkpoints), "epoch", or a positive step count."""
+    """Parses `--checkpointing_steps`: "epoch", a positive step count, or "no" / "none" for no checkpoints at all
+    (returned as "no"); None (the flag left out) stays None and means the script's default."""
     if value is None or value == "epoch":
         return value
+    if value.lower() in ("no", "none"):
+        return "no"
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise ValueError(f"--checkpointing_steps must be 'epoch' or a positive integer, got {value!r}.")
+    raise ValueError(f"--checkpointing_steps must be 'epoch', a positive integer or 'no', got {value!r}.")
 
 
 def _str2bool(value) -> bool:

@@ -331,3 +331,14 @@ def test_fast_path_defaults_leave_torch_compile_off():
     assert not (plain.torch_compile or plain.cuda_graphs or plain.channels_last or plain.fused_optimizer)
     with pytest.raises(SystemExit):
         parse_args(["--data_dir", "x", "--grid_colors", "1"])
+
+
+def test_checkpointing_no_writes_no_checkpoint_and_a_bad_value_is_a_clear_error(data_dir, tmp_path):
+    output_dir = tmp_path / "no_checkpoints"
+    result = run_script("--data_dir", data_dir, "--output_dir", output_dir, *TINY, "--checkpointing_steps", "no",
+                        "--max_train_steps", "2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (output_dir / "model.safetensors").exists() or any(output_dir.glob("*.safetensors"))
+    assert not (output_dir / "checkpoints").exists() or not os.listdir(output_dir / "checkpoints")
+    result = run_script("--data_dir", data_dir, "--output_dir", tmp_path / "bad", *TINY, "--checkpointing_steps", "0")
+    assert result.returncode != 0 and "--checkpointing_steps must be 'epoch', a positive integer or 'no'" in result.stderr

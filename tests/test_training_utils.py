@@ -79,6 +79,7 @@ def test_checkpointing_interval():
     assert checkpointing_interval(None) is None
     assert checkpointing_interval("epoch") == "epoch"
     assert checkpointing_interval("500") == 500
+    assert checkpointing_interval("no") == checkpointing_interval("None") == "no"
     with pytest.raises(ValueError, match="checkpointing_steps"):
         checkpointing_interval("0")
 
