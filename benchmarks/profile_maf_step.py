@@ -113,6 +113,39 @@ def main(argv=None):
         t = median_ms(fn, device, repeats)
         results["gemms"].append({"gemm": name, "ms": t, "GBps": nbytes / (t / 1e3) / 1e9})
 
+    # What a layout that stores only the existing connections would save: cover each big masked weight with
+    # rectangles (the longer side cut into 16 chunks in degree order; a chunk keeps the rows/columns that have any
+    # connection in it) and time fused Adam over tensors of exactly those sizes.
+    def covered(layer, chunks=16):
+        mask = layer.mask()
+        long_axis = 1 if mask.shape[1] >= mask.shape[0] else 0
+        degrees = layer.in_degrees if long_axis == 1 else layer.out_degrees
+        order = torch.argsort(degrees).to(mask.device)
+        mask = mask.index_select(long_axis, order)
+        if long_axis == 0:
+            mask = mask.t()
+        short, long = mask.shape
+        usable = long - long % chunks
+        rows_with_any = mask[:, :usable].reshape(short, chunks, -1).any(-1).sum(0)
+        return int(rows_with_any.sum()) * (usable // chunks) + short * (long - usable), int(mask.sum())
+
+    packed_sizes, nonzero, cover = [], 0, 0
+    for block in model.blocks:
+        for layer in block.made.layers:
+            size, existing = covered(layer)
+            packed_sizes += [size, layer.bias.numel()]
+            nonzero += existing
+            cover += size
+    packed = [torch.zeros(n, device=device, requires_grad=True) for n in packed_sizes]
+    for tensor in packed:
+        tensor.grad = torch.randn_like(tensor)
+    packed_adam = torch.optim.Adam(packed, lr=1e-4, fused=fused or None)
+    results["packed_layout_estimate"] = {
+        "weights_dense": sum(layer.weight.numel() for block in model.blocks for layer in block.made.layers),
+        "connections_that_exist": nonzero, "weights_in_rectangle_cover_16_chunks": cover,
+        "adam_ms_over_the_cover": median_ms(packed_adam.step, device, repeats), "adam_ms_dense": ms["adam"]}
+    del packed, packed_adam
+
     torch.backends.cuda.matmul.allow_tf32 = True
     ms["step_tf32"] = median_ms(step, device, repeats)
     torch.backends.cuda.matmul.allow_tf32 = False
