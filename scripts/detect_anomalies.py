@@ -22,13 +22,12 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
 from modeling_maf.data import load_mvtec, load_split_as_tensors  # noqa: E402
 from modeling_maf.metrics import ANOMALY_METRIC_PATH  # noqa: E402
-from training_utils import device_description, resolve_device, write_json  # noqa: E402
+from training_utils import device_description, load_model_for_inference, write_json  # noqa: E402
 
 SCORES = ("nll", "map-max", "map-top1")
 
@@ -178,10 +177,7 @@ def plot_figures(output_dir, scores, labels, defect_types, metrics, pixel_values
 
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    output_dir = args.output_dir or os.path.join(args.model_name_or_path, "anomaly")
-    os.makedirs(output_dir, exist_ok=True)
-    model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
+    device, output_dir, model = load_model_for_inference(args, "anomaly")
     dataset = load_mvtec(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                          token=args.hub_token)
     if "test" not in dataset:

@@ -13,11 +13,10 @@ import sys
 import time
 
 import torch
-from transformers import AutoModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
-from training_utils import device_description, resolve_device, save_image_grid, write_json  # noqa: E402
+from training_utils import device_description, load_model_for_inference, save_image_grid, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,10 +40,7 @@ def synchronize(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    output_dir = args.output_dir or os.path.join(args.model_name_or_path, "samples")
-    os.makedirs(output_dir, exist_ok=True)
-    model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
+    device, output_dir, model = load_model_for_inference(args, "samples")
     report = {"model": args.model_name_or_path, "model_type": model.config.model_type,
               "device": device_description(device),
               "num_samples": args.num_samples, "sequential_passes_per_block": model.num_sequential_passes()

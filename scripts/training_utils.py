@@ -519,7 +519,7 @@ class HubPusher:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs of a run
+# The training step
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -539,7 +539,7 @@ class CUDAGraphStep:
         self.step_fn, self.reset_fn = step_fn, reset_fn
         self.enabled, self.warmup_steps = enabled, warmup_steps
         self.eager_steps_done, self.replays = 0, 0
-        self.graph = self.static_inputs = self.static_outputs = None
+        self.graph = self.static_inputs = self.static_outputs = self.static_signature = None
         self.fallbacks: list[str] = []
 
     @staticmethod
@@ -573,7 +573,7 @@ class CUDAGraphStep:
                 self.graph, self.enabled = None, False
                 torch.cuda.synchronize()
                 return self._eager(*inputs)
-        if self._signature(inputs) != self._signature(self.static_inputs):
+        if self._signature(inputs) != self.static_signature:
             return self._eager(*inputs)
         for static, value in zip(self.static_inputs, inputs):
             static.copy_(value, non_blocking=True)
@@ -587,6 +587,7 @@ class CUDAGraphStep:
         if self.reset_fn is not None:
             self.reset_fn()  # the graph allocates its own gradients
         self.static_inputs = tuple(tensor.clone() for tensor in inputs)
+        self.static_signature = self._signature(inputs)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -598,11 +599,29 @@ class CUDAGraphStep:
                 "eager_steps": self.eager_steps_done, "fallbacks": self.fallbacks}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Outputs of a run
+# ----------------------------------------------------------------------------------------------------------
+
+
 def resolve_device(name: str | None = None):
     """The device an inference script runs on: `name` (e.g. from --device), else CUDA when available, else CPU."""
     import torch
 
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model_for_inference(args: argparse.Namespace, default_subfolder: str):
+    """The prologue of the inference scripts: the device of ``--device``, the output folder (``--output_dir``, else
+    ``default_subfolder`` inside the model folder; created) and the model of ``--model_name_or_path`` (local folder
+    or Hub id, through the Auto classes) on that device in eval mode. Returns ``(device, output_dir, model)``."""
+    from transformers import AutoModel
+
+    device = resolve_device(args.device)
+    output_dir = args.output_dir or os.path.join(args.model_name_or_path, default_subfolder)
+    os.makedirs(output_dir, exist_ok=True)
+    model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
+    return device, output_dir, model
 
 
 def device_description(device) -> str:
