@@ -28,6 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]  # modeling_maf, and training_utils for the graphed step
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
+from modeling_maf.optimization_maf import MaskedAdam, connected_fraction  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,11 +89,28 @@ def train_step_fn(model, log_prob_of, batch, optimizer, dtype):
     return step
 
 
-def graphed_train_step_ms(model, batch, timer, repeats, dtype):
+def make_optimizer(kind, model, device, capturable=False):
+    """'masked': MaskedAdam (train_maf.py's default for a MAF); 'fused': torch.optim.Adam's fused CUDA kernel;
+    'plain': torch.optim.Adam with its defaults (foreach on CUDA). Release a MaskedAdam after use (release_optimizer)."""
+    fused = device.type == "cuda" or None
+    if kind == "masked":
+        return MaskedAdam(model, lr=1e-4, fused=fused, capturable=capturable)
+    if kind == "fused":
+        return torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused, capturable=capturable)
+    return torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
+def release_optimizer(optimizer):
+    optimizer.zero_grad(set_to_none=True)
+    if isinstance(optimizer, MaskedAdam):
+        optimizer.release()  # the model's next optimizer gets its weight gradients from autograd again
+
+
+def graphed_train_step_ms(model, batch, timer, repeats, dtype, kind):
     """The training script's default step on one GPU: the whole step replayed as one CUDA graph."""
     from training_utils import CUDAGraphStep
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    optimizer = make_optimizer(kind, model, batch.device, capturable=True)
 
     def step(pixels):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=False):
@@ -106,7 +124,7 @@ def graphed_train_step_ms(model, batch, timer, repeats, dtype):
     ms = timer.median_ms(lambda: runner(batch), repeats, warmup=5)
     peak = timer.peak_gib()
     described = runner.describe()
-    optimizer.zero_grad(set_to_none=True)
+    release_optimizer(optimizer)
     del runner, optimizer
     gc.collect()
     torch.cuda.empty_cache()
@@ -130,16 +148,15 @@ def nflows_log_prob(flow, pixels):
     return flow.log_prob(pixels.flatten(1))
 
 
-def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, fused):
+def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, make_optimizer):
     rows = []
-    device = pixels_8.device
     for dtype in ("fp32", "bf16"):
-        kwargs = {"fused": True} if fused and device.type == "cuda" else {}
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **kwargs)
+        optimizer = make_optimizer(model)
         timer.reset_peak()
         ms = timer.median_ms(train_step_fn(model, log_prob_of, pixels_8, optimizer, dtype), repeats)
         rows.append({"model": name, "measure": f"train step b{pixels_8.shape[0]} {dtype}", "ms": ms,
                      "images_per_s": pixels_8.shape[0] / ms * 1e3, "peak_gib": timer.peak_gib()})
+        release_optimizer(optimizer)
         del optimizer
         gc.collect()
     model.eval()
@@ -181,14 +198,17 @@ def main(argv=None):
     num_params = model.num_parameters()
     results["parameters"] = num_params
     rows += measure_training_and_density("hf-dgm MAF (fused Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, fused=True)
+                                         args.repeats, lambda m: make_optimizer("fused", m, device))
     rows += measure_training_and_density("hf-dgm MAF (plain Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, fused=False)[:2]
+                                         args.repeats, lambda m: make_optimizer("plain", m, device))[:2]
+    rows += measure_training_and_density("hf-dgm MAF (MaskedAdam)", model, ours_log_prob, pixels_8, pixels_big, timer,
+                                         args.repeats, lambda m: make_optimizer("masked", m, device))[:2]
     if device.type == "cuda":
-        for dtype in ("fp32", "bf16"):
-            ms, peak, described = graphed_train_step_ms(model, pixels_8, timer, args.repeats, dtype)
-            rows.append({"model": "hf-dgm MAF (fused Adam + CUDA graph)", "measure": f"train step b8 {dtype}",
-                         "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
+        for kind, label in (("fused", "fused Adam"), ("masked", "MaskedAdam")):
+            for dtype in ("fp32", "bf16"):
+                ms, peak, described = graphed_train_step_ms(model, pixels_8, timer, args.repeats, dtype, kind)
+                rows.append({"model": f"hf-dgm MAF ({label} + CUDA graph)", "measure": f"train step b8 {dtype}",
+                             "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
     model.eval()
     sample_generator = torch.Generator(device=device).manual_seed(0)
     ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4), warmup=1)
@@ -199,6 +219,11 @@ def main(argv=None):
     floor_bytes = num_params * (11 * 4 + 1)
     results["floor"] = {"bytes_per_fp32_step": floor_bytes,
                         "ms_at_measured_bandwidth": floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
+    # MaskedAdam: forward and backward read W; the update reads and writes W, m, v of the connected tiles only.
+    fractions = connected_fraction(model)
+    masked_bytes = num_params * (2 * 4 + 6 * 4 * fractions["tiles"])
+    results["floor_masked_adam"] = {"bytes_per_fp32_step": masked_bytes, "fractions": fractions,
+                                    "ms_at_measured_bandwidth": masked_bytes / (bandwidth * 1e9) * 1e3}
     del model
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -247,7 +272,7 @@ def main(argv=None):
         timer.sync()
         results["nflows_build_s"] = time.perf_counter() - started
         rows += measure_training_and_density("nflows 0.14 MAF", flow, nflows_log_prob, pixels_8, pixels_big, timer,
-                                             args.repeats, fused=False)
+                                             args.repeats, lambda m: make_optimizer("plain", m, device))
         del flow
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -271,7 +296,8 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "bench_maf.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{results['device']}, torch {results['torch']}, {num_params:,} parameters, copy bandwidth "
-          f"{bandwidth:.0f} GB/s, fp32-step floor {results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms")
+          f"{bandwidth:.0f} GB/s, fp32-step floor {results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
+          f"(torch Adam), {results['floor_masked_adam']['ms_at_measured_bandwidth']:.2f} ms (MaskedAdam)")
     print(f"{'model':28s} {'measure':40s} {'ms':>12s} {'img/s':>10s} {'peak GiB':>9s} {'passes':>7s}")
     for row in rows:
         print(f"{row['model']:28s} {row['measure']:40s} {row['ms']:12.2f} {row['images_per_s']:10.1f} "

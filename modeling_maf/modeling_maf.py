@@ -68,10 +68,37 @@ class _MaskGradient(torch.autograd.Function):
         return torch.where(mask, grad_weight, 0.0), None
 
 
+class _LinearWithDeferredWeightGradient(torch.autograd.Function):
+    """``F.linear`` whose backward hands ``(inputs, grad_output)`` to ``sink`` instead of forming the weight gradient.
+
+    The weight gradient of a batch is the low-rank product ``grad_output.T @ inputs``; an optimizer that reads the sink
+    (``modeling_maf.optimization_maf.MaskedAdam``) forms it tile by tile inside its update, for connected tiles only,
+    so the dense (out, in) gradient is never written, masked or read back.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, sink):
+        ctx.save_for_backward(inputs, weight)
+        ctx.sink = sink
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs, weight = ctx.saved_tensors
+        ctx.sink.append((inputs, grad_output))
+        grad_inputs = grad_output @ weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_inputs, None, grad_bias, None
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer of a MADE. Connection k <- j exists iff ``out_degrees[k] >= in_degrees[j]`` (hidden layers)
     or ``out_degrees[k] > in_degrees[j]`` (output layer). Degrees are plain CPU tensors derived from the config, and the
-    boolean mask is rebuilt from them on each device on first use: nothing mask-like is stored in the checkpoint."""
+    boolean mask is rebuilt from them on each device on first use: nothing mask-like is stored in the checkpoint.
+
+    ``weight_gradient_sink`` is None by default (autograd fills ``weight.grad``, masked). An optimizer that forms the
+    masked weight gradient itself sets it to a list; backward then appends ``(inputs, grad_output)`` to it and leaves
+    ``weight.grad`` alone."""
 
     def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: bool):
         super().__init__(len(in_degrees), len(out_degrees))
@@ -79,6 +106,7 @@ class MaskedLinear(nn.Linear):
         self.out_degrees = out_degrees
         self.strict = strict
         self._masks = {}
+        self.weight_gradient_sink: list | None = None
 
     def mask(self, device=None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.weight.device
@@ -93,6 +121,14 @@ class MaskedLinear(nn.Linear):
 
     def forward(self, hidden_states):
         weight = self.weight
+        if self.weight_gradient_sink is not None and weight.requires_grad and torch.is_grad_enabled():
+            device_type = hidden_states.device.type
+            dtype = hidden_states.dtype
+            if torch.is_autocast_enabled(device_type):  # cast once here, so backward reuses the cast weight
+                dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return _LinearWithDeferredWeightGradient.apply(hidden_states.to(dtype), weight.to(dtype),
+                                                               self.bias.to(dtype), self.weight_gradient_sink)
         if weight.requires_grad and torch.is_grad_enabled():
             weight = _MaskGradient.apply(weight, self.mask())
         return F.linear(hidden_states, weight, self.bias)
