@@ -26,6 +26,7 @@ setup(
         "scikit-learn",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard"],
+        # triton: MaskedAdam's kernel runs on CPU in the tests through Triton's interpreter (TRITON_INTERPRET=1).
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "triton>=3.2; platform_system == 'Linux'"],
     },
 )

@@ -108,6 +108,12 @@ class MaskedLinear(nn.Linear):
         self._masks = {}
         self.weight_gradient_sink: list | None = None
 
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) is a fresh layer: not tied to the original's optimizer, masks rebuilt on use.
+        state = self.__dict__.copy()
+        state["weight_gradient_sink"], state["_masks"] = None, {}
+        return state
+
     def mask(self, device=None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.weight.device
         if device not in self._masks:

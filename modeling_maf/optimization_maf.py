@@ -93,7 +93,7 @@ def connected_tiles(out_degrees: torch.Tensor, in_degrees: torch.Tensor, strict:
     out_max = out_max.view(-1, block_rows).amax(1)
     in_min = in_min.view(-1, block_cols).amin(1)
     connected = out_max[:, None] > in_min[None, :] if strict else out_max[:, None] >= in_min[None, :]
-    return connected.nonzero().to(torch.int32)
+    return connected.nonzero().to(torch.int32).contiguous()  # nonzero() returns a transposed layout
 
 
 def _layer_tiles(layer: MaskedLinear):
@@ -104,6 +104,19 @@ def _layer_tiles(layer: MaskedLinear):
         if best is None or len(tiles) * block_rows * block_cols < len(best[2]) * best[0] * best[1]:
             best = (block_rows, block_cols, tiles)
     return best
+
+
+def _ignore_in_ddp(model: torch.nn.Module, names: list[str], ignore: bool):
+    """Add ``names`` to (or remove them from) the parameters a later DDP wrapper leaves out of its all-reduce: the
+    ``_ddp_params_and_buffers_to_ignore`` list DDP reads at construction, and the ``_ddp_ignored`` flag it reads after
+    (what ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets, under a name that changed
+    across torch versions)."""
+    ignored = [name for name in getattr(model, "_ddp_params_and_buffers_to_ignore", []) if name not in names]
+    model._ddp_params_and_buffers_to_ignore = ignored + list(names) if ignore else ignored
+    selected = set(names)
+    for name, parameter in model.named_parameters():
+        if name in selected:
+            parameter._ddp_ignored = ignore
 
 
 class MaskedAdam(torch.optim.Adam):
@@ -147,10 +160,9 @@ class MaskedAdam(torch.optim.Adam):
             layer.weight_gradient_sink = []
             self._deferred[layer.weight] = (layer, {})
         names = [name for name, parameter in model.named_parameters() if parameter in self._deferred]
-        self._ignored_by_ddp = None
-        if names and hasattr(torch.nn.parallel.DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_ddp"):
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_ddp(model, names)
-            self._ignored_by_ddp = (model, set(names))
+        self._model = model
+        if names:
+            _ignore_in_ddp(model, names, ignore=True)
 
     # ------------------------------------------------------------------------------------------------ API
     def release(self):
@@ -158,11 +170,9 @@ class MaskedAdam(torch.optim.Adam):
         fill ``weight.grad`` again and DDP stops ignoring them. This optimizer then updates them as plain Adam."""
         for layer, _ in self._deferred.values():
             layer.weight_gradient_sink = None
-        if self._ignored_by_ddp is not None:
-            self._ignored_by_ddp[0]._ddp_params_and_buffers_to_ignore = [
-                name for name in self._ignored_by_ddp[0]._ddp_params_and_buffers_to_ignore
-                if name not in self._ignored_by_ddp[1]]
-        self._deferred, self._ignored_by_ddp = {}, None
+        names = [name for name, parameter in self._model.named_parameters() if parameter in self._deferred]
+        _ignore_in_ddp(self._model, names, ignore=False)
+        self._deferred = {}
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none=set_to_none)
@@ -171,9 +181,14 @@ class MaskedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = super().step(closure)  # every parameter that has a .grad
         pending = [(parameter, layer, plans) for parameter, (layer, plans) in self._deferred.items()
                    if layer.weight_gradient_sink]
+        for parameter, _, _ in pending:
+            if parameter.grad is not None:
+                raise RuntimeError("A MADE weight received a dense gradient besides MaskedAdam's factors (a DDP wrapper "
+                                   "built before MaskedAdam all-reduces it): build MaskedAdam before "
+                                   "accelerator.prepare / DistributedDataParallel.")
+        loss = super().step(closure)  # every parameter that has a .grad
         if not pending:
             return loss
         factors = [self._factors(layer) for _, layer, _ in pending]
@@ -212,8 +227,11 @@ class MaskedAdam(torch.optim.Adam):
             return factors, 1.0
         flat = [tensor.reshape(-1).float() for pair in factors for tensor in pair]
         local = torch.cat(flat)
-        gathered = local.new_empty(world_size, local.numel())
-        torch.distributed.all_gather_into_tensor(gathered, local)
+        gathered = local.new_empty(world_size * local.numel())
+        # all_gather_single is all_gather_into_tensor's newer name (the old one warns from torch 2.13 on).
+        all_gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+        all_gather(gathered, local)
+        gathered = gathered.view(world_size, -1)
         pieces = gathered.split([tensor.numel() for tensor in flat], dim=1)
         tensors = [piece.reshape(world_size * pair_tensor.shape[0], pair_tensor.shape[1])
                    for piece, pair_tensor in zip(pieces, [t for pair in factors for t in pair])]
@@ -251,9 +269,10 @@ class MaskedAdam(torch.optim.Adam):
         parameter.sub_((lr / bias_correction1) * exp_avg / denom)
 
     def _triton_update(self, parameter, layer, plans, state, inputs, grad_output, grad_scale, group):
-        if parameter.numel() >= 2**31 or not parameter.is_contiguous():
+        if parameter.numel() >= 2**31 or not (parameter.is_contiguous() and state["exp_avg"].is_contiguous()
+                                               and state["exp_avg_sq"].is_contiguous()):
             raise ValueError(f"MaskedAdam's Triton path needs a contiguous weight of < 2**31 entries, got "
-                             f"{tuple(parameter.shape)}; pass backend='torch'.")
+                             f"{tuple(parameter.shape)} with contiguous Adam state; pass backend='torch'.")
         device = parameter.device
         if device not in plans:
             block_rows, block_cols, tiles = _layer_tiles(layer)
