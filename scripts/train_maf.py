@@ -267,6 +267,7 @@ def main(argv=None):
     step_curve, epoch_curve, test_curve = ([], []), ([], []), ([], [])
     pending = []  # (step, epoch, loss tensor): fetched in bulk so the loop never waits for the GPU
     train_time, samples_seen = 0.0, 0
+    epoch_timings = []  # (seconds, images) of every epoch of this run, for the steady rate
 
     def flush(epoch):
         if not pending:
@@ -290,6 +291,7 @@ def main(argv=None):
             epoch_loader = accelerator.skip_first_batches(dataloader, resume_step_in_epoch)
         epoch_losses = []
         accelerator.wait_for_everyone()
+        epoch_start_time, epoch_start_samples = train_time, samples_seen
         started = time.perf_counter()
         for (pixel_values,) in epoch_loader:
             loss = step_runner(pixel_values).clone()  # a replay returns the graph's own loss tensor
@@ -311,6 +313,7 @@ def main(argv=None):
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - started
+        epoch_timings.append((train_time - epoch_start_time, samples_seen - epoch_start_samples))
         if epoch_losses:
             epoch_bpd = sum(epoch_losses) / len(epoch_losses) / (num_features * math.log(2))
             epoch_metrics = {"epoch/train_bits_per_dim": epoch_bpd, "epoch": epoch}
@@ -342,6 +345,10 @@ def main(argv=None):
             "train_wall_time_s": train_time,
             "steps_per_s": (global_step - (state or {}).get("step", 0)) / train_time if train_time else None,
             "images_per_s": samples_seen / train_time if train_time else None,
+            # Without this run's first epoch (kernel compilation, CUDA graph capture, allocator warm-up).
+            "steady_images_per_s": (sum(images for _, images in epoch_timings[1:])
+                                    / sum(seconds for seconds, _ in epoch_timings[1:])) if len(epoch_timings) > 1 else None,
+            "epoch_seconds": [round(seconds, 4) for seconds, _ in epoch_timings],
             "final_train_bits_per_dim": final_train_bpd,
             "test_good_bits_per_dim": test_curve[1][-1] if test_curve[1] else None,
             "mixed_precision": args.mixed_precision,
