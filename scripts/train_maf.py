@@ -78,8 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--cuda_graphs", choices=("auto", "true", "false"), default="auto",
                         help="Replay the whole training step (forward, backward, clipping, Adam) as one CUDA graph "
                              "after 3 eager warm-up steps: no host work per step (auto: on for one CUDA process "
-                             "unless --plain; a last partial batch runs eagerly). With several processes it is opt-in "
-                             "(true): the graph then also holds DDP's and MaskedAdam's NCCL collectives.")
+                             "unless --plain; a last partial batch runs eagerly).")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = parser.parse_args(argv)
     if args.data_dir is None and args.dataset_name is None:
@@ -197,8 +196,6 @@ scores = model.anomaly_scores(images)                                   # per-im
 def main(argv=None):
     args = parse_args(argv)
     hub_token = resolve_hub_token(args.hub_token) if args.push_to_hub else None  # fail before any training
-    if args.cuda_graphs == "true":  # needed before the process group starts for graphs that capture NCCL calls
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     accelerator = setup_accelerator(args, project_name="train_maf")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -218,8 +215,8 @@ def main(argv=None):
     on_cuda = accelerator.device.type == "cuda"
     use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and not args.plain
                                                 and accelerator.num_processes == 1)
-    if use_graphs and not on_cuda:
-        raise ValueError("--cuda_graphs true needs a CUDA device; leave it on auto or pass false.")
+    if use_graphs and (not on_cuda or accelerator.num_processes > 1):
+        raise ValueError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
     fused = on_cuda and not args.plain
     use_masked_adam = args.optimizer == "masked_adam" or (
         args.optimizer == "auto" and args.flow_type == "maf" and not args.plain and args.max_grad_norm is None)
@@ -239,10 +236,7 @@ def main(argv=None):
         return loss.detach()
 
     # One CUDA graph per step on one GPU: the step's ~440 kernels then cost no Python or launch time.
-    # Several processes (opt-in, --cuda_graphs true): the graph holds the NCCL collectives too, which PyTorch supports
-    # after 11 eager DDP steps and with NCCL's async error handling off (set at the top of main).
     step_runner = CUDAGraphStep(training_step, enabled=use_graphs,
-                                warmup_steps=11 if accelerator.num_processes > 1 else 3,
                                 reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
 
     steps_per_epoch = len(dataloader)

@@ -121,4 +121,4 @@ def test_cuda_graphs_true_without_a_gpu_is_a_clear_error(category, tmp_path):
     result = run("train_maf.py", "--data_dir", category, "--output_dir", tmp_path / "out", *TINY,
                  "--num_train_epochs", "1", "--cuda_graphs", "true", expect_ok=False)
     assert result.returncode != 0
-    assert "--cuda_graphs true needs a CUDA device" in result.stderr
+    assert "--cuda_graphs true needs one process on a CUDA device" in result.stderr
