@@ -10,6 +10,8 @@ import torch
 
 from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.optimization_maf import MaskedAdam
+from test_masked_adam import tiny_maf
+from test_masked_adam import train as train_steps
 from training_utils import CUDAGraphStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,13 +66,7 @@ def test_graph_replays_train_like_the_eager_step(optimizer_class):
 def test_masked_adam_triton_kernel_matches_the_torch_maths(autocast_bf16):
     """The Triton update against MaskedAdam's torch reference (itself tested against torch.optim.Adam on CPU), at a
     size with many tiles of every kind, both permutations, fp32 and bf16 autocast."""
-    torch.manual_seed(0)
-    config = MAFConfig(image_size=16, hidden_sizes=[256, 192], num_blocks=2, permutation="reverse")
-    model = MAFModel(config).cuda()
-    with torch.no_grad():  # a non-zero output layer, so that every layer gets gradients from the first step
-        for block in model.blocks:
-            last = block.made.layers[-1]
-            last.weight.normal_(0, 1e-2).mul_(last.mask())
+    model = tiny_maf(image_size=16, hidden_sizes=[256, 192], num_blocks=2).cuda()
     reference = copy.deepcopy(model)
     generator = torch.Generator(device="cuda").manual_seed(1)
     # bf16: one step, so both runs cast the same weights (later, rounding-level weight differences can flip bf16
@@ -79,12 +75,7 @@ def test_masked_adam_triton_kernel_matches_the_torch_maths(autocast_bf16):
     for net, backend in ((model, "triton"), (reference, "torch")):
         optimizer = MaskedAdam(net, lr=1e-3, backend=backend)
         net.eval()  # deterministic dequantisation
-        for batch in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_bf16):
-                loss = net(batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train_steps(net, optimizer, batches, autocast_bf16=autocast_bf16)
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
         far = ((ours - theirs).abs() > 1e-5 + 1e-4 * theirs.abs()).float().mean().item()
         # Adam turns a rounding-level gradient difference near zero into a full step: allow a handful of entries.

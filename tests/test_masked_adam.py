@@ -20,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_maf(seed=0, **overrides):
+    """A small MAF (both permutations) whose output layer is non-zero, so every layer gets gradients at once."""
     torch.manual_seed(seed)
-    config = dict(image_size=4, hidden_sizes=[40, 24], num_blocks=3, permutation="reverse", **overrides)
+    config = {**dict(image_size=4, hidden_sizes=[40, 24], num_blocks=3, permutation="reverse"), **overrides}
     model = MAFModel(MAFConfig(**config))
     with torch.no_grad():  # a non-zero output layer, so that every layer gets gradients from the first step
         for block in model.blocks:
@@ -33,7 +34,7 @@ def tiny_maf(seed=0, **overrides):
 def train(model, optimizer, batches, autocast_bf16=False):
     losses = []
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             loss = model(batch).loss
         loss.backward()
         optimizer.step()
@@ -158,14 +159,9 @@ def test_tiles_cover_every_connection_and_little_else():
 
 TRITON_CHECK = r"""
 import copy, torch
-from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.optimization_maf import MaskedAdam
-torch.manual_seed(0)
-model = MAFModel(MAFConfig(image_size=16, hidden_sizes=[256, 192], num_blocks=2, permutation="reverse"))
-with torch.no_grad():
-    for block in model.blocks:
-        last = block.made.layers[-1]
-        last.weight.normal_(0, 1e-2).mul_(last.mask())
+from test_masked_adam import tiny_maf
+model = tiny_maf(image_size=16, hidden_sizes=[256, 192], num_blocks=2)
 reference = copy.deepcopy(model)
 generator = torch.Generator().manual_seed(1)
 data = [torch.rand(8, 3, 16, 16, generator=generator) for _ in range(2)]
@@ -189,7 +185,7 @@ print("ok", worst)
 
 def test_triton_kernel_matches_the_torch_maths_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                             timeout=300, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr[-3000:]
@@ -197,17 +193,12 @@ def test_triton_kernel_matches_the_torch_maths_in_the_interpreter():
 
 DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
-sys.path.insert(0, os.environ["ROOT"])
-from modeling_maf import MAFConfig, MAFModel
+sys.path[:0] = [os.environ["ROOT"], os.path.join(os.environ["ROOT"], "tests")]
 from modeling_maf.optimization_maf import MaskedAdam
+from test_masked_adam import tiny_maf
 rank, world = int(sys.argv[1]), 2
 dist.init_process_group("gloo", init_method=f"file://{os.environ['RENDEZVOUS']}", rank=rank, world_size=world)
-torch.manual_seed(0)
-model = MAFModel(MAFConfig(image_size=4, hidden_sizes=[40, 24], num_blocks=2, permutation="reverse"))
-with torch.no_grad():
-    for block in model.blocks:
-        last = block.made.layers[-1]
-        last.weight.normal_(0, 1e-2).mul_(last.mask())
+model = tiny_maf(num_blocks=2)
 optimizer = MaskedAdam(model, lr=1e-2, backend="torch")  # before DDP: its MADE weights leave DDP's all-reduce
 ddp = torch.nn.parallel.DistributedDataParallel(model)
 ddp.eval()  # deterministic dequantisation, as in the single-process reference
@@ -231,12 +222,7 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert all(worker.returncode == 0 for worker in workers), "\n".join(outputs)[-4000:]
 
-    torch.manual_seed(0)
-    reference = MAFModel(MAFConfig(image_size=4, hidden_sizes=[40, 24], num_blocks=2, permutation="reverse"))
-    with torch.no_grad():
-        for block in reference.blocks:
-            last = block.made.layers[-1]
-            last.weight.normal_(0, 1e-2).mul_(last.mask())
+    reference = tiny_maf(num_blocks=2)
     optimizer = MaskedAdam(reference, lr=1e-2, backend="torch")
     reference.eval()
     train(reference, optimizer, data)
