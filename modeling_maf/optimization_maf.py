@@ -32,11 +32,9 @@ except ImportError:  # pragma: no cover - depends on the install
 if triton is not None:
 
     @triton.jit
-    def _masked_adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, inputs_ptr, grad_output_ptr, out_degrees_ptr,
-                            in_degrees_ptr, tiles_ptr, step_ptr, num_rows, num_cols, grad_scale, lr, beta1,
-                            beta2, log_beta1, log_beta2, eps, BATCH: tl.constexpr, STRICT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-        """One (BLOCK_ROWS, BLOCK_COLS) tile of one MADE weight: gradient from the low-rank factors, then Adam, on the
-        connected entries only (masked entries are never read or written: they stay zero)."""
+    def _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr, tiles_ptr, num_rows, num_cols,
+                       BATCH: tl.constexpr, STRICT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """This program's tile: its rows, columns, connection mask and float32 gradient (zero where unconnected)."""
         tile = tl.program_id(0)
         rows = tl.load(tiles_ptr + 2 * tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.load(tiles_ptr + 2 * tile + 1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -47,13 +45,34 @@ if triton is not None:
             connected = out_degrees[:, None] > in_degrees[None, :]
         else:
             connected = out_degrees[:, None] >= in_degrees[None, :]
-
         grad = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
         for sample in tl.static_range(BATCH):  # the rank of the gradient: a few samples, unrolled
             upstream = tl.load(grad_output_ptr + sample * num_rows + rows, mask=row_ok, other=0.0).to(tl.float32)
             activation = tl.load(inputs_ptr + sample * num_cols + cols, mask=col_ok, other=0.0).to(tl.float32)
             grad += upstream[:, None] * activation[None, :]
-        grad = grad * grad_scale
+        return rows, cols, connected, tl.where(connected, grad, 0.0)
+
+    @triton.jit
+    def _masked_grad_square_sum_kernel(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr, tiles_ptr,
+                                       partial_ptr, num_rows, num_cols, BATCH: tl.constexpr, STRICT: tl.constexpr,
+                                       BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """Sum of squares of one tile's masked gradient, one value per tile (summed in a fixed order afterwards, so
+        the norm is deterministic)."""
+        _, _, _, grad = _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr, tiles_ptr,
+                                       num_rows, num_cols, BATCH, STRICT, BLOCK_ROWS, BLOCK_COLS)
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.sum(grad * grad, axis=1), axis=0))
+
+    @triton.jit
+    def _masked_adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, inputs_ptr, grad_output_ptr, out_degrees_ptr,
+                            in_degrees_ptr, tiles_ptr, step_ptr, scale_ptr, num_rows, num_cols, lr, beta1,
+                            beta2, log_beta1, log_beta2, eps, BATCH: tl.constexpr, STRICT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """One (BLOCK_ROWS, BLOCK_COLS) tile of one MADE weight: gradient from the low-rank factors (times the scale
+        at ``scale_ptr``: process averaging and clipping), then Adam, on the connected entries only (masked entries
+        are never read or written: they stay zero)."""
+        rows, cols, connected, grad = _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr,
+                                                     tiles_ptr, num_rows, num_cols, BATCH, STRICT, BLOCK_ROWS,
+                                                     BLOCK_COLS)
+        grad = grad * tl.load(scale_ptr)
 
         step = tl.load(step_ptr)
         bias_correction1 = 1.0 - tl.exp(step * log_beta1)
@@ -127,18 +146,20 @@ class MaskedAdam(torch.optim.Adam):
     ``capturable`` options given. IAF trains through its sequential direction, whose weight gradients autograd forms;
     for an IAF model (and for any weight that received a ``.grad``) this is exactly ``torch.optim.Adam``.
 
-    Not supported: weight decay, AMSGrad, ``maximize`` (the MAF recipe uses none of them) and gradient clipping, which
-    needs the norm of gradients this optimizer never forms; use ``torch.optim.Adam`` for those.
+    Gradient clipping is built in (``max_grad_norm``, the maths of ``torch.nn.utils.clip_grad_norm_`` over all
+    parameters): a clipping call on ``model.parameters()`` from outside would miss the MADE weights, whose gradients
+    exist only here. Not supported: weight decay, AMSGrad, ``maximize`` (the MAF recipe uses none of them).
 
     Args:
         model: a ``MAFModel`` or ``IAFModel`` (not yet wrapped by DDP).
         lr, betas, eps: as ``torch.optim.Adam``.
         backend: ``"auto"`` (Triton on CUDA when importable, else torch), ``"triton"`` or ``"torch"``.
+        max_grad_norm: clip the global gradient norm to this value before each update (None: no clipping).
         **adam_kwargs: ``fused``, ``foreach``, ``capturable`` for the ordinary parameters.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 backend: str = "auto", **adam_kwargs):
+                 backend: str = "auto", max_grad_norm: float | None = None, **adam_kwargs):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError("MaskedAdam needs the unwrapped model: build it before accelerator.prepare / DDP, which "
                              "must leave the MADE weights out of their gradient all-reduce.")
@@ -146,12 +167,16 @@ class MaskedAdam(torch.optim.Adam):
             if adam_kwargs.get(unsupported):
                 raise ValueError(f"MaskedAdam does not support {unsupported}={adam_kwargs[unsupported]!r}; use "
                                  "torch.optim.Adam for it.")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
         if backend == "triton" and triton is None:
             raise ValueError("backend='triton' needs the triton package (it ships with CUDA builds of torch).")
         super().__init__(model.parameters(), lr=lr, betas=betas, eps=eps, **adam_kwargs)
         self.backend = backend
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm = None  # with clipping: the total gradient norm of the last step, before clipping
         # IAF's training direction never calls MaskedLinear.forward, so only a MAF defers its weight gradients.
         deferred = [] if getattr(model, "conditioner_on_noise", False) else \
             [module for module in model.modules() if isinstance(module, MaskedLinear)]
@@ -181,6 +206,10 @@ class MaskedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # first, so that its backward fills the factors read below
+            with torch.enable_grad():
+                loss = closure()
         pending = [(parameter, layer, plans) for parameter, (layer, plans) in self._deferred.items()
                    if layer.weight_gradient_sink]
         for parameter, _, _ in pending:
@@ -188,26 +217,45 @@ class MaskedAdam(torch.optim.Adam):
                 raise RuntimeError("A MADE weight received a dense gradient besides MaskedAdam's factors (a DDP wrapper "
                                    "built before MaskedAdam all-reduces it): build MaskedAdam before "
                                    "accelerator.prepare / DistributedDataParallel.")
-        loss = super().step(closure)  # every parameter that has a .grad
+        factors, grad_scale = [], 1.0
+        if pending:
+            factors, grad_scale = self._gather_across_processes([self._factors(layer) for _, layer, _ in pending])
+        scale = self._clip(pending, factors, grad_scale) if self.max_grad_norm is not None else None
+        super().step()  # every parameter that has a .grad (clipped above)
         if not pending:
             return loss
-        factors = [self._factors(layer) for _, layer, _ in pending]
-        factors, grad_scale = self._gather_across_processes(factors)
+        if scale is None:
+            scale = torch.full((), grad_scale, dtype=torch.float32, device=pending[0][0].device)
         group_of = {parameter: group for group in self.param_groups for parameter in group["params"]}
         for (parameter, layer, plans), (inputs, grad_output) in zip(pending, factors):
             group = group_of[parameter]
             state = self._state_for(parameter)
             state["step"] += 1
-            use_triton = self.backend == "triton" or (
-                self.backend == "auto" and triton is not None and parameter.is_cuda
-                and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and inputs.shape[0] <= _MAX_UNROLLED_RANK)
-            if use_triton:
-                self._triton_update(parameter, layer, plans, state, inputs, grad_output, grad_scale, group)
+            if self._uses_triton(parameter, inputs):
+                self._triton_update(parameter, layer, plans, state, inputs, grad_output, scale, group)
             else:
-                self._torch_update(parameter, layer, state, inputs, grad_output, grad_scale, group)
+                self._torch_update(parameter, layer, state, inputs, grad_output, scale, group)
             layer.weight_gradient_sink.clear()
         return loss
+
+    def _clip(self, pending, factors, grad_scale):
+        """``torch.nn.utils.clip_grad_norm_`` over every gradient, the MADE weights' included (their squared norms
+        formed from the factors, tile by tile): scales the dense gradients in place, keeps the total norm before
+        clipping in ``last_grad_norm`` (a device tensor) and returns the MADE weights' gradient scale."""
+        dense = [parameter.grad for group in self.param_groups for parameter in group["params"]
+                 if parameter.grad is not None]
+        squares = [grad.detach().float().square().sum() for grad in dense]
+        for (parameter, layer, plans), (inputs, grad_output) in zip(pending, factors):
+            squares.append(self._masked_square_sum(parameter, layer, plans, inputs, grad_output) * grad_scale**2)
+        if not squares:
+            return None
+        device = squares[0].device
+        total_norm = torch.stack([square.to(device) for square in squares]).sum().sqrt()
+        self.last_grad_norm = total_norm
+        clip = (self.max_grad_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        for grad in dense:
+            grad.mul_(clip.to(grad.device, grad.dtype))
+        return clip * grad_scale
 
     # ------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -252,13 +300,36 @@ class MaskedAdam(torch.optim.Adam):
     def _scalar(value):
         return value.item() if isinstance(value, torch.Tensor) else float(value)
 
-    def _torch_update(self, parameter, layer, state, inputs, grad_output, grad_scale, group):
+    def _uses_triton(self, parameter, inputs):
+        return self.backend == "triton" or (
+            self.backend == "auto" and triton is not None and parameter.is_cuda
+            and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and inputs.shape[0] <= _MAX_UNROLLED_RANK)
+
+    @staticmethod
+    def _dense_masked_gradient(parameter, layer, inputs, grad_output):
+        compute_dtype = torch.promote_types(parameter.dtype, torch.float32)
+        grad = grad_output.to(compute_dtype).t() @ inputs.to(compute_dtype)
+        return torch.where(layer.mask(parameter.device), grad, 0.0)
+
+    def _masked_square_sum(self, parameter, layer, plans, inputs, grad_output):
+        """Squared Frobenius norm of the layer's masked gradient (before any scale), as a float32 device scalar."""
+        if not self._uses_triton(parameter, inputs):
+            return self._dense_masked_gradient(parameter, layer, inputs, grad_output).float().square().sum()
+        block_rows, block_cols, tiles, out_degrees, in_degrees = self._plan(layer, plans, parameter.device)
+        partial = torch.empty(len(tiles), dtype=torch.float32, device=parameter.device)
+        _masked_grad_square_sum_kernel[(len(tiles),)](
+            inputs, grad_output, out_degrees, in_degrees, tiles, partial, layer.out_features, layer.in_features,
+            BATCH=inputs.shape[0], STRICT=layer.strict, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        return partial.sum()
+
+    def _torch_update(self, parameter, layer, state, inputs, grad_output, scale, group):
         """The reference maths: the dense masked gradient, then Adam as torch.optim.Adam writes it."""
         beta1, beta2 = group["betas"]
         lr, eps = self._scalar(group["lr"]), group["eps"]
         compute_dtype = torch.promote_types(parameter.dtype, torch.float32)
-        grad = grad_output.to(compute_dtype).t() @ inputs.to(compute_dtype)
-        grad = torch.where(layer.mask(parameter.device), grad * grad_scale, 0.0).to(parameter.dtype)
+        grad = self._dense_masked_gradient(parameter, layer, inputs, grad_output)
+        grad = (grad * scale.to(compute_dtype)).to(parameter.dtype)
         step = state["step"].to(compute_dtype)
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
@@ -268,21 +339,25 @@ class MaskedAdam(torch.optim.Adam):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         parameter.sub_((lr / bias_correction1) * exp_avg / denom)
 
-    def _triton_update(self, parameter, layer, plans, state, inputs, grad_output, grad_scale, group):
-        if parameter.numel() >= 2**31 or not (parameter.is_contiguous() and state["exp_avg"].is_contiguous()
-                                               and state["exp_avg_sq"].is_contiguous()):
-            raise ValueError(f"MaskedAdam's Triton path needs a contiguous weight of < 2**31 entries, got "
-                             f"{tuple(parameter.shape)} with contiguous Adam state; pass backend='torch'.")
-        device = parameter.device
+    @staticmethod
+    def _plan(layer, plans, device):
+        """(block_rows, block_cols, tiles, out_degrees, in_degrees) of the layer on ``device``, made once."""
         if device not in plans:
             block_rows, block_cols, tiles = _layer_tiles(layer)
             plans[device] = (block_rows, block_cols, tiles.to(device), layer.out_degrees.to(device, torch.int32),
                              layer.in_degrees.to(device, torch.int32))
-        block_rows, block_cols, tiles, out_degrees, in_degrees = plans[device]
+        return plans[device]
+
+    def _triton_update(self, parameter, layer, plans, state, inputs, grad_output, scale, group):
+        if parameter.numel() >= 2**31 or not (parameter.is_contiguous() and state["exp_avg"].is_contiguous()
+                                               and state["exp_avg_sq"].is_contiguous()):
+            raise ValueError(f"MaskedAdam's Triton path needs a contiguous weight of < 2**31 entries, got "
+                             f"{tuple(parameter.shape)} with contiguous Adam state; pass backend='torch'.")
+        block_rows, block_cols, tiles, out_degrees, in_degrees = self._plan(layer, plans, parameter.device)
         beta1, beta2 = group["betas"]
         _masked_adam_kernel[(len(tiles),)](
             parameter, state["exp_avg"], state["exp_avg_sq"], inputs, grad_output, out_degrees, in_degrees, tiles,
-            state["step"], layer.out_features, layer.in_features, float(grad_scale),
+            state["step"], scale, layer.out_features, layer.in_features,
             self._scalar(group["lr"]), float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(group["eps"]),
             BATCH=inputs.shape[0], STRICT=layer.strict, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
 

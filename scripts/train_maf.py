@@ -73,8 +73,8 @@ def parse_args(argv=None):
                         help="'masked_adam' (modeling_maf.optimization_maf.MaskedAdam): Adam that forms each MADE "
                              "weight gradient inside its update, for connected tiles only, and never writes the dense "
                              "gradient; with several processes it all-gathers the small per-layer factors instead of "
-                             "all-reducing 2.1 GB of gradients. 'adam': torch.optim.Adam. auto: masked_adam for a MAF "
-                             "unless --plain or --max_grad_norm (clipping needs the dense gradient norm).")
+                             "all-reducing 2.1 GB of gradients; it clips (--max_grad_norm) over every parameter "
+                             "itself. 'adam': torch.optim.Adam. auto: masked_adam for a MAF unless --plain.")
     parser.add_argument("--cuda_graphs", choices=("auto", "true", "false"), default="auto",
                         help="Replay the whole training step (forward, backward, clipping, Adam) as one CUDA graph "
                              "after 3 eager warm-up steps: no host work per step (auto: on for one CUDA process "
@@ -83,9 +83,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.data_dir is None and args.dataset_name is None:
         parser.error("pass --data_dir (a local MVTec category folder) or --dataset_name (a Hub dataset id).")
-    if args.optimizer == "masked_adam" and args.max_grad_norm is not None:
-        parser.error("--optimizer masked_adam never forms the dense gradient that --max_grad_norm clips; pass "
-                     "--optimizer adam with --max_grad_norm.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id, e.g. --hub_model_id <user>/maf-capsule.")
     # A spec checkpoint (weights + Adam state) is ~8.5 GB: every 700 steps (25 epochs) by default, "no" for none.
@@ -219,18 +216,20 @@ def main(argv=None):
         raise ValueError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
     fused = on_cuda and not args.plain
     use_masked_adam = args.optimizer == "masked_adam" or (
-        args.optimizer == "auto" and args.flow_type == "maf" and not args.plain and args.max_grad_norm is None)
+        args.optimizer == "auto" and args.flow_type == "maf" and not args.plain)
     adam_options = dict(lr=args.learning_rate, fused=fused or None, foreach=False if args.plain else None,
                         capturable=use_graphs)
     # MaskedAdam hooks the unwrapped model (and keeps its MADE weights out of DDP's all-reduce): before prepare.
-    optimizer = MaskedAdam(model, **adam_options) if use_masked_adam else torch.optim.Adam(model.parameters(),
-                                                                                         **adam_options)
+    if use_masked_adam:  # it clips itself: the MADE weight gradients exist only inside it
+        optimizer = MaskedAdam(model, max_grad_norm=args.max_grad_norm, **adam_options)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), **adam_options)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
     def training_step(pixel_values):
         loss = model(pixel_values).loss
         accelerator.backward(loss)
-        if args.max_grad_norm is not None:
+        if args.max_grad_norm is not None and not use_masked_adam:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         return loss.detach()

@@ -70,6 +70,27 @@ def test_trains_like_torch_adam_and_never_forms_the_dense_gradient():
             assert not layer.weight[~layer.mask()].any()  # masked connections are still exactly zero
 
 
+def test_clipping_is_clip_grad_norm_over_every_parameter():
+    reference = tiny_maf()
+    model = copy.deepcopy(reference)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    masked = MaskedAdam(model, lr=1e-2, backend="torch", max_grad_norm=0.5)
+    for batch in batches(count=4):
+        torch.manual_seed(7)
+        reference(batch).loss.backward()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        adam.step()
+        adam.zero_grad()
+        torch.manual_seed(7)
+        model(batch).loss.backward()
+        masked.step()
+        masked.zero_grad()
+        assert expected_norm > 0.5  # clipping is active
+        torch.testing.assert_close(masked.last_grad_norm, expected_norm, rtol=1e-5, atol=0)
+    # The clip factor is applied to the gradient in another order than clip_grad_norm_ does: rounding-level.
+    assert_same_parameters(model, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_autocast_trains_like_torch_adam():
     reference = tiny_maf()
     model = copy.deepcopy(reference)
@@ -136,6 +157,8 @@ def test_bad_arguments_are_named():
         MaskedAdam(model, lr=1e-3, weight_decay=0.1)
     with pytest.raises(ValueError, match="backend"):
         MaskedAdam(model, lr=1e-3, backend="cuda")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        MaskedAdam(model, lr=1e-3, max_grad_norm=0.0)
 
 
 def test_tiles_cover_every_connection_and_little_else():
@@ -165,21 +188,30 @@ model = tiny_maf(image_size=16, hidden_sizes=[256, 192], num_blocks=2)
 reference = copy.deepcopy(model)
 generator = torch.Generator().manual_seed(1)
 data = [torch.rand(8, 3, 16, 16, generator=generator) for _ in range(2)]
-for net, backend in ((model, "triton"), (reference, "torch")):
-    optimizer = MaskedAdam(net, lr=1e-3, backend=backend)
+clipped, clipped_reference = copy.deepcopy(model), copy.deepcopy(model)
+norms = {}
+for net, backend, max_grad_norm in ((model, "triton", None), (reference, "torch", None),
+                                    (clipped, "triton", 1.0), (clipped_reference, "torch", 1.0)):
+    optimizer = MaskedAdam(net, lr=1e-3, backend=backend, max_grad_norm=max_grad_norm)
     net.eval()
     for batch in data:
         net(batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if max_grad_norm is not None:
+            norms.setdefault(backend, []).append(float(optimizer.last_grad_norm))
 worst = 0.0
-for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
-    far = ((ours - theirs).abs() > 1e-5 + 1e-4 * theirs.abs()).float().mean().item()
-    worst = max(worst, far)
-    # Adam turns a rounding-level gradient difference near zero into a full step: allow a handful of entries.
-    assert far < 1e-4, (name, far)
-    assert (ours - theirs).abs().max() < 5e-3, name
-print("ok", worst)
+for ours_model, theirs_model in ((model, reference), (clipped, clipped_reference)):
+    for (name, ours), theirs in zip(ours_model.named_parameters(), theirs_model.parameters()):
+        far = ((ours - theirs).abs() > 1e-5 + 1e-4 * theirs.abs()).float().mean().item()
+        worst = max(worst, far)
+        # Adam turns a rounding-level gradient difference near zero into a full step: allow a handful of entries.
+        assert far < 1e-4, (name, far)
+        assert (ours - theirs).abs().max() < 5e-3, name
+assert min(norms["torch"]) > 1.0, norms  # clipping was active
+for ours, theirs in zip(norms["triton"], norms["torch"]):
+    assert abs(ours - theirs) <= 1e-4 * theirs, norms
+print("ok", worst, norms)
 """
 
 
