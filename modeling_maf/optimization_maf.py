@@ -18,6 +18,7 @@ optimizer all-gathers the per-process ``(inputs, grad_output)`` pairs instead: ~
 """
 
 import math
+import warnings
 
 import torch
 
@@ -177,6 +178,7 @@ class MaskedAdam(torch.optim.Adam):
         self.backend = backend
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm = None  # with clipping: the total gradient norm of the last step, before clipping
+        self.triton_error = None  # why the Triton path was given up, if it was (backend="auto")
         # IAF's training direction never calls MaskedLinear.forward, so only a MAF defers its weight gradients.
         deferred = [] if getattr(model, "conditioner_on_noise", False) else \
             [module for module in model.modules() if isinstance(module, MaskedLinear)]
@@ -302,7 +304,7 @@ class MaskedAdam(torch.optim.Adam):
 
     def _uses_triton(self, parameter, inputs):
         return self.backend == "triton" or (
-            self.backend == "auto" and triton is not None and parameter.is_cuda
+            self.backend == "auto" and triton is not None and self.triton_error is None and parameter.is_cuda
             and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and inputs.shape[0] <= _MAX_UNROLLED_RANK)
 
@@ -318,10 +320,25 @@ class MaskedAdam(torch.optim.Adam):
             return self._dense_masked_gradient(parameter, layer, inputs, grad_output).float().square().sum()
         block_rows, block_cols, tiles, out_degrees, in_degrees = self._plan(layer, plans, parameter.device)
         partial = torch.empty(len(tiles), dtype=torch.float32, device=parameter.device)
-        _masked_grad_square_sum_kernel[(len(tiles),)](
-            inputs, grad_output, out_degrees, in_degrees, tiles, partial, layer.out_features, layer.in_features,
-            BATCH=inputs.shape[0], STRICT=layer.strict, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        if not self._launch(_masked_grad_square_sum_kernel, len(tiles), inputs, grad_output, out_degrees, in_degrees,
+                            tiles, partial, layer.out_features, layer.in_features, BATCH=inputs.shape[0],
+                            STRICT=layer.strict, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols):
+            return self._masked_square_sum(parameter, layer, plans, inputs, grad_output)
         return partial.sum()
+
+    def _launch(self, kernel, num_programs, *args, **meta):
+        """Runs a Triton kernel. With backend='auto', a kernel that fails (it compiles on its first launch, in an
+        eager step) switches this optimizer to the torch path for good, with a warning: same maths, slower."""
+        try:
+            kernel[(num_programs,)](*args, **meta)
+        except Exception as error:  # noqa: BLE001 - reported, then the torch path runs
+            if self.backend == "triton" or isinstance(error, torch.cuda.OutOfMemoryError):
+                raise
+            self.triton_error = f"{type(error).__name__}: {error}"[:1000]
+            warnings.warn(f"MaskedAdam's Triton kernel failed, using the torch path from now on (same maths, "
+                          f"slower): {self.triton_error}", RuntimeWarning, stacklevel=3)
+            return False
+        return True
 
     def _torch_update(self, parameter, layer, state, inputs, grad_output, scale, group):
         """The reference maths: the dense masked gradient, then Adam as torch.optim.Adam writes it."""
@@ -355,11 +372,12 @@ class MaskedAdam(torch.optim.Adam):
                              f"{tuple(parameter.shape)} with contiguous Adam state; pass backend='torch'.")
         block_rows, block_cols, tiles, out_degrees, in_degrees = self._plan(layer, plans, parameter.device)
         beta1, beta2 = group["betas"]
-        _masked_adam_kernel[(len(tiles),)](
-            parameter, state["exp_avg"], state["exp_avg_sq"], inputs, grad_output, out_degrees, in_degrees, tiles,
-            state["step"], scale, layer.out_features, layer.in_features,
-            self._scalar(group["lr"]), float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(group["eps"]),
-            BATCH=inputs.shape[0], STRICT=layer.strict, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+        if not self._launch(_masked_adam_kernel, len(tiles), parameter, state["exp_avg"], state["exp_avg_sq"], inputs,
+                            grad_output, out_degrees, in_degrees, tiles, state["step"], scale, layer.out_features,
+                            layer.in_features, self._scalar(group["lr"]), float(beta1), float(beta2), math.log(beta1),
+                            math.log(beta2), float(group["eps"]), BATCH=inputs.shape[0], STRICT=layer.strict,
+                            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols):
+            self._torch_update(parameter, layer, state, inputs, grad_output, scale, group)
 
 
 def connected_fraction(model: torch.nn.Module) -> dict:

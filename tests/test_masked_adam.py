@@ -151,6 +151,34 @@ def test_iaf_is_plain_adam():
     assert_same_parameters(model, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
+    import modeling_maf.optimization_maf as optimization_maf
+
+    class FailingKernel:  # what a kernel that does not compile on this machine does at its first launch
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError("no compiler for this GPU")
+            return launch
+
+    monkeypatch.setattr(optimization_maf, "_masked_adam_kernel", FailingKernel(), raising=False)
+    monkeypatch.setattr(optimization_maf, "_masked_grad_square_sum_kernel", FailingKernel(), raising=False)
+    reference = tiny_maf().eval()
+    model = copy.deepcopy(reference)
+    data = batches(count=3)
+    train(reference, MaskedAdam(reference, lr=1e-2, backend="torch", max_grad_norm=0.5), data)
+    optimizer = MaskedAdam(model, lr=1e-2, max_grad_norm=0.5)
+    # Pretend this is a GPU with Triton, so that "auto" takes the Triton path until it fails.
+    monkeypatch.setattr(optimizer, "_uses_triton", lambda parameter, inputs: optimizer.triton_error is None)
+    with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
+        train(model, optimizer, data)
+    assert "no compiler for this GPU" in optimizer.triton_error
+    assert_same_parameters(model, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="no compiler"):  # an explicit backend="triton" does not hide the failure
+        explicit = MaskedAdam(copy.deepcopy(reference), lr=1e-2, backend="torch")
+        explicit.backend = "triton"
+        explicit._launch(optimization_maf._masked_adam_kernel, 1)
+
+
 def test_bad_arguments_are_named():
     model = tiny_maf()
     with pytest.raises(ValueError, match="weight_decay"):
