@@ -186,10 +186,10 @@ class MaskedAdam(torch.optim.Adam):
         for layer in deferred:
             layer.weight_gradient_sink = []
             self._deferred[layer.weight] = (layer, {})
-        names = [name for name, parameter in model.named_parameters() if parameter in self._deferred]
         self._model = model
-        if names:
-            _ignore_in_ddp(model, names, ignore=True)
+        self._ignored_by_ddp = [name for name, parameter in model.named_parameters() if parameter in self._deferred]
+        if self._ignored_by_ddp:
+            _ignore_in_ddp(model, self._ignored_by_ddp, ignore=True)
 
     # ------------------------------------------------------------------------------------------------ API
     def release(self):
@@ -197,9 +197,8 @@ class MaskedAdam(torch.optim.Adam):
         fill ``weight.grad`` again and DDP stops ignoring them. This optimizer then updates them as plain Adam."""
         for layer, _ in self._deferred.values():
             layer.weight_gradient_sink = None
-        names = [name for name, parameter in self._model.named_parameters() if parameter in self._deferred]
-        _ignore_in_ddp(self._model, names, ignore=False)
-        self._deferred = {}
+        _ignore_in_ddp(self._model, self._ignored_by_ddp, ignore=False)
+        self._deferred, self._ignored_by_ddp = {}, []
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none=set_to_none)
@@ -263,9 +262,12 @@ class MaskedAdam(torch.optim.Adam):
     @staticmethod
     def _factors(layer):
         """The layer's (inputs, grad_output) of every backward since the last step, stacked along the batch."""
-        pairs = layer.weight_gradient_sink
-        inputs = torch.cat([inputs.reshape(-1, layer.in_features) for inputs, _ in pairs])
-        grad_output = torch.cat([grad.reshape(-1, layer.out_features) for _, grad in pairs])
+        pairs = [(inputs.reshape(-1, layer.in_features), grad.reshape(-1, layer.out_features))
+                 for inputs, grad in layer.weight_gradient_sink]
+        if len(pairs) == 1:  # the usual case: one backward per step, used in place (no copy on the hot path)
+            inputs, grad_output = pairs[0]
+        else:
+            inputs, grad_output = torch.cat([i for i, _ in pairs]), torch.cat([g for _, g in pairs])
         return inputs.contiguous(), grad_output.contiguous()
 
     @staticmethod
