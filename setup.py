@@ -8,7 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_maf", "modeling_maf.*", "modeling_cyclegan", "modeling_cyclegan.*"]),
+    packages=find_packages(
+        include=["modeling_maf", "modeling_maf.*", "modeling_cyclegan", "modeling_cyclegan.*", "hf_dgm_training",
+                 "hf_dgm_training.*"]
+    ),
     package_data={"modeling_maf": ["metrics/*.py"]},
     # torch is a range on purpose: install torch==2.13.0 (CPU wheel) first, this adds nothing on top of it.
     install_requires=[

@@ -50,10 +50,9 @@ import warnings
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import torch  # noqa: E402
-from train_cyclegan import (  # noqa: E402
+import torch
+from train_cyclegan import (
     CycleGANTrainStep,
     FastPathOptions,
     build_optimizers,
@@ -61,8 +60,9 @@ from train_cyclegan import (  # noqa: E402
     prepare_model,
 )
 
-from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel, ImagePool  # noqa: E402
-from modeling_cyclegan.data import UnpairedSampler, default_load_size  # noqa: E402
+from hf_dgm_training import ImagePool
+from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel
+from modeling_cyclegan.data import UnpairedSampler, default_load_size
 
 
 # The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix) on one H100, batch 1 (issue 7).

@@ -20,15 +20,13 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]  # modeling_maf, and training_utils for the graphed step
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction  # noqa: E402
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from modeling_maf.optimization_maf import MaskedAdam, connected_fraction
 
 
 def parse_args(argv=None):
@@ -108,7 +106,7 @@ def release_optimizer(optimizer):
 
 def graphed_train_step_ms(model, batch, timer, repeats, dtype, kind):
     """The training script's default step on one GPU: the whole step replayed as one CUDA graph."""
-    from training_utils import CUDAGraphStep
+    from hf_dgm_training import CUDAGraphStep
 
     optimizer = make_optimizer(kind, model, batch.device, capturable=True)
 

@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from modeling_maf import MAFConfig, MAFModel  # noqa: E402
-from modeling_maf.optimization_maf import MaskedAdam  # noqa: E402
+from modeling_maf import MAFConfig, MAFModel
+from modeling_maf.optimization_maf import MaskedAdam
 
 
 def parse_args(argv=None):

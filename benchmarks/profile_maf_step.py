@@ -19,14 +19,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_maf import MAFConfig, MAFModel  # noqa: E402
+from modeling_maf import MAFConfig, MAFModel
 
 
 def median_ms(fn, device, repeats, warmup=3):

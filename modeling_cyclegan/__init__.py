@@ -11,7 +11,6 @@ from .modeling_cyclegan import (
     CycleGANModel,
     CycleGANOutput,
     CycleGANPreTrainedModel,
-    ImagePool,
     gan_loss,
 )
 
@@ -36,7 +35,6 @@ __all__ = [
     "CycleGANGenerator",
     "CycleGANDiscriminator",
     "CycleGANImageProcessor",
-    "ImagePool",
     "gan_loss",
     "LOSS_NAMES",
 ]

@@ -17,17 +17,15 @@ Writes anomaly_report.json, roc_curve.png, nll_histogram.png and anomaly_maps.pn
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
-from modeling_maf.data import load_mvtec, load_split_as_tensors  # noqa: E402
-from modeling_maf.metrics import ANOMALY_METRIC_PATH  # noqa: E402
-from training_utils import device_description, load_model_for_inference, write_json  # noqa: E402
+import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
+from modeling_maf.data import load_mvtec, load_split_as_tensors
+from modeling_maf.metrics import ANOMALY_METRIC_PATH
+from hf_dgm_training import device_description, load_model_for_inference, write_json
 
 SCORES = ("nll", "map-max", "map-top1")
 

@@ -9,14 +9,12 @@ image for each temperature, sequential MADE evaluations per block, device) in --
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import modeling_maf  # noqa: E402,F401  (registers the maf/iaf Auto classes)
-from training_utils import device_description, load_model_for_inference, save_image_grid, write_json  # noqa: E402
+import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
+from hf_dgm_training import device_description, load_model_for_inference, save_image_grid, write_json
 
 
 def parse_args(argv=None):

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,9 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # training_utils, also when imported by benchmarks
 
-from training_utils import (  # noqa: E402
+from hf_dgm_training import (
+    ImagePool,
     CheckpointManager,
     HubPusher,
     MetricsLogger,
@@ -55,8 +54,8 @@ from training_utils import (  # noqa: E402
     write_model_card,
 )
 
-from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel, ImagePool  # noqa: E402
-from modeling_cyclegan.data import (  # noqa: E402
+from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from modeling_cyclegan.data import (
     UnpairedSampler,
     default_load_size,
     images_to_uint8_tensor,

@@ -16,18 +16,16 @@ import argparse
 import logging
 import math
 import os
-import sys
 import time
 
 import torch
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel  # noqa: E402
-from modeling_maf.data import load_mvtec, load_split_as_tensors  # noqa: E402
-from modeling_maf.optimization_maf import MaskedAdam  # noqa: E402
-from training_utils import (  # noqa: E402
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from modeling_maf.data import load_mvtec, load_split_as_tensors
+from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training import (
     CheckpointManager,
     CUDAGraphStep,
     HubPusher,

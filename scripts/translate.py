@@ -13,19 +13,17 @@ images per second, device).
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from training_utils import device_description, resolve_device, save_image_grid, write_json  # noqa: E402
+from hf_dgm_training import device_description, resolve_device, save_image_grid, write_json
 
-from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel  # noqa: E402
-from modeling_cyclegan.data import IMAGE_EXTENSIONS  # noqa: E402
+from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
+from modeling_cyclegan.data import IMAGE_EXTENSIONS
 
 
 def parse_args(argv=None):

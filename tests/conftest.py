@@ -20,9 +20,6 @@ import uuid
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-# Training scripts import their helpers as `from training_utils import ...` (scripts/ is on sys.path when run).
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-sys.path.insert(0, TESTS_DIR)
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Environment, before huggingface_hub / transformers / datasets are imported

@@ -1,4 +1,4 @@
-"""training_utils.CUDAGraphStep on a real GPU: the replayed MAF step must train exactly like the eager one.
+"""hf_dgm_training.CUDAGraphStep on a real GPU: the replayed MAF step must train exactly like the eager one.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest -q tests/test_cuda_graph_step_gpu.py`.
 """
@@ -12,7 +12,7 @@ from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.optimization_maf import MaskedAdam
 from test_masked_adam import tiny_maf
 from test_masked_adam import train as train_steps
-from training_utils import CUDAGraphStep
+from hf_dgm_training import CUDAGraphStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

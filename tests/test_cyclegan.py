@@ -21,9 +21,9 @@ from modeling_cyclegan import (
     CycleGANImageProcessor,
     CycleGANModel,
     CycleGANOutput,
-    ImagePool,
     gan_loss,
 )
+from hf_dgm_training import ImagePool
 
 
 def tiny_config(**overrides):

@@ -11,7 +11,6 @@
 import json
 import subprocess
 import sys
-import sysconfig
 import textwrap
 
 import numpy as np
@@ -123,12 +122,14 @@ def test_pinned_revision_loads_that_revision(hub_server, tmp_path, name):
         assert torch.equal(outputs(expected, inputs), outputs(loaded, inputs)), revision
 
 
-# The child process: no hf-dgm on sys.path. `-I -S` drops the working directory, PYTHONPATH, user site and
-# the .pth files (the editable install is one); only the environment's site-packages is added back.
+# The child process: no hf-dgm importable. `-I` drops the working directory, PYTHONPATH and user site; the
+# editable install's finder is removed by the script itself.
 CHILD_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    sys.path.append(SITE_PACKAGES)
+    # The editable install of hf-dgm is an import finder: drop it, so only the code downloaded from the Hub is there.
+    sys.meta_path[:] = [finder for finder in sys.meta_path
+                        if "__editable__" not in getattr(finder, "__module__", "") + type(finder).__module__]
     for module in ("modeling_maf", "modeling_cyclegan"):
         try:
             __import__(module)
@@ -191,9 +192,9 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
 
     child_home = tmp_path / "child-hf-home"  # empty cache: everything comes from the Hub repo
-    script = f"SITE_PACKAGES = {sysconfig.get_paths()['purelib']!r}\nJOBS = {str(tmp_path / 'jobs.json')!r}\n"
+    script = f"JOBS = {str(tmp_path / 'jobs.json')!r}\n"
     result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script + CHILD_SCRIPT],
+        [sys.executable, "-I", "-c", script + CHILD_SCRIPT],
         cwd=tmp_path,
         env=hub_server.subprocess_env(HF_HOME=str(child_home), PYTHONPATH=None),
         capture_output=True,

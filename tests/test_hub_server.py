@@ -184,7 +184,7 @@ def test_errors_map_to_the_client_exceptions(hub_server, tmp_path):
 
 
 def test_validate_yaml_accepts_model_cards_and_rejects_bad_metadata(hub_server, tmp_path):
-    from training_utils import write_model_card
+    from hf_dgm_training import write_model_card
 
     api = HfApi()
     path = write_model_card(

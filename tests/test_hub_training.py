@@ -149,7 +149,7 @@ def test_broken_hub_warns_and_training_completes_with_local_checkpoints(
     repo_id = hub_server.repo_id(f"{script.replace('_', '-')}-{hub_failure}")
     argv = make_argv(data_dir, output_dir) + ["--push_to_hub", "--hub_model_id", repo_id]
 
-    with caplog.at_level(logging.WARNING, logger="training_utils"):
+    with caplog.at_level(logging.WARNING, logger="hf_dgm_training.hub"):
         if hub_failure == "unreachable":
             from huggingface_hub import constants
 

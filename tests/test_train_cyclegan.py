@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel, ImagePool
+from hf_dgm_training import ImagePool
+from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
 from modeling_cyclegan.data import UnpairedSampler, default_load_size, load_unpaired_split
 
 

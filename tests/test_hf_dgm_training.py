@@ -1,4 +1,4 @@
-"""Tests for scripts/training_utils.py: flags, checkpoints, metrics, Hub pusher, figures, model cards."""
+"""Tests for the hf_dgm_training package: flags, checkpoints, metrics, Hub pusher, figures, model cards."""
 
 import argparse
 import json
@@ -12,8 +12,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import training_utils
-from training_utils import (
+import hf_dgm_training
+from hf_dgm_training import outputs as training_outputs
+from hf_dgm_training import (
     CheckpointManager,
     HubPusher,
     MetricsLogger,
@@ -181,7 +182,7 @@ def test_setup_accelerator_and_metrics_logger(tmp_path):
 
 def test_tracker_config_drops_the_token():
     args = make_parser().parse_args(["--hub_token", "hf_secret", "--hidden_sizes", "1", "2"])
-    config = training_utils._tracker_config(args)
+    config = training_outputs._tracker_config(args)
     assert "hub_token" not in config and config["hidden_sizes"] == "[1, 2]"
     assert all(isinstance(value, (bool, int, float, str)) for value in config.values())
 
@@ -272,7 +273,7 @@ def test_hub_pusher_unreachable_hub_warns_and_never_raises(tmp_path, monkeypatch
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
 
-    with caplog.at_level(logging.WARNING, logger="training_utils"):
+    with caplog.at_level(logging.WARNING, logger="hf_dgm_training.hub"):
         pusher = HubPusher("user/unreachable", token="hf_test_token")
         pusher.push_folder(str(folder), path_in_repo="checkpoints/step_1")
         pusher.wait(timeout=30)
@@ -296,7 +297,7 @@ def test_hub_pusher_failed_upload_warns_and_keeps_local_files(tmp_path, monkeypa
     folder = tmp_path / "step_1"
     folder.mkdir()
     (folder / "a.txt").write_text("a")
-    with caplog.at_level(logging.WARNING, logger="training_utils"):
+    with caplog.at_level(logging.WARNING, logger="hf_dgm_training.hub"):
         pusher = HubPusher("user/repo", token="hf_test_token")
         pusher.push_folder(str(folder), path_in_repo="bad")
         pusher.push_folder(str(folder), path_in_repo="good")
@@ -362,7 +363,7 @@ def test_cuda_graph_step_disabled_runs_every_step_eagerly_after_a_reset():
         optimizer.step()
         return loss.detach()
 
-    runner = training_utils.CUDAGraphStep(step, enabled=False, reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
+    runner = hf_dgm_training.CUDAGraphStep(step, enabled=False, reset_fn=lambda: optimizer.zero_grad(set_to_none=True))
     inputs = torch.tensor([1.0, 2.0, 3.0])
     losses = [float(runner(inputs)) for _ in range(3)]
     # Gradient = inputs every step (not 2x, 3x inputs): 1 - 0.1 * k * inputs after k steps.

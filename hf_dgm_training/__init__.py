@@ -1,0 +1,33 @@
+# Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
+"""Training infrastructure shared by the hf-dgm scripts, installed with the package.
+
+- `arguments`: the flags every training script shares, and config fields as flags.
+- `checkpoints`: atomic `accelerate` checkpoints and exact resume.
+- `hub`: the Hub token and a background pusher that never stops training.
+- `cuda_graphs`: a whole training step replayed as one CUDA graph.
+- `outputs`: metrics, JSON, plots, image grids, model cards.
+- `inference`: the prologue of the inference scripts (device, output folder, model).
+- `image_pool`: CycleGAN's image history buffer.
+"""
+
+from .arguments import (
+    REPORT_TO_CHOICES,
+    add_common_args,
+    add_config_override_args,
+    checkpointing_interval,
+    config_overrides_from_args,
+)
+from .checkpoints import CHECKPOINT_PREFIX, TRAINING_STATE_NAME, CheckpointManager
+from .cuda_graphs import CUDAGraphStep
+from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
+from .image_pool import ImagePool
+from .inference import load_model_for_inference, resolve_device
+from .outputs import (
+    MetricsLogger,
+    device_description,
+    plot_curves,
+    save_image_grid,
+    setup_accelerator,
+    write_json,
+    write_model_card,
+)

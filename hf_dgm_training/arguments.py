@@ -1,0 +1,190 @@
+# Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
+"""Command-line flags shared by the training scripts, and config fields as flags."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import types
+import typing
+
+
+REPORT_TO_CHOICES = ("none", "tensorboard", "trackio", "wandb", "all")
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
+    """Adds the flags every training script shares (named as in the HF example scripts).
+
+    `defaults` overrides the default of any of these flags for one script, e.g. `{"learning_rate": 2e-4}`.
+    """
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_dir", type=str, default=None, help="Local folder with the training images.")
+    group.add_argument(
+        "--dataset_name", type=str, default=None, help="Name of a dataset on the Hub (used when --data_dir is not set)."
+    )
+    group.add_argument("--image_size", type=int, default=None, help="Images are resized to this size (pixels).")
+    group.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
+    )
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", type=str, default="outputs", help="Where checkpoints, logs and the model go.")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="Number of passes over the training data.")
+    group.add_argument(
+        "--max_train_steps", type=int, default=None, help="Stop after this many optimisation steps (for smoke runs)."
+    )
+    group.add_argument("--per_device_train_batch_size", type=int, default=8, help="Batch size per device.")
+    group.add_argument("--learning_rate", type=float, default=1e-3, help="Initial learning rate.")
+    group.add_argument("--seed", type=int, default=42, help="Seed for Python, NumPy and torch (all devices).")
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision mode of `accelerate`.",
+    )
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument(
+        "--checkpointing_steps",
+        type=str,
+        default=None,
+        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), or never ('no').",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Resume from a checkpoint folder, or 'latest' for the newest one in <output_dir>/checkpoints.",
+    )
+    group.add_argument(
+        "--report_to",
+        type=str,
+        default="none",
+        choices=list(REPORT_TO_CHOICES),
+        help="Experiment trackers to log to, besides the metrics.jsonl file that is always written.",
+    )
+
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload checkpoints and the final model to the Hub.")
+    group.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository on the Hub, e.g. 'user/maf-capsule'."
+    )
+    group.add_argument(
+        "--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)."
+    )
+    group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+
+    if defaults:
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ValueError(f"add_common_args got defaults for unknown flags {unknown}; known flags: {sorted(known)}.")
+        parser.set_defaults(**defaults)
+
+
+def checkpointing_interval(value: str | None) -> str | int | None:
+    """Parses `--checkpointing_steps`: "epoch", a positive step count, or "no" / "none" for no checkpoints at all
+    (returned as "no"); None (the flag left out) stays None and means the script's default."""
+    if value is None or value == "epoch":
+        return value
+    if value.lower() in ("no", "none"):
+        return "no"
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise ValueError(f"--checkpointing_steps must be 'epoch', a positive integer or 'no', got {value!r}.")
+
+
+def _str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).lower()
+    if lowered in ("true", "1", "yes", "y"):
+        return True
+    if lowered in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _flag_type(default, annotation):
+    """(element type, is_list) of a config field, from its default value, else from its annotation."""
+    if isinstance(default, bool):
+        return _str2bool, False
+    if isinstance(default, (int, float, str)):
+        return type(default), False
+    if isinstance(default, (list, tuple)):
+        element = type(default[0]) if default else str
+        return (_str2bool if element is bool else element), True
+
+    # Default is None (or unusual): read `int | None`, `list[int] | None`, `Optional[float]`...
+    if isinstance(annotation, str) or annotation is inspect.Parameter.empty:
+        return str, False
+    candidates = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        candidates = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    for candidate in candidates:
+        if candidate is bool:
+            return _str2bool, False
+        if candidate in (int, float, str):
+            return candidate, False
+        if typing.get_origin(candidate) in (list, tuple):
+            args = [arg for arg in typing.get_args(candidate) if arg is not Ellipsis]
+            element = args[0] if args and args[0] in (int, float, str, bool) else str
+            return (_str2bool if element is bool else element), True
+    return str, False
+
+
+def _config_fields(config_class) -> list[inspect.Parameter]:
+    signature = inspect.signature(config_class.__init__)
+    return [
+        parameter
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+
+
+def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip: tuple = ()) -> None:
+    """Adds one `--<field>` flag per field of `config_class.__init__`, defaulting to None (= keep the config's).
+
+    Types come from the field's default (int/float/str; a list becomes `nargs="+"`; a bool reads true/false,
+    and a bare `--flag` means true). Fields named in `skip` or already defined on the parser (e.g. a common
+    `--image_size`) get no flag; the script handles those itself.
+    """
+    group = parser.add_argument_group(f"{config_class.__name__} overrides")
+    added = []
+    for parameter in _config_fields(config_class):
+        option = f"--{parameter.name}"
+        if parameter.name in skip or option in parser._option_string_actions:
+            continue
+        element_type, is_list = _flag_type(parameter.default, parameter.annotation)
+        kwargs = {"type": element_type, "default": None}
+        if is_list:
+            kwargs["nargs"] = "+"
+        elif element_type is _str2bool:
+            kwargs.update(nargs="?", const=True)
+        default_text = "" if parameter.default is inspect.Parameter.empty else f" (config default: {parameter.default!r})"
+        group.add_argument(option, help=f"Overrides `{config_class.__name__}.{parameter.name}`{default_text}.", **kwargs)
+        added.append(parameter.name)
+
+    # Remember which flags belong to the config, so fields skipped here never leak into the overrides.
+    registry = dict(parser.get_default("_config_override_fields") or {})
+    registry[config_class.__name__] = added
+    parser.set_defaults(_config_override_fields=registry)
+
+
+def config_overrides_from_args(args: argparse.Namespace, config_class) -> dict:
+    """The config fields the user set on the command line, as keyword arguments for `config_class`."""
+    registry = getattr(args, "_config_override_fields", None) or {}
+    names = registry.get(config_class.__name__)
+    if names is None:
+        names = [parameter.name for parameter in _config_fields(config_class)]
+    overrides = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return overrides
+

@@ -1,0 +1,28 @@
+# Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
+"""The prologue of the inference scripts: device, output folder, model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def resolve_device(name: str | None = None):
+    """The device an inference script runs on: `name` (e.g. from --device), else CUDA when available, else CPU."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model_for_inference(args: argparse.Namespace, default_subfolder: str):
+    """The prologue of the inference scripts: the device of ``--device``, the output folder (``--output_dir``, else
+    ``default_subfolder`` inside the model folder; created) and the model of ``--model_name_or_path`` (local folder
+    or Hub id, through the Auto classes) on that device in eval mode. Returns ``(device, output_dir, model)``."""
+    from transformers import AutoModel
+
+    device = resolve_device(args.device)
+    output_dir = args.output_dir or os.path.join(args.model_name_or_path, default_subfolder)
+    os.makedirs(output_dir, exist_ok=True)
+    model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
+    return device, output_dir, model
+
