@@ -4,7 +4,9 @@
 - `arguments`: the flags every training script shares, and config fields as flags.
 - `checkpoints`: atomic `accelerate` checkpoints and exact resume.
 - `hub`: the Hub token and a background pusher that never stops training.
+- `trainer`: the one training loop; a script supplies a `TrainingTask` (its data, its step, its evaluation).
 - `cuda_graphs`: a whole training step replayed as one CUDA graph.
+- `cyclegan_step`: CycleGAN's training step and the options of its fast path.
 - `outputs`: metrics, JSON, plots, image grids, model cards.
 - `inference`: the prologue of the inference scripts (device, output folder, model).
 - `image_pool`: CycleGAN's image history buffer.
@@ -14,19 +16,24 @@ from .arguments import (
     REPORT_TO_CHOICES,
     add_common_args,
     add_config_override_args,
+    auto_bool,
     checkpointing_interval,
     config_overrides_from_args,
+    finish_common_args,
 )
 from .checkpoints import CHECKPOINT_PREFIX, TRAINING_STATE_NAME, CheckpointManager
 from .cuda_graphs import CUDAGraphStep
 from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
 from .image_pool import ImagePool
+from .trainer import TrainingLoop, TrainingTask
 from .inference import load_model_for_inference, resolve_device
 from .outputs import (
     MetricsLogger,
     device_description,
     plot_curves,
+    read_metrics,
     save_image_grid,
+    save_small_grid,
     setup_accelerator,
     write_json,
     write_model_card,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import types
 import typing
 
@@ -29,6 +30,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default="outputs", help="Where checkpoints, logs and the model go.")
+    group.add_argument("--model_name_or_path", type=str, default=None,
+                       help="Start from a saved model (local folder or Hub id) instead of a fresh one.")
     group.add_argument("--num_train_epochs", type=int, default=1, help="Number of passes over the training data.")
     group.add_argument(
         "--max_train_steps", type=int, default=None, help="Stop after this many optimisation steps (for smoke runs)."
@@ -44,12 +47,28 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         help="Mixed precision mode of `accelerate`.",
     )
 
+    group.add_argument(
+        "--fast_path", type=auto_bool, default="true",
+        help="true: the fast step where the device has one (fused optimizer kernels, CUDA graphs, the script's own "
+        "speed-ups); false: the plain eager step. The maths is the same.",
+    )
+    group.add_argument(
+        "--cuda_graphs", type=auto_bool, default="auto",
+        help="Replay the training step as CUDA graphs after a few eager warm-up steps, so a step costs no host work "
+        "(auto: on for one CUDA process on the fast path; true needs one process on a CUDA device).",
+    )
+
     group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument(
+        "--logging_steps", type=int, default=25,
+        help="Fetch the losses from the device every N steps (every step is still logged; larger = fewer syncs).",
+    )
     group.add_argument(
         "--checkpointing_steps",
         type=str,
         default=None,
-        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), or never ('no').",
+        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), after a duration of "
+        "training such as '10min' (checked between steps), or never ('no').",
     )
     group.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
@@ -86,16 +105,49 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         parser.set_defaults(**defaults)
 
 
-def checkpointing_interval(value: str | None) -> str | int | None:
-    """Parses `--checkpointing_steps`: "epoch", a positive step count, or "no" / "none" for no checkpoints at all
-    (returned as "no"); None (the flag left out) stays None and means the script's default."""
+def checkpointing_interval(value: str | None) -> str | int | float | None:
+    """Parses `--checkpointing_steps`: "epoch"; a positive step count (int); a duration of training such as "90s",
+    "10min" or "1h" (float seconds, checked between steps); or "no" / "none" for no checkpoints at all (returned as
+    "no"). None (the flag left out) stays None."""
     if value is None or value == "epoch":
         return value
-    if value.lower() in ("no", "none"):
+    text = str(value).strip().lower()
+    if text in ("no", "none"):
         return "no"
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise ValueError(f"--checkpointing_steps must be 'epoch', a positive integer or 'no', got {value!r}.")
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    for suffix, seconds in (("min", 60.0), ("s", 1.0), ("h", 3600.0)):
+        number = text[: -len(suffix)]
+        if text.endswith(suffix) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return float(number) * seconds
+    raise ValueError(f"--checkpointing_steps must be 'epoch', a positive number of steps, a duration such as '10min' "
+                     f"or '90s', or 'no'; got {value!r}.")
+
+
+def auto_bool(value) -> str:
+    """Parses an auto / true / false flag (kept as that string: 'auto' is resolved once the device is known)."""
+    lowered = str(value).lower()
+    if lowered not in ("auto", "true", "false"):
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+    return lowered
+
+
+def finish_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Checks and completes the common flags the same way for every script; errors go through `parser.error`."""
+    if args.data_dir is None and args.dataset_name is None:
+        parser.error("pass --data_dir (a local folder of images) or --dataset_name (a Hub dataset id).")
+    if args.push_to_hub and not args.hub_model_id:
+        # As the transformers examples: the repository is named after the output folder.
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
+    if args.num_train_epochs < 1:
+        parser.error("--num_train_epochs must be at least 1.")
+    if args.logging_steps < 1:
+        parser.error("--logging_steps must be positive.")
+    try:
+        args.checkpointing_steps = checkpointing_interval(args.checkpointing_steps)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 def _str2bool(value) -> bool:

@@ -73,8 +73,12 @@ def full_run(data_dir, tmp_path_factory):
 
 
 def test_run_writes_losses_plots_grids_checkpoints_and_model(full_run):
-    records = read_jsonl(full_run / "metrics.jsonl")
+    lines = read_jsonl(full_run / "metrics.jsonl")
+    records = [r for r in lines if "G_A" in r]  # one line per step, and one per epoch with the epoch's means
     assert [r["step"] for r in records] == list(range(1, 13))  # max(6, 5) steps per epoch, 2 epochs
+    epoch_rows = [r for r in lines if "epoch/G_A" in r]
+    assert [(r["step"], r["epoch"]) for r in epoch_rows] == [(6, 1), (12, 2)]
+    assert epoch_rows[1]["epoch/cycle_A"] == pytest.approx(np.mean([r["cycle_A"] for r in records[6:]]))
     assert all(np.isfinite(r[name]) for r in records for name in LOSS_NAMES)
     assert {r["epoch"] for r in records} == {1, 2}
     # constant learning rate for the first half, then the reference's linear decay: 2e-4 * (1 - 1/2)
@@ -93,7 +97,8 @@ def test_run_writes_losses_plots_grids_checkpoints_and_model(full_run):
     results = json.loads((full_run / "train_results.json").read_text())
     assert results["completed"] and results["global_step"] == 12 and results["steps_per_epoch"] == 6
     assert results["grids"] == {"first": "grids/epoch_001.png", "middle": "grids/epoch_001.png", "last": "grids/epoch_002.png"}
-    assert results["iterations_per_second"] > 0 and results["images_per_second"] > 0 and results["train_seconds"] > 0
+    assert results["steps_per_second"] > 0 and results["images_per_second"] > 0 and results["train_seconds"] > 0
+    assert len(results["epoch_seconds"]) == 2 and results["final_epoch_mean_losses"]["D_A"] == epoch_rows[1]["epoch/D_A"]
     assert results["train_images"] == {"A": 6, "B": 5} and results["load_size"] == default_load_size(32) == 36
     assert set(results["evaluation"]) == {"cycle_l1_A", "cycle_l1_B"} and results["evaluation_split"] == "test"
     assert results["fast_path"]["batch_passes"] is True  # the default fast path (what applies on a CPU)
@@ -119,7 +124,7 @@ def test_resume_after_interruption_continues_exactly(data_dir, full_run, tmp_pat
     results = json.loads((output_dir / "train_results.json").read_text())
     assert not results["completed"] and results["stopped_early"] and results["global_step"] == 8
 
-    with caplog.at_level(logging.INFO, logger="train_cyclegan"):
+    with caplog.at_level(logging.INFO, logger="hf_dgm_training.trainer"):
         train_in_process("--data_dir", data_dir, "--output_dir", output_dir, *TINY, "--resume_from_checkpoint", "latest")
     assert "Resumed at step 8 (epoch 2, step 2 of it)" in caplog.text
     results = json.loads((output_dir / "train_results.json").read_text())
@@ -216,7 +221,7 @@ def test_sampler_follows_the_reference_order_and_augmentation():
 
 
 def test_learning_rate_schedule_is_the_references():
-    from train_cyclegan import learning_rate_factor
+    from hf_dgm_training.cyclegan_step import learning_rate_factor
 
     factors = [learning_rate_factor(epoch, 20, 10) for epoch in range(20)]
     assert factors[:10] == [1.0] * 10
@@ -225,7 +230,7 @@ def test_learning_rate_schedule_is_the_references():
 
 
 def make_step(model, options):
-    from train_cyclegan import CycleGANTrainStep, build_optimizers
+    from hf_dgm_training.cyclegan_step import CycleGANTrainStep, build_optimizers
 
     optimizer_g, optimizer_d = build_optimizers(model, 2e-4, (0.5, 0.999), options)
     config = model.config
@@ -233,7 +238,7 @@ def make_step(model, options):
 
 
 def test_fast_and_plain_steps_have_the_same_maths():
-    from train_cyclegan import FastPathOptions
+    from hf_dgm_training.cyclegan_step import FastPathOptions
 
     torch.manual_seed(0)
     config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8, pool_size=2)
@@ -250,7 +255,7 @@ def test_fast_and_plain_steps_have_the_same_maths():
     losses = {}
     for name, step in steps.items():
         random.seed(0)  # same pool decisions
-        losses[name] = [torch.cat(step(a, b)).clone() for a, b in batches]
+        losses[name] = [step(a, b).clone() for a, b in batches]
     for plain, batched in zip(losses["plain"], losses["batched"]):
         torch.testing.assert_close(batched, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses["bf16"][0], losses["plain"][0], rtol=0.05, atol=0.02)  # same init and batch
@@ -261,8 +266,8 @@ def test_fast_and_plain_steps_have_the_same_maths():
 
 
 def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
-    import train_cyclegan
-    from train_cyclegan import FastPathOptions
+    from hf_dgm_training import cyclegan_step
+    from hf_dgm_training.cyclegan_step import FastPathOptions
 
     def broken_compile(function, **kwargs):
         def compiled(*args):
@@ -270,7 +275,7 @@ def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
 
         return compiled
 
-    monkeypatch.setattr(train_cyclegan.torch, "compile", broken_compile)
+    monkeypatch.setattr(cyclegan_step.torch, "compile", broken_compile)
     torch.manual_seed(0)
     config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8)
     eager_model = CycleGANModel(config)
@@ -280,9 +285,9 @@ def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
         fallback = make_step(compiled_model, FastPathOptions(batch_passes=True, torch_compile=True))
         a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
         random.seed(0)
-        got = torch.cat(fallback(a, b))
+        got = fallback(a, b)
     random.seed(0)
-    torch.testing.assert_close(got, torch.cat(eager(a, b)))
+    torch.testing.assert_close(got, eager(a, b))
     described = fallback.describe()
     assert not described["torch_compile"] and "no compiler here" in described["fallbacks"][0]
     assert all(p.requires_grad for p in compiled_model.discriminator_a.parameters())
@@ -290,7 +295,7 @@ def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
 
 def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
     """A 4-row grid of 128x128 tiles: a fraction of the lossless size as a palette PNG, lossless on request."""
-    from train_cyclegan import compact_png, fit_tiles, save_small_grid
+    from hf_dgm_training.outputs import compact_png, fit_tiles, save_small_grid
 
     rng = np.random.default_rng(0)
     # smooth colour fields with texture, closer to photos than white noise (which no palette compresses)
@@ -316,7 +321,8 @@ def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
 
 def test_fast_path_defaults_leave_torch_compile_off():
     """Measured on an H200: CUDA graphs without torch.compile 101 it/s, with it 25.6 it/s; compile is opt-in."""
-    from train_cyclegan import parse_args, resolve_fast_path
+    from hf_dgm_training.cyclegan_step import resolve_fast_path
+    from train_cyclegan import parse_args
 
     config = CycleGANConfig(image_size=32)
     cuda = torch.device("cuda")  # resolving options needs no GPU
@@ -342,4 +348,4 @@ def test_checkpointing_no_writes_no_checkpoint_and_a_bad_value_is_a_clear_error(
     assert (output_dir / "model.safetensors").exists() or any(output_dir.glob("*.safetensors"))
     assert not (output_dir / "checkpoints").exists() or not os.listdir(output_dir / "checkpoints")
     result = run_script("--data_dir", data_dir, "--output_dir", tmp_path / "bad", *TINY, "--checkpointing_steps", "0")
-    assert result.returncode != 0 and "--checkpointing_steps must be 'epoch', a positive integer or 'no'" in result.stderr
+    assert result.returncode != 0 and "--checkpointing_steps must be 'epoch', a positive number of steps, a duration" in result.stderr

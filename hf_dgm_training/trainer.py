@@ -1,0 +1,321 @@
+# Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
+"""The one training loop of the hf-dgm scripts.
+
+A training script supplies a `TrainingTask`: its data (the batches of an epoch), its step (one optimisation step that
+returns its losses as a device tensor) and its evaluation (at the end of every epoch). `TrainingLoop` does the rest
+the same way for every model:
+
+- resume from `--resume_from_checkpoint` (exactly: the task's sampler is driven by (seed, epoch), the loop state —
+  step, epoch, position in the epoch, the epoch's running loss sums, wall times, counters — travels in the checkpoint);
+- `metrics.jsonl` holds one line per step and one per epoch; on resume the lines after the checkpoint are dropped
+  first, so the file is the same as that of an uninterrupted run;
+- losses stay on the device and are fetched every `--logging_steps` steps (one device sync);
+- checkpoints every N steps, every epoch, or every N seconds/minutes of training (`--checkpointing_steps`);
+- timing: train seconds (without checkpoints and evaluation), steady rate (without the first steps: compilation,
+  CUDA graph capture), seconds per epoch;
+- `train_results.json` (the transformers name) with the loop's figures and the task's, written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from .checkpoints import CheckpointManager
+from .hub import HubPusher, resolve_hub_token
+from .outputs import MetricsLogger, device_description, read_metrics, truncate_metrics, write_json
+
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "train_results.json"
+
+
+class TrainingTask:
+    """What a training script supplies to `TrainingLoop`. Override the methods; the attributes are set in __init__.
+
+    Attributes:
+        loss_names: names of the values `train_step` returns, in order (logged every step).
+        counter_names: names of extra 0/1 values `train_step` returns after the losses (e.g. a skipped step);
+            they are summed over the run and reported in `train_results.json`, not logged per step.
+        steps_per_epoch: optimisation steps in one epoch (this process).
+        images_per_step: images one step consumes on all processes together (for images/s).
+        warmup_steps: steps of this run after which the rate counts as steady (compilation, graph capture behind).
+    """
+
+    loss_names: tuple[str, ...] = ()
+    counter_names: tuple[str, ...] = ()
+    steps_per_epoch: int = 0
+    images_per_step: int = 1
+    warmup_steps: int = 2
+
+    def start_epoch(self, epoch: int) -> dict:
+        """Called before the epoch's first step (also when resuming inside it). Returns values logged with every step
+        of the epoch (e.g. `{"lr": ...}`)."""
+        return {}
+
+    def epoch_batches(self, epoch: int, first_step: int) -> Iterable:
+        """The batches of `epoch` from position `first_step` on."""
+        raise NotImplementedError
+
+    def train_step(self, batch):
+        """One optimisation step; returns a 1-D device tensor: the losses, then the counters. It may be a CUDA graph's
+        static output: the loop copies it before the next step."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int, epoch_means: dict[str, float]) -> dict:
+        """Evaluation at the end of an epoch; returns metrics to log (keys as logged, e.g. "epoch/test_bits_per_dim")."""
+        return {}
+
+    def should_stop(self) -> bool:
+        """True to end training after the current epoch (early stopping)."""
+        return False
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable task state kept in checkpoints (e.g. early-stopping counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class LoopState:
+    """Everything beyond accelerate's state that a resumed run needs to continue as if never interrupted."""
+
+    global_step: int = 0
+    epoch: int = 0  # the epoch the next step belongs to
+    step_in_epoch: int = 0
+    train_seconds: float = 0.0  # over all runs, without checkpoints and evaluation
+    epoch_elapsed: float = 0.0  # training seconds of the current epoch so far
+    epoch_seconds: list = field(default_factory=list)
+    epoch_sums: list = field(default_factory=list)  # running sums of this epoch's losses
+    epoch_finite_steps: int = 0  # steps of this epoch whose losses are all finite (the means' denominator)
+    counters: dict = field(default_factory=dict)
+    task: dict = field(default_factory=dict)
+
+
+class TrainingLoop:
+    """Runs a `TrainingTask` under an `Accelerator` with the flags of `hf_dgm_training.arguments.add_common_args`."""
+
+    def __init__(self, accelerator, args, task: TrainingTask):
+        self.accelerator, self.args, self.task = accelerator, args, task
+        self.script_start = time.perf_counter()
+        self.checkpoints = CheckpointManager(accelerator, args.output_dir, args.checkpoints_total_limit)
+        self.metrics_path = os.path.join(args.output_dir, METRICS_FILE)
+        self.pusher = None
+        if args.push_to_hub and accelerator.is_main_process:
+            self.pusher = HubPusher(args.hub_model_id, resolve_hub_token(args.hub_token), private=args.hub_private_repo)
+        self.state = LoopState()
+        self.resumed_from_step = 0
+        self.steps_this_run = 0
+        self.overhead_seconds = 0.0  # checkpoints and evaluation of this run
+        self.run_train_seconds = 0.0
+        self.startup = None  # (train seconds, steps) of this run before the rate counts as steady
+        self.stopped_early = False
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def resume(self) -> LoopState:
+        """Loads `--resume_from_checkpoint` (if any) and makes metrics.jsonl end at its step."""
+        saved = self.checkpoints.resume(self.args.resume_from_checkpoint)
+        if saved is not None:
+            loop_state = saved.get("extra", {}).get("loop")
+            if loop_state is None:  # a checkpoint written before the loop state was kept: position only
+                steps = self.task.steps_per_epoch
+                loop_state = {"global_step": saved["step"], "epoch": saved["step"] // steps,
+                              "step_in_epoch": saved["step"] % steps}
+            self.state = LoopState(**loop_state)
+            self.resumed_from_step = self.state.global_step
+            self.task.load_state_dict(self.state.task)
+            logger.info(f"Resumed at step {self.state.global_step} (epoch {self.state.epoch + 1}, step "
+                        f"{self.state.step_in_epoch} of it).")
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.metrics_path, self.state.global_step)
+        return self.state
+
+    # ------------------------------------------------------------------------------------------------ run
+    def total_steps(self) -> int:
+        total = self.task.steps_per_epoch * self.args.num_train_epochs
+        return min(total, self.args.max_train_steps) if self.args.max_train_steps else total
+
+    def run(self) -> LoopState:
+        import torch
+        from tqdm.auto import tqdm
+
+        args, task, state, accelerator = self.args, self.task, self.state, self.accelerator
+        metrics = MetricsLogger(accelerator, self.metrics_path)
+        names = task.loss_names + task.counter_names
+        max_steps = self.total_steps()
+        history = None  # (logging_steps, len(names)) device buffer of the steps not fetched yet
+        pending: list[tuple[int, int, dict]] = []  # (step, epoch, per-step extras) of the rows in `history`
+        progress = tqdm(total=max_steps, initial=min(state.global_step, max_steps), desc="training", unit="step",
+                        disable=not accelerator.is_local_main_process)
+        interval = args.checkpointing_steps
+        state.counters = {name: state.counters.get(name, 0) for name in task.counter_names}
+        run_start_seconds = state.train_seconds
+        clock = {"last": time.perf_counter(), "last_save": time.perf_counter()}
+
+        def tick():
+            """Adds the time since the last tick to the training time (overhead is skipped by `restart_clock`)."""
+            now = time.perf_counter()
+            state.train_seconds += now - clock["last"]
+            state.epoch_elapsed += now - clock["last"]
+            clock["last"] = now
+
+        def restart_clock(overhead_started: float):
+            clock["last"] = time.perf_counter()
+            self.overhead_seconds += clock["last"] - overhead_started
+
+        def flush():
+            if not pending:
+                return
+            rows = history[: len(pending)]
+            if accelerator.num_processes > 1:
+                rows = accelerator.reduce(rows.clone(), reduction="mean")
+            for (step, epoch, extras), values in zip(pending, rows.float().cpu().tolist()):  # the one sync
+                losses = dict(zip(task.loss_names, values))
+                metrics.log({**losses, "epoch": epoch + 1, **extras}, step=step)
+                for name, value in zip(task.counter_names, values[len(task.loss_names):]):
+                    state.counters[name] += int(round(value * accelerator.num_processes))
+                if all(math.isfinite(value) for value in losses.values()):
+                    sums = state.epoch_sums or [0.0] * len(task.loss_names)
+                    state.epoch_sums = [total + value for total, value in zip(sums, losses.values())]
+                    state.epoch_finite_steps += 1
+            progress.set_postfix({name.split("/")[-1]: f"{value:.3f}" for name, value in list(losses.items())[:3]})
+            pending.clear()
+
+        def save_checkpoint():
+            flush()
+            tick()
+            started = time.perf_counter()
+            state.task = task.state_dict()
+            path = self.checkpoints.save(state.global_step, state.epoch, {"loop": asdict(state),
+                                                                         "step_in_epoch": state.step_in_epoch})
+            if self.pusher is not None:  # uploads in the background; training goes on
+                self.pusher.push_folder(path, path_in_repo=f"checkpoints/{os.path.basename(path)}",
+                                        commit_message=f"Checkpoint at step {state.global_step}")
+            restart_clock(started)
+            clock["last_save"] = time.perf_counter()
+
+        def checkpoint_due(at_epoch_end: bool) -> bool:
+            if interval == "no":
+                return False
+            if isinstance(interval, float):
+                return time.perf_counter() - clock["last_save"] >= interval
+            if isinstance(interval, int):
+                return state.global_step % interval == 0
+            return at_epoch_end  # "epoch"
+
+        while state.epoch < args.num_train_epochs and state.global_step < max_steps:
+            epoch = state.epoch
+            extras = task.start_epoch(epoch)
+            accelerator.wait_for_everyone()
+            clock["last"] = time.perf_counter()
+            for batch in task.epoch_batches(epoch, state.step_in_epoch):
+                values = task.train_step(batch)
+                if history is None:
+                    history = torch.zeros((args.logging_steps, len(names)), device=values.device)
+                history[len(pending)].copy_(values.detach())
+                state.global_step += 1
+                state.step_in_epoch += 1
+                self.steps_this_run += 1
+                pending.append((state.global_step, epoch, extras))
+                progress.update(1)
+                if self.steps_this_run == task.warmup_steps:  # compilation and graph capture are behind us
+                    flush()
+                    tick()
+                    self.startup = (state.train_seconds - run_start_seconds, self.steps_this_run)
+                if len(pending) == args.logging_steps:
+                    flush()
+                if state.global_step >= max_steps:
+                    break
+                if state.step_in_epoch < task.steps_per_epoch and checkpoint_due(at_epoch_end=False):
+                    save_checkpoint()
+            flush()
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            tick()
+            if state.step_in_epoch < task.steps_per_epoch:  # stopped by --max_train_steps inside the epoch
+                self.stopped_early = True
+                if interval != "no":
+                    save_checkpoint()
+                break
+            state.epoch_seconds.append(round(state.epoch_elapsed, 4))
+            means = {name: total / max(1, state.epoch_finite_steps)
+                     for name, total in zip(task.loss_names, state.epoch_sums or [math.nan] * len(task.loss_names))}
+            started = time.perf_counter()
+            evaluation = task.end_epoch(epoch, means)
+            restart_clock(started)
+            metrics.log({**{f"epoch/{name}": value for name, value in means.items()}, **evaluation,
+                         "epoch": epoch + 1}, step=state.global_step)
+            state.epoch, state.step_in_epoch, state.epoch_elapsed = epoch + 1, 0, 0.0
+            state.epoch_sums, state.epoch_finite_steps = [], 0
+            stop = task.should_stop()
+            if checkpoint_due(at_epoch_end=True) or (interval != "no" and (stop or state.global_step >= max_steps)):
+                save_checkpoint()
+            if stop:
+                self.stopped_early = True
+                logger.info(f"Early stopping after epoch {epoch + 1}.")
+                break
+        progress.close()
+        metrics.close()
+        self.run_train_seconds = state.train_seconds - run_start_seconds
+        accelerator.wait_for_everyone()
+        return state
+
+    # ------------------------------------------------------------------------------------------------ results
+    def results(self) -> dict:
+        """The loop's figures for train_results.json (the task adds its own)."""
+        import torch
+
+        state, args, task = self.state, self.args, self.task
+        steps = self.steps_this_run
+        rate = steps / self.run_train_seconds if self.run_train_seconds > 0 else None
+        steady = None
+        if self.startup is not None and steps > self.startup[1] and self.run_train_seconds > self.startup[0]:
+            steady = (steps - self.startup[1]) / (self.run_train_seconds - self.startup[0])
+        total = task.steps_per_epoch * args.num_train_epochs
+        return {
+            "completed": state.global_step >= total,
+            "stopped_early": self.stopped_early,
+            "global_step": state.global_step,
+            "total_steps": total,
+            "steps_per_epoch": task.steps_per_epoch,
+            "epochs_completed": state.epoch,
+            "num_train_epochs": args.num_train_epochs,
+            "steps_this_run": steps,
+            "resumed_from_step": self.resumed_from_step or None,
+            "train_seconds": state.train_seconds,
+            "train_seconds_this_run": self.run_train_seconds,
+            "checkpoint_and_evaluation_seconds": self.overhead_seconds,
+            "startup_seconds": self.startup[0] if self.startup else None,
+            "epoch_seconds": state.epoch_seconds,
+            "steps_per_second": rate,
+            "images_per_second": rate * task.images_per_step if rate else None,
+            "steady_steps_per_second": steady,
+            "steady_images_per_second": steady * task.images_per_step if steady else None,
+            **{f"{name}_total": count for name, count in state.counters.items()},
+            "num_processes": self.accelerator.num_processes,
+            "mixed_precision": args.mixed_precision,
+            "device": device_description(self.accelerator.device),
+            "torch_version": torch.__version__,
+            "args": {key: value for key, value in vars(args).items() if not key.startswith("_") and key != "hub_token"},
+        }
+
+    def records(self) -> list[dict]:
+        """Every line of metrics.jsonl (one per step and per epoch, the last line of a step winning)."""
+        return read_metrics(self.metrics_path)
+
+    def finish(self, results: dict) -> None:
+        """Writes train_results.json (with the script's total seconds) and pushes the output folder; main process."""
+        results = {**results, "script_seconds": time.perf_counter() - self.script_start}
+        write_json(os.path.join(self.args.output_dir, RESULTS_FILE), results)
+        if self.pusher is not None:
+            self.pusher.push_folder(self.args.output_dir, commit_message=f"Model after {self.state.global_step} steps",
+                                    ignore_patterns=["checkpoints/*", "logs/*"])
+            self.pusher.wait()
