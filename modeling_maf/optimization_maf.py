@@ -65,11 +65,11 @@ if triton is not None:
 
     @triton.jit
     def _masked_adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, inputs_ptr, grad_output_ptr, out_degrees_ptr,
-                            in_degrees_ptr, tiles_ptr, step_ptr, scale_ptr, num_rows, num_cols, lr, beta1,
+                            in_degrees_ptr, tiles_ptr, step_ptr, scale_ptr, skip_ptr, num_rows, num_cols, lr, beta1,
                             beta2, log_beta1, log_beta2, eps, BATCH: tl.constexpr, STRICT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         """One (BLOCK_ROWS, BLOCK_COLS) tile of one MADE weight: gradient from the low-rank factors (times the scale
         at ``scale_ptr``: process averaging and clipping), then Adam, on the connected entries only (masked entries
-        are never read or written: they stay zero)."""
+        are never read or written: they stay zero). Nothing is written when the flag at ``skip_ptr`` is set."""
         rows, cols, connected, grad = _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr,
                                                      tiles_ptr, num_rows, num_cols, BATCH, STRICT, BLOCK_ROWS,
                                                      BLOCK_COLS)
@@ -86,9 +86,11 @@ if triton is not None:
         exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
         updated = param.to(tl.float32) - (lr / bias_correction1) * exp_avg / denom
-        tl.store(param_ptr + offsets, updated.to(param.dtype), mask=connected)
-        tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=connected)
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=connected)
+        skip = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32) + tl.load(skip_ptr)
+        write = connected & (skip == 0.0)
+        tl.store(param_ptr + offsets, updated.to(param.dtype), mask=write)
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=write)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=write)
 
 
 # The kernel unrolls its loop over the gradient's rank (samples since the last step, over all processes); larger
@@ -150,6 +152,11 @@ class MaskedAdam(torch.optim.Adam):
     Gradient clipping is built in (``max_grad_norm``, the maths of ``torch.nn.utils.clip_grad_norm_`` over all
     parameters): a clipping call on ``model.parameters()`` from outside would miss the MADE weights, whose gradients
     exist only here. Not supported: weight decay, AMSGrad, ``maximize`` (the MAF recipe uses none of them).
+
+    Steps with non-finite gradients can be skipped on the device, as with fused ``torch.optim.Adam``: set the
+    attribute ``found_inf`` to a float32 scalar tensor; ``step`` adds the MADE gradient factors' check to it, and
+    skips the whole update (weights, moments and step counts unchanged) when it is non-zero. CUDA-graph safe; the
+    ordinary parameters then need ``fused=True``.
 
     Args:
         model: a ``MAFModel`` or ``IAFModel`` (not yet wrapped by DDP).
@@ -221,21 +228,28 @@ class MaskedAdam(torch.optim.Adam):
         factors, grad_scale = [], 1.0
         if pending:
             factors, grad_scale = self._gather_across_processes([self._factors(layer) for _, layer, _ in pending])
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and factors:
+            one = torch.ones((), device=found_inf.device)
+            torch._amp_foreach_non_finite_check_and_unscale_([t for pair in factors for t in pair], found_inf, one)
         scale = self._clip(pending, factors, grad_scale) if self.max_grad_norm is not None else None
-        super().step()  # every parameter that has a .grad (clipped above)
+        super().step()  # every parameter that has a .grad (clipped above); reads found_inf like fused Adam
         if not pending:
             return loss
         if scale is None:
             scale = torch.full((), grad_scale, dtype=torch.float32, device=pending[0][0].device)
+        skip = found_inf  # None: never skip
         group_of = {parameter: group for group in self.param_groups for parameter in group["params"]}
         for (parameter, layer, plans), (inputs, grad_output) in zip(pending, factors):
             group = group_of[parameter]
             state = self._state_for(parameter)
             state["step"] += 1
             if self._uses_triton(parameter, inputs):
-                self._triton_update(parameter, layer, plans, state, inputs, grad_output, scale, group)
+                self._triton_update(parameter, layer, plans, state, inputs, grad_output, scale, skip, group)
             else:
-                self._torch_update(parameter, layer, state, inputs, grad_output, scale, group)
+                self._torch_update(parameter, layer, state, inputs, grad_output, scale, skip, group)
+            if skip is not None:
+                state["step"] -= skip.to(state["step"].device)
             layer.weight_gradient_sink.clear()
         return loss
 
@@ -342,8 +356,9 @@ class MaskedAdam(torch.optim.Adam):
             return False
         return True
 
-    def _torch_update(self, parameter, layer, state, inputs, grad_output, scale, group):
-        """The reference maths: the dense masked gradient, then Adam as torch.optim.Adam writes it."""
+    def _torch_update(self, parameter, layer, state, inputs, grad_output, scale, skip, group):
+        """The reference maths: the dense masked gradient, then Adam as torch.optim.Adam writes it (nothing changes
+        when ``skip`` is non-zero)."""
         beta1, beta2 = group["betas"]
         lr, eps = self._scalar(group["lr"]), group["eps"]
         compute_dtype = torch.promote_types(parameter.dtype, torch.float32)
@@ -353,10 +368,17 @@ class MaskedAdam(torch.optim.Adam):
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if skip is not None:  # updated out of place, then kept or dropped on the device
+            old = (exp_avg, exp_avg_sq, parameter)
+            exp_avg, exp_avg_sq, parameter = exp_avg.clone(), exp_avg_sq.clone(), parameter.detach().clone()
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         parameter.sub_((lr / bias_correction1) * exp_avg / denom)
+        if skip is not None:
+            keep = skip.to(parameter.device) != 0
+            for tensor, new in zip(old, (exp_avg, exp_avg_sq, parameter)):
+                tensor.copy_(torch.where(keep, tensor, new))
 
     @staticmethod
     def _plan(layer, plans, device):
@@ -367,7 +389,7 @@ class MaskedAdam(torch.optim.Adam):
                              layer.in_degrees.to(device, torch.int32))
         return plans[device]
 
-    def _triton_update(self, parameter, layer, plans, state, inputs, grad_output, scale, group):
+    def _triton_update(self, parameter, layer, plans, state, inputs, grad_output, scale, skip, group):
         if parameter.numel() >= 2**31 or not (parameter.is_contiguous() and state["exp_avg"].is_contiguous()
                                                and state["exp_avg_sq"].is_contiguous()):
             raise ValueError(f"MaskedAdam's Triton path needs a contiguous weight of < 2**31 entries, got "
@@ -375,11 +397,13 @@ class MaskedAdam(torch.optim.Adam):
         block_rows, block_cols, tiles, out_degrees, in_degrees = self._plan(layer, plans, parameter.device)
         beta1, beta2 = group["betas"]
         if not self._launch(_masked_adam_kernel, len(tiles), parameter, state["exp_avg"], state["exp_avg_sq"], inputs,
-                            grad_output, out_degrees, in_degrees, tiles, state["step"], scale, layer.out_features,
+                            grad_output, out_degrees, in_degrees, tiles, state["step"], scale,
+                            skip.float() if skip is not None else torch.zeros((), device=parameter.device),
+                            layer.out_features,
                             layer.in_features, self._scalar(group["lr"]), float(beta1), float(beta2), math.log(beta1),
                             math.log(beta2), float(group["eps"]), BATCH=inputs.shape[0], STRICT=layer.strict,
                             BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols):
-            self._torch_update(parameter, layer, state, inputs, grad_output, scale, group)
+            self._torch_update(parameter, layer, state, inputs, grad_output, scale, skip, group)
 
 
 def connected_fraction(model: torch.nn.Module) -> dict:

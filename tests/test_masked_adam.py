@@ -70,6 +70,36 @@ def test_trains_like_torch_adam_and_never_forms_the_dense_gradient():
             assert not layer.weight[~layer.mask()].any()  # masked connections are still exactly zero
 
 
+def test_a_step_flagged_in_found_inf_changes_nothing_and_a_clean_one_is_adams():
+    """found_inf (as fused torch.optim.Adam reads it): 1 skips the update entirely, 0 is a normal step; MaskedAdam
+    also flags non-finite gradient factors itself."""
+    reference = tiny_maf()
+    model = copy.deepcopy(reference)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+    masked = MaskedAdam(model, lr=1e-2, backend="torch", fused=True)
+    adam.found_inf, masked.found_inf = torch.zeros(()), torch.zeros(())
+    reference.eval(), model.eval()  # deterministic dequantisation
+    data = batches(3)
+    train(reference, adam, data[:2])
+    train(model, masked, data[:2])
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(masked.state_dict())
+    masked.found_inf.fill_(1.0)
+    train(model, masked, data[2:])
+    assert all(torch.equal(tensor, saved[0][name]) for name, tensor in model.state_dict().items())
+    assert str(masked.state_dict()) == str(saved[1])  # moments and step counts unchanged too
+
+    masked.found_inf.zero_()
+    model(data[2] * float("nan")).loss.backward()  # non-finite factors: flagged by MaskedAdam itself
+    masked.step()
+    masked.zero_grad()
+    assert float(masked.found_inf) == 1.0
+    assert all(torch.equal(tensor, saved[0][name]) for name, tensor in model.state_dict().items())
+    masked.found_inf.zero_()
+    train(model, masked, data[2:])
+    train(reference, adam, data[2:])
+    assert_same_parameters(model, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_clipping_is_clip_grad_norm_over_every_parameter():
     reference = tiny_maf()
     model = copy.deepcopy(reference)
@@ -239,6 +269,19 @@ for ours_model, theirs_model in ((model, reference), (clipped, clipped_reference
 assert min(norms["torch"]) > 1.0, norms  # clipping was active
 for ours, theirs in zip(norms["triton"], norms["torch"]):
     assert abs(ours - theirs) <= 1e-4 * theirs, norms
+# A step flagged in found_inf writes nothing, also in the kernel.
+optimizer = MaskedAdam(model, lr=1e-3, backend="triton", fused=True)
+before = [p.detach().clone() for p in model.parameters()]
+optimizer.found_inf = torch.zeros(())
+model(data[0]).loss.backward()
+optimizer.step()
+optimizer.zero_grad()
+state = [s["exp_avg"].clone() for s in optimizer.state.values()]
+optimizer.found_inf.fill_(1.0)
+model(data[1]).loss.backward()
+optimizer.step()
+assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(state, optimizer.state.values()))
+assert all(float(s["step"]) == 1 for s in optimizer.state.values())
 print("ok", worst, norms)
 """
 
