@@ -19,7 +19,7 @@ if ! python3 scripts/train_cyclegan.py --data_dir "$DATA" --output_dir "$OUTDIR-
   python3 scripts/train_cyclegan.py --data_dir "$DATA" --output_dir "$OUTDIR-probe" --image_size 128 \
     --max_train_steps 200 --num_train_epochs "$EPOCHS" "${FAST[@]}" "$@" > "$OUTDIR-probe.log" 2>&1
 fi
-rate=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('steady_iterations_per_second') or r['iterations_per_second'])" "$OUTDIR-probe/train_results.json")
+rate=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r.get('steady_steps_per_second') or r['steps_per_second'])" "$OUTDIR-probe/train_results.json")
 steps_per_epoch=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(r['steps_per_epoch'])" "$OUTDIR-probe/train_results.json" 2>/dev/null || echo 1334)
 left=$(( BUDGET_S - ($(date +%s) - start) - 45 ))
 fit=$(python3 -c "print(max(1, min($EPOCHS, int($left * $rate / $steps_per_epoch))))")

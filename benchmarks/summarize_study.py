@@ -18,7 +18,7 @@ FIELDS = [
     ("AUPR (NLL)", lambda t, a, s: a["metrics_by_score"]["nll"]["aupr"]),
     ("F1-max (NLL)", lambda t, a, s: a["metrics_by_score"]["nll"]["f1_max"]),
     ("pixel AUROC", lambda t, a, s: a["pixel_auroc"]),
-    ("train wall s", lambda t, a, s: t["train_wall_time_s"]),
+    ("train s", lambda t, a, s: t["train_seconds"]),
     ("sample 5 s (T=1)", lambda t, a, s: s["runs"][0]["seconds_total"]),
 ]
 
@@ -29,7 +29,7 @@ def main(root):
         if not os.path.isdir(run):
             continue
         try:
-            train = json.load(open(os.path.join(run, "train_summary.json")))
+            train = json.load(open(os.path.join(run, "train_results.json")))
             report = json.load(open(os.path.join(run, "anomaly", "anomaly_report.json")))
             samples = json.load(open(os.path.join(run, "samples", "samples.json")))
         except FileNotFoundError as error:

@@ -62,7 +62,7 @@ FOLDERS = ("trainA", "trainB", "testA", "testB")
 # script module -> (tiny argv, data maker, model class, files the final upload must contain)
 SCRIPTS = {
     "train_maf": (maf_argv, make_mvtec_category, maf_model_class,
-                  {"config.json", "model.safetensors", "README.md", "nll_curve.png", "train_summary.json"}),
+                  {"config.json", "model.safetensors", "README.md", "nll_curve.png", "train_results.json"}),
     "train_cyclegan": (cyclegan_argv, lambda root: make_unpaired_folder(root, counts=[(f, 3) for f in FOLDERS], size=20),
                        cyclegan_model_class,
                        {"config.json", "model.safetensors", "README.md", "preprocessor_config.json",

@@ -42,14 +42,19 @@ def test_train_sample_detect_write_every_output(category, tmp_path):
     run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 2, "--max_grad_norm", 1.0,
         "--optimizer", "masked_adam", *TINY)
     for name in ("model.safetensors", "config.json", "modeling_maf.py", "README.md", "metrics.jsonl",
-                 "nll_curve.png", "train_summary.json"):
+                 "nll_curve.png", "train_results.json"):
         assert (out / name).is_file(), name
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 6 and summary["epochs"] == 2  # ceil(10 / 4) = 3 steps per epoch
-    assert summary["fast_path"]["optimizer"] == "MaskedAdam"
-    assert math.isfinite(summary["final_train_bits_per_dim"]) and math.isfinite(summary["test_good_bits_per_dim"])
-    step_rows = [r for r in read_jsonl(out / "metrics.jsonl") if "train/nll" in r]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["global_step"] == 6 and results["epochs_completed"] == 2  # ceil(10 / 4) = 3 steps per epoch
+    assert results["fast_path"]["optimizer"] == "MaskedAdam" and results["skipped_nonfinite_steps_total"] == 0
+    assert math.isfinite(results["final_train_bits_per_dim"]) and math.isfinite(results["test_good_bits_per_dim"])
+    lines = read_jsonl(out / "metrics.jsonl")
+    step_rows = [r for r in lines if "train/nll" in r]
     assert [r["step"] for r in step_rows] == list(range(1, 7))
+    epoch_rows = [r for r in lines if "epoch/train/bits_per_dim" in r]
+    assert [(r["step"], r["epoch"]) for r in epoch_rows] == [(3, 1), (6, 2)]
+    assert epoch_rows[1]["epoch/train/bits_per_dim"] == pytest.approx(
+        sum(r["train/bits_per_dim"] for r in step_rows[3:]) / 3)
 
     run("sample_maf.py", "--model_name_or_path", out, "--num_samples", 5, "--temperature", 1.0, 0.7)
     samples = json.loads((out / "samples" / "samples.json").read_text())
@@ -76,12 +81,13 @@ def test_interrupted_training_resumes_exactly(category, tmp_path):
               *TINY]
     run("train_maf.py", "--output_dir", straight, *common)
     run("train_maf.py", "--output_dir", interrupted, "--max_train_steps", 5, *common)  # checkpoint at step 4
-    assert sorted(os.listdir(interrupted / "checkpoints")) == ["step_4"]
+    assert sorted(os.listdir(interrupted / "checkpoints")) == ["step_5"]  # the stop saves (total limit 1)
     run("train_maf.py", "--output_dir", interrupted, "--resume_from_checkpoint", "latest", *common)
 
-    assert json.loads((interrupted / "train_summary.json").read_text())["steps"] == 9
-    resumed_steps = [r["step"] for r in read_jsonl(interrupted / "metrics.jsonl") if "train/nll" in r]
-    assert resumed_steps == list(range(1, 6)) + list(range(5, 10))  # steps 5.. redone after the checkpoint at 4
+    results = json.loads((interrupted / "train_results.json").read_text())
+    assert results["global_step"] == 9 and results["resumed_from_step"] == 5 and len(results["epoch_seconds"]) == 3
+    # metrics.jsonl is whole: the same lines as the uninterrupted run's (epoch means over the whole epoch included)
+    assert read_jsonl(interrupted / "metrics.jsonl") == read_jsonl(straight / "metrics.jsonl")
     expected, actual = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
     assert expected.keys() == actual.keys()
     for key in expected:
@@ -114,8 +120,8 @@ def test_iaf_trains_through_the_script_and_samples(category, tmp_path):
     out = tmp_path / "iaf"
     run("train_maf.py", "--data_dir", category, "--output_dir", out, "--flow_type", "iaf", "--num_train_epochs", 1,
         *TINY)
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["flow_type"] == "iaf" and math.isfinite(summary["final_train_bits_per_dim"])
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["flow_type"] == "iaf" and math.isfinite(results["final_train_bits_per_dim"])
     assert json.loads((out / "config.json").read_text())["model_type"] == "iaf"
     run("sample_maf.py", "--model_name_or_path", out, "--num_samples", 2)
     assert json.loads((out / "samples" / "samples.json").read_text())["sequential_passes_per_block"] == [1, 1]
