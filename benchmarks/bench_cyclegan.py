@@ -49,27 +49,25 @@ import time
 import warnings
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import torch
-from train_cyclegan import (
+
+from hf_dgm_training import ImagePool
+from hf_dgm_training.cyclegan_step import (
+    STEP_LOSS_NAMES,
     CycleGANTrainStep,
     FastPathOptions,
     build_optimizers,
     new_batch_buffers,
     prepare_model,
 )
-
-from hf_dgm_training import ImagePool
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel
 from modeling_cyclegan.data import UnpairedSampler, default_load_size
 
 
-# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix) on one H100, batch 1 (issue 7).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), batch 1, as measured in docs/RESULTS.md.
 REFERENCE_IT_PER_S = {(128, 6): 12.9, (256, 9): 10.7}
 VARIANTS = ("plain", "bf16_eager", "fast", "fast_compile")
-# Order of the losses in a step's outputs (generator values, then discriminator values) -> LOSS_NAMES order.
-STEP_ORDER = ("G_A", "cycle_A", "idt_A", "G_B", "cycle_B", "idt_B", "D_A", "D_B")
 
 
 def parse_args(argv=None):
@@ -162,14 +160,12 @@ def run_case(size, blocks, batch, variant, options, args, device) -> dict:
     batches = sampler.epoch_order(0)
     real_a, real_b = new_batch_buffers(batch, config, device, options)
     total = args.warmup + args.steps
-    history = torch.zeros((total, len(STEP_ORDER)), device=device)
+    history = torch.zeros((total, len(STEP_LOSS_NAMES)), device=device)
     random.seed(0)
 
     def iteration(index):
         sampler.fill_batch(real_a, real_b, batches[index % len(batches)])
-        generator_values, discriminator_values = step(real_a, real_b)
-        history[index, :6].copy_(generator_values)
-        history[index, 6:].copy_(discriminator_values)
+        history[index].copy_(step(real_a, real_b))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -195,16 +191,17 @@ def run_case(size, blocks, batch, variant, options, args, device) -> dict:
         syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
 
     replay_ms = None
-    if step.graph_g is not None:  # the GPU-bound time: both graphs back to back, no host work in between
+    graphs = (step.generator_step.graph, step.discriminator_step.graph)
+    if None not in graphs:  # the GPU-bound time: both graphs back to back, no host work in between
         synchronize(device)
         replay_started = time.perf_counter()
         for _ in range(args.steps):
-            step.graph_g.replay()
-            step.graph_d.replay()
+            for graph in graphs:
+                graph.replay()
         synchronize(device)
         replay_ms = 1000 * (time.perf_counter() - replay_started) / args.steps
 
-    first_losses = dict(zip(STEP_ORDER, history[0].tolist()))
+    first_losses = dict(zip(STEP_LOSS_NAMES, history[0].tolist()))
     result = {
         "size": size,
         "residual_blocks": blocks,

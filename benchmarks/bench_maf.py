@@ -24,7 +24,6 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.optimization_maf import MaskedAdam, connected_fraction
 

@@ -21,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.optimization_maf import MaskedAdam
 

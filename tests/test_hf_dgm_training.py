@@ -76,15 +76,6 @@ def test_common_args_defaults_and_choices():
         add_common_args(argparse.ArgumentParser(), defaults={"learning_rat": 1.0})
 
 
-def test_checkpointing_interval():
-    assert checkpointing_interval(None) is None
-    assert checkpointing_interval("epoch") == "epoch"
-    assert checkpointing_interval("500") == 500
-    assert checkpointing_interval("no") == checkpointing_interval("None") == "no"
-    with pytest.raises(ValueError, match="checkpointing_steps"):
-        checkpointing_interval("0")
-
-
 def test_config_overrides_lists_bools_and_skips():
     parser = make_parser()
     args = parser.parse_args(["--hidden_sizes", "32", "64", "--use_bias", "false", "--clamp", "2.5", "--num_blocks", "3"])
@@ -370,3 +361,50 @@ def test_cuda_graph_step_disabled_runs_every_step_eagerly_after_a_reset():
     assert torch.allclose(weight.detach(), 1 - 0.3 * inputs)
     assert losses == pytest.approx([6.0, 6.0 - 0.1 * 14, 6.0 - 0.2 * 14])
     assert runner.describe() == {"cuda_graphs": False, "graph_replays": 0, "eager_steps": 3, "fallbacks": []}
+
+
+SHARED_TRAINING_FLAGS = {
+    # flag: a value it accepts in both trainers
+    "--data_dir": "data", "--dataset_name": "user/data", "--image_size": "32", "--dataloader_num_workers": "0",
+    "--output_dir": "out", "--model_name_or_path": "user/model", "--num_train_epochs": "2", "--max_train_steps": "5",
+    "--per_device_train_batch_size": "2", "--learning_rate": "0.001", "--seed": "3", "--mixed_precision": "no",
+    "--fast_path": "false", "--cuda_graphs": "false", "--logging_steps": "7", "--checkpointing_steps": "10min",
+    "--checkpoints_total_limit": "2", "--resume_from_checkpoint": "latest", "--report_to": "none",
+    "--hub_model_id": "user/repo", "--hub_token": "hf_x", "--hub_private_repo": None, "--push_to_hub": None,
+}
+
+
+@pytest.mark.parametrize("flag", sorted(SHARED_TRAINING_FLAGS))
+def test_both_trainers_accept_the_shared_flags_and_read_them_the_same_way(flag):
+    from train_cyclegan import parse_args as cyclegan_args
+    from train_maf import parse_args as maf_args
+
+    value = SHARED_TRAINING_FLAGS[flag]
+    base = ["--data_dir", "data"] if flag != "--data_dir" else []
+    argv = [*base, flag] + ([value] if value is not None else [])
+    parsed = [maf_args(argv), cyclegan_args(argv)]
+    name = flag[2:]
+    assert getattr(parsed[0], name) == getattr(parsed[1], name), flag
+    if flag == "--checkpointing_steps":
+        assert parsed[0].checkpointing_steps == 600.0
+
+
+def test_push_to_hub_without_hub_model_id_is_named_after_the_output_folder_in_both_trainers():
+    from train_cyclegan import parse_args as cyclegan_args
+    from train_maf import parse_args as maf_args
+
+    for parse in (maf_args, cyclegan_args):
+        args = parse(["--data_dir", "data", "--output_dir", "runs/my-model", "--push_to_hub"])
+        assert args.hub_model_id == "my-model"
+
+
+@pytest.mark.parametrize("value, expected", [("epoch", "epoch"), ("25", 25), ("no", "no"), ("None", "no"), ("90s", 90.0),
+                                             ("10min", 600.0), ("1.5h", 5400.0), (None, None)])
+def test_checkpointing_interval_reads_steps_epochs_and_durations(value, expected):
+    assert checkpointing_interval(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "10 minutes", "min", "soon"])
+def test_checkpointing_interval_rejects_other_values(value):
+    with pytest.raises(ValueError, match="--checkpointing_steps must be"):
+        checkpointing_interval(value)
