@@ -67,8 +67,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         "--checkpointing_steps",
         type=str,
         default=None,
-        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), after a duration of "
-        "training such as '10min' (checked between steps), or never ('no').",
+        help="Save a checkpoint every N steps (an integer), at the end of every epoch ('epoch'), after each given "
+        "duration of training such as '10min' (checked between steps; the end of training then saves only the "
+        "model), or never ('no').",
     )
     group.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."

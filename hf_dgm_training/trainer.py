@@ -144,129 +144,142 @@ class TrainingLoop:
         return min(total, self.args.max_train_steps) if self.args.max_train_steps else total
 
     def run(self) -> LoopState:
+        """Trains from the current state to the end (or to --max_train_steps, or until the task stops early)."""
         import torch
         from tqdm.auto import tqdm
 
         args, task, state, accelerator = self.args, self.task, self.state, self.accelerator
-        metrics = MetricsLogger(accelerator, self.metrics_path)
-        names = task.loss_names + task.counter_names
+        self._metrics = MetricsLogger(accelerator, self.metrics_path)
+        self._history, self._pending = None, []  # device rows of the steps not fetched yet, and their (step, epoch, extras)
         max_steps = self.total_steps()
-        history = None  # (logging_steps, len(names)) device buffer of the steps not fetched yet
-        pending: list[tuple[int, int, dict]] = []  # (step, epoch, per-step extras) of the rows in `history`
-        progress = tqdm(total=max_steps, initial=min(state.global_step, max_steps), desc="training", unit="step",
-                        disable=not accelerator.is_local_main_process)
-        interval = args.checkpointing_steps
+        self._progress = tqdm(total=max_steps, initial=min(state.global_step, max_steps), desc="training", unit="step",
+                              disable=not accelerator.is_local_main_process)
         state.counters = {name: state.counters.get(name, 0) for name in task.counter_names}
         run_start_seconds = state.train_seconds
-        clock = {"last": time.perf_counter(), "last_save": time.perf_counter()}
-
-        def tick():
-            """Adds the time since the last tick to the training time (overhead is skipped by `restart_clock`)."""
-            now = time.perf_counter()
-            state.train_seconds += now - clock["last"]
-            state.epoch_elapsed += now - clock["last"]
-            clock["last"] = now
-
-        def restart_clock(overhead_started: float):
-            clock["last"] = time.perf_counter()
-            self.overhead_seconds += clock["last"] - overhead_started
-
-        def flush():
-            if not pending:
-                return
-            rows = history[: len(pending)]
-            if accelerator.num_processes > 1:
-                rows = accelerator.reduce(rows.clone(), reduction="mean")
-            for (step, epoch, extras), values in zip(pending, rows.float().cpu().tolist()):  # the one sync
-                losses = dict(zip(task.loss_names, values))
-                metrics.log({**losses, "epoch": epoch + 1, **extras}, step=step)
-                for name, value in zip(task.counter_names, values[len(task.loss_names):]):
-                    state.counters[name] += int(round(value * accelerator.num_processes))
-                if all(math.isfinite(value) for value in losses.values()):
-                    sums = state.epoch_sums or [0.0] * len(task.loss_names)
-                    state.epoch_sums = [total + value for total, value in zip(sums, losses.values())]
-                    state.epoch_finite_steps += 1
-            progress.set_postfix({name.split("/")[-1]: f"{value:.3f}" for name, value in list(losses.items())[:3]})
-            pending.clear()
-
-        def save_checkpoint():
-            flush()
-            tick()
-            started = time.perf_counter()
-            state.task = task.state_dict()
-            path = self.checkpoints.save(state.global_step, state.epoch, {"loop": asdict(state),
-                                                                         "step_in_epoch": state.step_in_epoch})
-            if self.pusher is not None:  # uploads in the background; training goes on
-                self.pusher.push_folder(path, path_in_repo=f"checkpoints/{os.path.basename(path)}",
-                                        commit_message=f"Checkpoint at step {state.global_step}")
-            restart_clock(started)
-            clock["last_save"] = time.perf_counter()
-
-        def checkpoint_due(at_epoch_end: bool) -> bool:
-            if interval == "no":
-                return False
-            if isinstance(interval, float):
-                return time.perf_counter() - clock["last_save"] >= interval
-            if isinstance(interval, int):
-                return state.global_step % interval == 0
-            return at_epoch_end  # "epoch"
-
+        self._clock = {"last": time.perf_counter(), "last_save": time.perf_counter()}
         while state.epoch < args.num_train_epochs and state.global_step < max_steps:
             epoch = state.epoch
             extras = task.start_epoch(epoch)
             accelerator.wait_for_everyone()
-            clock["last"] = time.perf_counter()
+            self._clock["last"] = time.perf_counter()
             for batch in task.epoch_batches(epoch, state.step_in_epoch):
-                values = task.train_step(batch)
-                if history is None:
-                    history = torch.zeros((args.logging_steps, len(names)), device=values.device)
-                history[len(pending)].copy_(values.detach())
-                state.global_step += 1
-                state.step_in_epoch += 1
-                self.steps_this_run += 1
-                pending.append((state.global_step, epoch, extras))
-                progress.update(1)
+                self._record_step(task.train_step(batch), epoch, extras)
                 if self.steps_this_run == task.warmup_steps:  # compilation and graph capture are behind us
-                    flush()
-                    tick()
+                    self._flush()
+                    self._tick()
                     self.startup = (state.train_seconds - run_start_seconds, self.steps_this_run)
-                if len(pending) == args.logging_steps:
-                    flush()
                 if state.global_step >= max_steps:
                     break
-                if state.step_in_epoch < task.steps_per_epoch and checkpoint_due(at_epoch_end=False):
-                    save_checkpoint()
-            flush()
+                if state.step_in_epoch < task.steps_per_epoch and self._checkpoint_due(at_epoch_end=False):
+                    self._save_checkpoint()
+            self._flush()
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
-            tick()
+            self._tick()
             if state.step_in_epoch < task.steps_per_epoch:  # stopped by --max_train_steps inside the epoch
                 self.stopped_early = True
-                if interval != "no":
-                    save_checkpoint()
+                if args.checkpointing_steps != "no":
+                    self._save_checkpoint()
                 break
-            state.epoch_seconds.append(round(state.epoch_elapsed, 4))
-            means = {name: total / max(1, state.epoch_finite_steps)
-                     for name, total in zip(task.loss_names, state.epoch_sums or [math.nan] * len(task.loss_names))}
-            started = time.perf_counter()
-            evaluation = task.end_epoch(epoch, means)
-            restart_clock(started)
-            metrics.log({**{f"epoch/{name}": value for name, value in means.items()}, **evaluation,
-                         "epoch": epoch + 1}, step=state.global_step)
-            state.epoch, state.step_in_epoch, state.epoch_elapsed = epoch + 1, 0, 0.0
-            state.epoch_sums, state.epoch_finite_steps = [], 0
-            stop = task.should_stop()
-            if checkpoint_due(at_epoch_end=True) or (interval != "no" and (stop or state.global_step >= max_steps)):
-                save_checkpoint()
+            stop = self._end_epoch(epoch)
+            if self._checkpoint_due(at_epoch_end=True) or (args.checkpointing_steps != "no" and (
+                    stop or state.global_step >= max_steps) and not isinstance(args.checkpointing_steps, float)):
+                self._save_checkpoint()
             if stop:
                 self.stopped_early = True
                 logger.info(f"Early stopping after epoch {epoch + 1}.")
                 break
-        progress.close()
-        metrics.close()
+        self._progress.close()
+        self._metrics.close()
         self.run_train_seconds = state.train_seconds - run_start_seconds
         accelerator.wait_for_everyone()
         return state
+
+    def _record_step(self, values, epoch: int, extras: dict) -> None:
+        """Keeps a step's values on the device until the next flush (every --logging_steps steps)."""
+        import torch
+
+        state = self.state
+        if self._history is None:
+            self._history = torch.zeros((self.args.logging_steps, len(values)), device=values.device)
+        self._history[len(self._pending)].copy_(values.detach())
+        state.global_step += 1
+        state.step_in_epoch += 1
+        self.steps_this_run += 1
+        self._pending.append((state.global_step, epoch, extras))
+        self._progress.update(1)
+        if len(self._pending) == self.args.logging_steps:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fetches the pending steps' values (one device sync), logs them and adds them to the epoch's sums."""
+        if not self._pending:
+            return
+        task, state, accelerator = self.task, self.state, self.accelerator
+        rows = self._history[: len(self._pending)]
+        if accelerator.num_processes > 1:
+            rows = accelerator.reduce(rows.clone(), reduction="mean")
+        for (step, epoch, extras), values in zip(self._pending, rows.float().cpu().tolist()):
+            losses = dict(zip(task.loss_names, values))
+            self._metrics.log({**losses, "epoch": epoch + 1, **extras}, step=step)
+            for name, value in zip(task.counter_names, values[len(task.loss_names):]):
+                state.counters[name] += int(round(value * accelerator.num_processes))
+            if all(math.isfinite(value) for value in losses.values()):
+                sums = state.epoch_sums or [0.0] * len(task.loss_names)
+                state.epoch_sums = [total + value for total, value in zip(sums, losses.values())]
+                state.epoch_finite_steps += 1
+        self._progress.set_postfix({name.split("/")[-1]: f"{value:.3f}" for name, value in list(losses.items())[:3]})
+        self._pending.clear()
+
+    def _end_epoch(self, epoch: int) -> bool:
+        """The epoch's means and the task's evaluation, logged as one line; returns whether to stop early."""
+        task, state = self.task, self.state
+        state.epoch_seconds.append(round(state.epoch_elapsed, 4))
+        sums = state.epoch_sums or [math.nan] * len(task.loss_names)
+        means = {name: total / max(1, state.epoch_finite_steps) for name, total in zip(task.loss_names, sums)}
+        started = time.perf_counter()
+        evaluation = task.end_epoch(epoch, means)
+        self._restart_clock(started)
+        self._metrics.log({**{f"epoch/{name}": value for name, value in means.items()}, **evaluation,
+                           "epoch": epoch + 1}, step=state.global_step)
+        state.epoch, state.step_in_epoch, state.epoch_elapsed = epoch + 1, 0, 0.0
+        state.epoch_sums, state.epoch_finite_steps = [], 0
+        return task.should_stop()
+
+    def _tick(self) -> None:
+        """Adds the time since the last tick to the training time (overhead is left out by `_restart_clock`)."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self._clock["last"]
+        self.state.epoch_elapsed += now - self._clock["last"]
+        self._clock["last"] = now
+
+    def _restart_clock(self, overhead_started: float) -> None:
+        self._clock["last"] = time.perf_counter()
+        self.overhead_seconds += self._clock["last"] - overhead_started
+
+    def _checkpoint_due(self, at_epoch_end: bool) -> bool:
+        interval = self.args.checkpointing_steps
+        if interval == "no":
+            return False
+        if isinstance(interval, float):  # a duration of training
+            return time.perf_counter() - self._clock["last_save"] >= interval
+        if isinstance(interval, int):
+            return self.state.global_step % interval == 0
+        return at_epoch_end  # "epoch"
+
+    def _save_checkpoint(self) -> None:
+        self._flush()
+        self._tick()
+        started = time.perf_counter()
+        state = self.state
+        state.task = self.task.state_dict()
+        path = self.checkpoints.save(state.global_step, state.epoch, {"loop": asdict(state),
+                                                                     "step_in_epoch": state.step_in_epoch})
+        if self.pusher is not None:  # uploads in the background; training goes on
+            self.pusher.push_folder(path, path_in_repo=f"checkpoints/{os.path.basename(path)}",
+                                    commit_message=f"Checkpoint at step {state.global_step}")
+        self._restart_clock(started)
+        self._clock["last_save"] = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------------ results
     def results(self) -> dict:
