@@ -86,8 +86,8 @@ if triton is not None:
         exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
         updated = param.to(tl.float32) - (lr / bias_correction1) * exp_avg / denom
-        skip = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32) + tl.load(skip_ptr)
-        write = connected & (skip == 0.0)
+        keep_rows = tl.load(skip_ptr + rows * 0) == 0.0  # the flag, once per row: no extra tile in registers
+        write = connected & keep_rows[:, None]
         tl.store(param_ptr + offsets, updated.to(param.dtype), mask=write)
         tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=write)
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=write)
