@@ -557,7 +557,8 @@ class MAFModel(MAFPreTrainedModel):
             return ScoreParameters.for_image_size(self.config.image_size)
         return ScoreParameters(**{key: calibration[key] for key in ScoreParameters.__dataclass_fields__})
 
-    def _resolve_method(self, method: str | None) -> str:
+    def resolve_anomaly_method(self, method: str | None = None) -> str:
+        """The score name `method` stands for: itself (checked), or for None the calibrated default, else "nll"."""
         if method is None:
             calibration = self.config.anomaly_calibration
             return calibration["method"] if calibration is not None else NLL
@@ -566,7 +567,7 @@ class MAFModel(MAFPreTrainedModel):
     def score_nll_maps(self, nll_maps: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(maps, scores)` of `method` from per-pixel NLL maps (`anomaly_maps(x, method="nll")`), with this model's
         calibration: scores many ways from one pass of the flow."""
-        method = self._resolve_method(method)
+        method = self.resolve_anomaly_method(method)
         statistics = self.anomaly_statistics.get() if self.is_calibrated else None
         return compute_score(method, nll_maps, self.anomaly_score_parameters, statistics)
 
@@ -585,13 +586,13 @@ class MAFModel(MAFPreTrainedModel):
         """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
         if not self.is_calibrated:
             raise ValueError(NOT_CALIBRATED)
-        return float(self.config.anomaly_calibration["thresholds"][self._resolve_method(method)])
+        return float(self.config.anomaly_calibration["thresholds"][self.resolve_anomaly_method(method)])
 
     def predict_anomalies(self, pixel_values: torch.Tensor, method: str | None = None) -> AnomalyPrediction:
         """Scores, maps and decisions (`scores > threshold`) of `method` (None = the calibrated default). A model
         that is not calibrated returns scores and maps with `is_anomalous` and `threshold` None, and says how to
         calibrate it."""
-        method = self._resolve_method(method)
+        method = self.resolve_anomaly_method(method)
         maps, scores = self.score_nll_maps(self._nll_maps(pixel_values), method)
         if not self.is_calibrated:
             logger.warning_once(NOT_CALIBRATED)
