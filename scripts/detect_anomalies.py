@@ -27,7 +27,7 @@ import torch
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE, NOT_CALIBRATED
-from modeling_maf.data import load_good_images, load_mvtec, load_split_as_tensors, split_validation
+from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
 from modeling_maf.metrics.evaluation import (
     evaluate_scores,
     image_metrics_note,
@@ -323,8 +323,8 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
 def main(argv=None):
     args = parse_args(argv)
     device, output_dir, model = load_model_for_inference(args, "anomaly")
-    dataset = load_mvtec(args.data_dir, args.dataset_name, download=args.download, category=args.category,
-                         token=args.hub_token)
+    dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
+                                   token=args.hub_token)
     config = model.config
     test = load_split_as_tensors(dataset["test"], config.image_size, config.num_channels)
     calibration_source = calibrate(args, model, dataset, device)
