@@ -9,7 +9,8 @@ train_results.json records, else those of --validation_files (a JSON list or one
 --validation_split_percentage split of train/good with --validation_seed (or the model's own `seed` from
 train_results.json). The per-pixel NLL maps of the validation and test images come from one pass of each model;
 every score of modeling_maf/anomaly_scores.py is then computed from them, for every --window_sizes entry of the
-scores that average over a window (a score the window does not change is listed once). Writes anomaly_study.json and anomaly_study.png to --output_dir and prints a table.
+scores that average over a window (a score the window does not change is listed once). Writes anomaly_study.json
+and anomaly_study.png to --output_dir and prints a table.
 """
 
 import argparse
@@ -96,7 +97,8 @@ def study_one_model(args, model_dir, dataset, device):
                 "at_threshold": counts_at_threshold(scores, labels, thresholds[name]),
             }))
     variants = {name: sum(1 for n, _, _ in entries if n == name) for name, _, _ in entries}
-    results = {(name if variants[name] == 1 else f"{name} (window {window})"): result for name, window, result in entries}
+    results = {(name if variants[name] == 1 else f"{name} (window {window})"): result
+               for name, window, result in entries}
     return {"model_dir": model_dir, "num_validation_images": len(good), "validation_seed": seed,
             "validation_files": list(validation["file"]), "scores": results}
 

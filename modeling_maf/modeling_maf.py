@@ -640,5 +640,6 @@ class IAFModel(MAFModel):
     conditioner_on_noise = True
 
 
-__all__ = ["AnomalyPrediction", "MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock", "MaskedLinear",
+__all__ = ["AnomalyPrediction", "MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock",
+           "MaskedLinear",
            "FlowBatchNorm"]

@@ -23,7 +23,6 @@ import math
 import os
 
 import numpy as np
-import torch
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE, NOT_CALIBRATED
@@ -48,18 +47,19 @@ def parse_args(argv=None):
     parser.add_argument("--dataset_name", default=None, help="Hub dataset id with image + label (mask optional).")
     parser.add_argument("--category", default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true", help="Fetch MVTec's archive into --data_dir if missing.")
-    parser.add_argument("--output_dir", default=None, help="Where the report and figures go (default: <model>/anomaly).")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where the report and figures go (default: <model>/anomaly).")
     parser.add_argument("--score", choices=list(ANOMALY_SCORES), default=None,
                         help="Headline score of the report and of the decisions (all are computed). Default: the "
                              "model's calibrated score, or nll for a model that is not calibrated.")
     parser.add_argument("--calibration_data", default=None,
                         help="Calibrate the model here on good images (replacing a calibration it carries): a folder "
                              f"of good images, or '{VALIDATION}' for the validation split of the data's train/good "
-                             "(the files train_maf.py recorded in train_results.json, else --validation_split_percentage "
-                             "and --seed).")
+                             "(the files train_maf.py recorded in train_results.json, else "
+                             "--validation_split_percentage and --seed).")
     parser.add_argument("--validation_split_percentage", type=float, default=10,
-                        help=f"With --calibration_data {VALIDATION} and no recorded files: the percentage of train/good "
-                             "held out (as train_maf.py does).")
+                        help=f"With --calibration_data {VALIDATION} and no recorded files: the percentage of "
+                             "train/good held out (as train_maf.py does).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of that validation split.")
     parser.add_argument("--target_fpr", type=float, default=0.05,
                         help="With --calibration_data: the false-positive rate the thresholds allow on those images.")
@@ -173,8 +173,8 @@ def print_summary(report, output_dir):
     if report["image_metrics_note"]:
         print(report["image_metrics_note"])
     else:
-        print(f"image AUROC ({method}) {report['image_auroc']:.4f}, AUPR {report['aupr']:.4f}, F1-max {report['f1_max']:.4f}; "
-              + ", ".join(f"{name} {m['auroc']:.4f}" for name, m in report["metrics_by_score"].items()))
+        print(f"image AUROC ({method}) {report['image_auroc']:.4f}, AUPR {report['aupr']:.4f}, "
+              f"F1-max {report['f1_max']:.4f}; " + ", ".join(f"{name} {m['auroc']:.4f}" for name, m in report["metrics_by_score"].items()))
     if report["pixel_auroc"] is not None:
         print(f"pixel AUROC ({method}) {report['pixel_auroc']:.4f} over the {report['pixel_metrics_images']} test "
               f"images with masks ({report['pixel_metrics_images_without_mask']} without)")
@@ -288,7 +288,8 @@ def pick_examples(scores, labels, defect_types, limit):
     defects = sorted(set(d for d, l in zip(defect_types, labels) if l == 1))
     good = [i for i, l in enumerate(labels) if l == 0]
     good_picks = list(dict.fromkeys([median_of(good), max(good, key=lambda i: scores[i])])) if good else []
-    chosen = [median_of([i for i, d in enumerate(defect_types) if d == defect and labels[i] == 1]) for defect in defects]
+    chosen = [median_of([i for i, d in enumerate(defect_types) if d == defect and labels[i] == 1])
+              for defect in defects]
     chosen = chosen[: max(1, limit - len(good_picks))] + good_picks
     return chosen[:limit]
 
@@ -301,8 +302,9 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
     color_range = tuple(float(v) for v in np.percentile(maps, [1, 99.9]))  # one scale for every map shown
     row_label = "NLL map" if method == "nll" else f"{method} map"
     examples = pick_examples(scores, labels, test.defect_types, num_examples)
-    plot_examples(os.path.join(output_dir, "anomaly_maps.png"), test, maps, scores, examples,
-                  [f"{test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in examples], color_range, row_label)
+    titles = [f"{test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in examples]
+    plot_examples(os.path.join(output_dir, "anomaly_maps.png"), test, maps, scores, examples, titles, color_range,
+                  row_label)
     # The worst misses at the threshold: defective images scored lowest, good images scored highest.
     misses, titles = [], []
     if threshold is not None:

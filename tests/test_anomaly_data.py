@@ -109,8 +109,9 @@ def _mask(size=8):
 
 
 def test_hub_dataset_with_image_and_integer_label(hub_server, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     train = datasets.Dataset.from_dict({"image": [_image(100), _image(110), _image(120, mode="L")], "label": [0, 0, 0]},
-                                       features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+                                       features=features)
     test = datasets.Dataset.from_dict({"image": [_image(100), _image(250)], "label": [0, 1]}, features=train.features)
     repo_id = hub_server.repo_id("anomaly-image-label")
     datasets.DatasetDict({"train": train, "test": test}).push_to_hub(repo_id)
@@ -118,7 +119,8 @@ def test_hub_dataset_with_image_and_integer_label(hub_server, tmp_path):
     dataset = load_anomaly_dataset(dataset_name=repo_id, cache_dir=str(tmp_path / "cache"))
     assert dataset["test"].features == ANOMALY_FEATURES
     rows = list(dataset["test"])
-    assert [(r["file"], r["label"], r["defect_type"]) for r in rows] == [("test/0", 0, "good"), ("test/1", 1, "anomaly")]
+    assert [(r["file"], r["label"], r["defect_type"]) for r in rows] == [("test/0", 0, "good"),
+                                                                         ("test/1", 1, "anomaly")]
     assert rows[1]["mask"] is None and not np.asarray(rows[0]["mask"]).any()
     assert dataset["train"][2]["image"].mode == "L"
     tensors = load_split_as_tensors(dataset["test"], 4)

@@ -26,7 +26,14 @@ import datasets
 
 from .folder import load_good_images, load_image_folder
 from .hub import load_hub_dataset
-from .mvtec import MVTEC_HOMEPAGE, MVTEC_URLS, download_mvtec, find_category_dir, load_mvtec_folder, missing_data_message
+from .mvtec import (
+    MVTEC_HOMEPAGE,
+    MVTEC_URLS,
+    download_mvtec,
+    find_category_dir,
+    load_mvtec_folder,
+    missing_data_message,
+)
 from .schema import (
     ANOMALY_FEATURES,
     GOOD,
