@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_maf import IAFConfig, MAFConfig
-from .modeling_maf import IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
 
 AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
@@ -16,4 +16,4 @@ IAFConfig.register_for_auto_class()
 MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput", "MAFPreTrainedModel"]
+__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput", "MAFPreTrainedModel"]

@@ -39,6 +39,11 @@ class MAFConfig(PreTrainedConfig):
             alpha of the logit transform v = logit(alpha + (1 - 2 alpha) y); in [0, 0.5).
         num_bins (`int`, *optional*, defaults to 256):
             Number of intensity levels of the data (256 for 8-bit images): pixels are dequantised on this grid.
+        anomaly_calibration (`dict`, *optional*):
+            Set by `MAFModel.calibrate` (None until then): the default anomaly score (`method`), the decision threshold
+            of every score at `target_fpr` (`thresholds`) and the fraction of the calibration images each flags
+            (`calibration_fpr`), `num_images`, and the score sizes (`smoothing_sigma`, `window_size`,
+            `top_k_fraction`). The per-location statistics are tensors in the checkpoint (`anomaly_statistics.*`).
     """
 
     model_type = "maf"
@@ -58,6 +63,7 @@ class MAFConfig(PreTrainedConfig):
         log_scale_clamp: float = 3.0,
         logit_alpha: float = 0.05,
         num_bins: int = 256,
+        anomaly_calibration: dict | None = None,
         **kwargs,
     ):
         self.image_size = image_size
@@ -73,6 +79,7 @@ class MAFConfig(PreTrainedConfig):
         self.log_scale_clamp = log_scale_clamp
         self.logit_alpha = logit_alpha
         self.num_bins = num_bins
+        self.anomaly_calibration = anomaly_calibration
         self._validate_maf_fields()
         super().__init__(**kwargs)
 
@@ -114,6 +121,9 @@ class MAFConfig(PreTrainedConfig):
             raise ValueError(f"`log_scale_clamp` must be > 0 (it bounds |log-scale|), got {self.log_scale_clamp!r}.")
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"`logit_alpha` must be in [0, 0.5), got {self.logit_alpha!r}.")
+        if self.anomaly_calibration is not None and not isinstance(self.anomaly_calibration, dict):
+            raise ValueError("`anomaly_calibration` must be None or the dict that MAFModel.calibrate writes, got "
+                             f"{type(self.anomaly_calibration).__name__}.")
         if not 0.0 < self.batch_norm_momentum <= 1.0:
             raise ValueError(f"`batch_norm_momentum` must be in (0, 1], got {self.batch_norm_momentum!r}.")
 

@@ -18,9 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
+from .anomaly_scores import (
+    DEFAULT_CALIBRATED_SCORE,
+    NLL,
+    NOT_CALIBRATED,
+    AnomalyStatistics,
+    ScoreParameters,
+    calibrate_scores,
+    check_score_name,
+    compute_score,
+)
 from .configuration_maf import IAFConfig, MAFConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -43,6 +56,31 @@ class MAFModelOutput(ModelOutput):
     log_prob: torch.FloatTensor | None = None
     bits_per_dim: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class AnomalyPrediction(ModelOutput):
+    """
+    Output of [`MAFModel.predict_anomalies`].
+
+    Args:
+        scores (`torch.FloatTensor` of shape `(batch_size,)`):
+            Anomaly score of every image under `method` (higher = more anomalous).
+        maps (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+            The map the score reduces (per-pixel NLL, smoothed NLL or per-location z-scores, by `method`).
+        is_anomalous (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            `scores > threshold`; None when the model is not calibrated.
+        threshold (`float`, *optional*):
+            The decision threshold of `method` from `MAFModel.calibrate`; None when the model is not calibrated.
+        method (`str`):
+            The score's name (see `modeling_maf.anomaly_scores.ANOMALY_SCORES`).
+    """
+
+    scores: torch.FloatTensor | None = None
+    maps: torch.FloatTensor | None = None
+    is_anomalous: torch.BoolTensor | None = None
+    threshold: float | None = None
+    method: str | None = None
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -286,6 +324,8 @@ class MAFPreTrainedModel(PreTrainedModel):
     base_model_prefix = "flow"
     main_input_name = "pixel_values"
     _no_split_modules = ["MADEBlock"]
+    # Checkpoints saved before anomaly calibration existed load as uncalibrated models.
+    _keys_to_ignore_on_load_missing = [r"anomaly_statistics\."]
 
     def _init_weights(self, module):
         """Hidden layers: uniform with the fan-in each unit really has after masking. Output layer: zero, so every
@@ -306,6 +346,9 @@ class MAFPreTrainedModel(PreTrainedModel):
                                   (module.running_var, 1.0)):
                 if not getattr(tensor, "_is_hf_initialized", False):
                     tensor.data.fill_(value)
+        elif isinstance(module, AnomalyStatistics):
+            if not getattr(module.location_mean, "_is_hf_initialized", False):
+                module.reset_parameters()
 
 
 class MAFModel(MAFPreTrainedModel):
@@ -343,6 +386,8 @@ class MAFModel(MAFPreTrainedModel):
                 norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
         self.blocks = nn.ModuleList(blocks)
         self.norms = nn.ModuleList(norms) if norms else None
+        # Per-location NLL statistics of good images, set by `calibrate` (the rest of the calibration is in the config).
+        self.anomaly_statistics = AnomalyStatistics(config.image_size, config.image_size)
         self.post_init()
 
     @property
@@ -491,15 +536,98 @@ class MAFModel(MAFPreTrainedModel):
         finally:
             self.train(was_training)
 
-    def anomaly_scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Per-image negative log-likelihood (nats), deterministic; higher = more anomalous."""
-        return -self._deterministic_per_dimension(pixel_values).sum(dim=1)
-
-    def anomaly_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Per-pixel NLL (batch, H, W), summed over channels; each map sums to that image's anomaly score."""
+    # ------------------------------------------------------------------------------------ anomaly detection
+    @torch.no_grad()
+    def _nll_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel NLL (batch, H, W): the per-dimension NLL summed over channels; each map sums to the image's NLL."""
         config = self.config
         per_dimension = -self._deterministic_per_dimension(pixel_values)
         return per_dimension.view(-1, config.num_channels, config.image_size, config.image_size).sum(dim=1)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `calibrate` has set the anomaly threshold and per-location statistics."""
+        return self.config.anomaly_calibration is not None
+
+    @property
+    def anomaly_score_parameters(self) -> ScoreParameters:
+        """The sizes the scores use: the calibrated ones, else the defaults for this image size."""
+        calibration = self.config.anomaly_calibration
+        if calibration is None:
+            return ScoreParameters.for_image_size(self.config.image_size)
+        return ScoreParameters(**{key: calibration[key] for key in ScoreParameters.__dataclass_fields__})
+
+    def resolve_anomaly_method(self, method: str | None = None) -> str:
+        """The score name `method` stands for: itself (checked), or for None the calibrated default, else "nll"."""
+        if method is None:
+            calibration = self.config.anomaly_calibration
+            return calibration["method"] if calibration is not None else NLL
+        return check_score_name(method).name
+
+    def score_nll_maps(self, nll_maps: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(maps, scores)` of `method` from per-pixel NLL maps (`anomaly_maps(x, method="nll")`), with this model's
+        calibration: scores many ways from one pass of the flow."""
+        method = self.resolve_anomaly_method(method)
+        statistics = self.anomaly_statistics.get() if self.is_calibrated else None
+        return compute_score(method, nll_maps, self.anomaly_score_parameters, statistics)
+
+    def anomaly_scores(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """Per-image anomaly score (batch,), deterministic; higher = more anomalous. `method` is a name of
+        `modeling_maf.anomaly_scores.ANOMALY_SCORES`; None = the calibrated default, or "nll" (the image's negative
+        log-likelihood in nats) for a model that is not calibrated."""
+        return self.score_nll_maps(self._nll_maps(pixel_values), method)[1]
+
+    def anomaly_maps(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """The map (batch, H, W) that `method`'s score reduces. For "nll" (the default of a model that is not
+        calibrated): the per-pixel NLL, summed over channels, so that each map sums to the image's NLL."""
+        return self.score_nll_maps(self._nll_maps(pixel_values), method)[0]
+
+    def anomaly_threshold(self, method: str | None = None) -> float:
+        """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
+        if not self.is_calibrated:
+            raise ValueError(NOT_CALIBRATED)
+        return float(self.config.anomaly_calibration["thresholds"][self.resolve_anomaly_method(method)])
+
+    def predict_anomalies(self, pixel_values: torch.Tensor, method: str | None = None) -> AnomalyPrediction:
+        """Scores, maps and decisions (`scores > threshold`) of `method` (None = the calibrated default). A model
+        that is not calibrated returns scores and maps with `is_anomalous` and `threshold` None, and says how to
+        calibrate it."""
+        method = self.resolve_anomaly_method(method)
+        maps, scores = self.score_nll_maps(self._nll_maps(pixel_values), method)
+        if not self.is_calibrated:
+            logger.warning_once(NOT_CALIBRATED)
+            return AnomalyPrediction(scores=scores, maps=maps, method=method)
+        threshold = self.anomaly_threshold(method)
+        return AnomalyPrediction(scores=scores, maps=maps, is_anomalous=scores.double() > threshold,
+                                 threshold=threshold, method=method)
+
+    @torch.no_grad()
+    def calibrate(self, good_pixel_values: torch.Tensor, target_fpr: float = 0.05, method: str | None = None,
+                  batch_size: int = 16, parameters: ScoreParameters | None = None) -> dict:
+        """Calibrate the anomaly scores on held-out good images (never trained on), float (N, C, H, W) in [0, 1].
+
+        Stores the per-location NLL statistics (for the standardised scores) in `anomaly_statistics` and, in
+        `config.anomaly_calibration`, the decision threshold of every score at `target_fpr` on these images
+        ("anomalous when score > threshold"), `method` as the default score (None = DEFAULT_CALIBRATED_SCORE) and the
+        score sizes (`parameters`, default: `ScoreParameters.for_image_size`). `save_pretrained` then saves all of
+        it. Returns `config.anomaly_calibration`.
+        """
+        method = check_score_name(method or DEFAULT_CALIBRATED_SCORE).name
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        parameters = parameters or ScoreParameters.for_image_size(self.config.image_size)
+        maps = torch.cat([self._nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size)])
+        statistics, thresholds, fprs = calibrate_scores(maps, parameters, target_fpr)
+        self.anomaly_statistics.store(statistics)
+        self.config.anomaly_calibration = {
+            "method": method,
+            "target_fpr": float(target_fpr),
+            "thresholds": thresholds,
+            "calibration_fpr": fprs,
+            "num_images": int(maps.shape[0]),
+            **parameters.to_dict(),
+        }
+        return self.config.anomaly_calibration
 
 
 class IAFModel(MAFModel):
@@ -512,5 +640,6 @@ class IAFModel(MAFModel):
     conditioner_on_noise = True
 
 
-__all__ = ["MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock", "MaskedLinear",
+__all__ = ["AnomalyPrediction", "MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock",
+           "MaskedLinear",
            "FlowBatchNorm"]

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
-"""Score every test image of an MVTec AD category with a trained flow and report how well the scores separate
+"""Score every test image with a trained flow, decide which are anomalous, and report how well the scores separate
 good from defective images.
 
     python scripts/detect_anomalies.py --model_name_or_path runs/maf --data_dir data/mvtec_capsule
 
-Scores (all reported; --score picks the headline one):
-  nll        the seed's score: the image's negative log-likelihood, i.e. the sum of the per-pixel map;
-  map-max    maximum of the per-pixel NLL map after Gaussian smoothing: small defects are diluted in a sum over
-             49,152 dimensions, a local peak is not;
-  map-top1   mean of the top 1% of the smoothed map (between the two).
-Metrics come from the `anomaly_detection` evaluate module kept in this repository (loaded by path, works
-offline): image AUROC, AUPR, F1-max and its threshold, AUROC per defect type, and pixel AUROC of the smoothed map.
-Writes anomaly_report.json, roc_curve.png, nll_histogram.png and anomaly_maps.png to --output_dir.
+Data: MVTec's layout (ground_truth/ masks for all, some or no defect types), the plain layout train/good,
+test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see modeling_maf/data.
+
+Scores (modeling_maf/anomaly_scores.py; all are reported, --score picks the headline one): nll, map-max, map-topk,
+and, for a calibrated model, standardized-map, standardized-topk and positive-z-sum (per-location z-scores against
+held-out good images). A calibrated model (MAFModel.calibrate, done by train_maf.py on its validation split) also
+carries a decision threshold per score at a target false-positive rate: an image is anomalous when its score is
+above it. An uncalibrated model can be calibrated here with --calibration_data.
+
+Image metrics (AUROC, AUPR, F1-max, AUROC per defect type) need good and defective test images; pixel AUROC is taken
+over the images whose masks are known. What is undefined is said in one line and the rest is still written.
+Writes anomaly_report.json, roc_curve.png, score_histogram.png, anomaly_maps.png and misses.png to --output_dir.
 """
 
 import argparse
@@ -19,210 +23,326 @@ import math
 import os
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
-from modeling_maf.data import load_mvtec, load_split_as_tensors
-from modeling_maf.metrics import ANOMALY_METRIC_PATH
+from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE, NOT_CALIBRATED
+from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
+from modeling_maf.metrics.evaluation import (
+    evaluate_scores,
+    image_metrics_note,
+    load_metric,
+    nll_maps_of,
+    score_all,
+)
 from hf_dgm_training import device_description, load_model_for_inference, write_json
 
-SCORES = ("nll", "map-max", "map-top1")
+VALIDATION = "validation"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Folder written by train_maf.py, or a Hub id.")
-    parser.add_argument("--data_dir", default=None, help="Local MVTec category folder (train/, test/, ground_truth/).")
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset id pushed by push_mvtec_dataset.py.")
+    parser.add_argument("--data_dir", default=None,
+                        help="Local data folder: train/good and test/<good or defect>, ground_truth/ optional.")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset id with image + label (mask optional).")
     parser.add_argument("--category", default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true", help="Fetch MVTec's archive into --data_dir if missing.")
-    parser.add_argument("--output_dir", default=None, help="Where the report and figures go (default: <model>/anomaly).")
-    parser.add_argument("--score", choices=SCORES, default="nll", help="Headline score of the report (all are computed).")
-    parser.add_argument("--smoothing_sigma", type=float, default=None,
-                        help="Gaussian sigma (pixels) applied to the per-pixel maps for map scores and pixel AUROC "
-                             "(default: image_size / 32, i.e. 4 pixels at 128x128).")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where the report and figures go (default: <model>/anomaly).")
+    parser.add_argument("--score", choices=list(ANOMALY_SCORES), default=None,
+                        help="Headline score of the report and of the decisions (all are computed). Default: the "
+                             "model's calibrated score, or nll for a model that is not calibrated.")
+    parser.add_argument("--calibration_data", default=None,
+                        help="Calibrate the model here on good images (replacing a calibration it carries): a folder "
+                             f"of good images, or '{VALIDATION}' for the validation split of the data's train/good "
+                             "(the files train_maf.py recorded in train_results.json, else "
+                             "--validation_split_percentage and --seed).")
+    parser.add_argument("--validation_split_percentage", type=float, default=10,
+                        help=f"With --calibration_data {VALIDATION} and no recorded files: the percentage of "
+                             "train/good held out (as train_maf.py does).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of that validation split.")
+    parser.add_argument("--target_fpr", type=float, default=0.05,
+                        help="With --calibration_data: the false-positive rate the thresholds allow on those images.")
+    parser.add_argument("--save_calibrated_model", default=None,
+                        help="With --calibration_data: save the calibrated model (save_pretrained) to this folder.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images scored per forward pass.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--hub_token", default=None, help="Token for private Hub models or datasets.")
-    parser.add_argument("--num_examples", type=int, default=6, help="Images shown in anomaly_maps.png.")
+    parser.add_argument("--num_examples", type=int, default=8,
+                        help="Most columns of anomaly_maps.png (one per defect type, plus good images) and of "
+                             "misses.png (half false negatives, half false positives).")
     args = parser.parse_args(argv)
     if args.data_dir is None and args.dataset_name is None:
-        parser.error("pass --data_dir (a local MVTec category folder) or --dataset_name (a Hub dataset id).")
+        parser.error("pass --data_dir (a local data folder) or --dataset_name (a Hub dataset id).")
+    if args.save_calibrated_model and not args.calibration_data:
+        parser.error("--save_calibrated_model needs --calibration_data (the images to calibrate on).")
     return args
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, H, W) maps (edge pixels replicated)."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(math.ceil(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    x = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x[:, 0]
+# ----------------------------------------------------------------------------------------------------- calibration
 
 
-@torch.no_grad()
-def score_images(model, pixel_values, batch_size, sigma, device):
-    maps = torch.cat([model.anomaly_maps(chunk.to(device)).cpu() for chunk in pixel_values.split(batch_size)])
-    smoothed = gaussian_smooth(maps, sigma)
-    flat = smoothed.flatten(1)
-    top = max(1, flat.shape[1] // 100)
-    scores = {
-        "nll": maps.double().sum(dim=(1, 2)),
-        "map-max": flat.max(dim=1).values.double(),
-        "map-top1": flat.topk(top, dim=1).values.mean(dim=1).double(),
+def recorded_validation_files(model_name_or_path: str, token=None):
+    """The validation files train_maf.py recorded in train_results.json (local folder or Hub repo), or None."""
+    import json
+
+    from transformers.utils import cached_file
+
+    path = cached_file(model_name_or_path, "train_results.json", token=token,
+                       _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f).get("validation_files")
+
+
+def calibration_pixels(args, dataset, config):
+    """(pixel_values, description) of the good images named by --calibration_data."""
+    if args.calibration_data != VALIDATION:
+        images = load_good_images(args.calibration_data)
+        return load_split_as_tensors(images, config.image_size, config.num_channels).pixel_values, args.calibration_data
+    files = recorded_validation_files(args.model_name_or_path, args.hub_token)
+    if files:
+        _, validation = split_validation(dataset["train"], validation_files=files)
+        source = f"the {len(files)} validation files recorded in train_results.json"
+    else:
+        _, validation = split_validation(dataset["train"], args.validation_split_percentage, args.seed)
+        source = (f"a {args.validation_split_percentage}% validation split of train/good (seed {args.seed}; no "
+                  "validation files recorded with the model: check that it did not train on them)")
+    return load_split_as_tensors(validation, config.image_size, config.num_channels).pixel_values, source
+
+
+def calibrate(args, model, dataset, device) -> str:
+    """Calibrate on --calibration_data when given; returns where the calibration comes from."""
+    if args.calibration_data is None:
+        return "the model" if model.is_calibrated else "none"
+    pixels, source = calibration_pixels(args, dataset, model.config)
+    model.calibrate(pixels.to(device), target_fpr=args.target_fpr, method=args.score or DEFAULT_CALIBRATED_SCORE,
+                    batch_size=args.batch_size)
+    print(f"Calibrated on {len(pixels)} good images ({source}).")
+    if args.save_calibrated_model:
+        model.save_pretrained(args.save_calibrated_model)
+        print(f"Calibrated model saved to {args.save_calibrated_model}.")
+    return source
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def build_report(args, model, device, test, scored, metrics, method, calibration_source):
+    labels = test.labels.numpy()
+    headline = metrics[method]
+    calibration = model.config.anomaly_calibration
+    nll = scored.scores["nll"]
+    bits = nll / (model.config.num_features * math.log(2))
+    predicted = scored.scores[method] > headline["threshold"] if model.is_calibrated else None
+    return {
+        "model": args.model_name_or_path,
+        "data": args.data_dir or args.dataset_name,
+        "device": device_description(device),
+        "score": method,
+        "scores": list(scored.scores),
+        "num_test_images": int(len(labels)),
+        "num_good": int((labels == 0).sum()),
+        "num_defective": int((labels == 1).sum()),
+        "image_metrics_note": image_metrics_note(labels),
+        "image_auroc": headline.get("auroc"),
+        **{key: headline.get(key) for key in ("aupr", "f1_max", "f1_threshold", "auroc_per_defect")},
+        **{key: headline[key] for key in ("pixel_auroc", "pixel_metrics_images", "pixel_metrics_images_without_mask",
+                                          "pixel_metrics_note")},
+        "calibration_source": calibration_source,
+        "calibration": calibration,
+        "decision_threshold": headline.get("threshold"),
+        "decision_threshold_fpr": calibration["calibration_fpr"][method] if calibration else None,
+        "target_fpr": calibration["target_fpr"] if calibration else None,
+        "test_at_threshold": headline.get("at_threshold"),
+        "test_good_bits_per_dim": float(bits[labels == 0].mean()) if (labels == 0).any() else None,
+        "test_defective_bits_per_dim": float(bits[labels == 1].mean()) if (labels == 1).any() else None,
+        "metrics_by_score": metrics,
+        "per_image": [
+            {"file": test.files[i], "defect_type": test.defect_types[i], "label": int(labels[i]),
+             "has_mask": bool(test.has_masks[i]), **{name: float(values[i]) for name, values in scored.scores.items()},
+             "predicted": bool(predicted[i]) if predicted is not None else None}
+            for i in range(len(labels))
+        ],
     }
-    return scores, maps, smoothed
 
 
-def compute_metrics(scores, labels, defect_types, smoothed=None, masks=None):
-    """Through the `evaluate` module loaded by path; on a machine without `evaluate`, the same numpy code."""
-    try:
-        import evaluate
-    except ImportError:
-        from modeling_maf.metrics import anomaly_metrics
+def print_summary(report, output_dir):
+    method = report["score"]
+    if report["image_metrics_note"]:
+        print(report["image_metrics_note"])
+    else:
+        print(f"image AUROC ({method}) {report['image_auroc']:.4f}, AUPR {report['aupr']:.4f}, "
+              f"F1-max {report['f1_max']:.4f}; " + ", ".join(f"{name} {m['auroc']:.4f}" for name, m in report["metrics_by_score"].items()))
+    if report["pixel_auroc"] is not None:
+        print(f"pixel AUROC ({method}) {report['pixel_auroc']:.4f} over the {report['pixel_metrics_images']} test "
+              f"images with masks ({report['pixel_metrics_images_without_mask']} without)")
+    else:
+        print(report["pixel_metrics_note"])
+    at = report["test_at_threshold"]
+    if at is None:
+        print(NOT_CALIBRATED.replace("This model", "The model") + f" Or pass --calibration_data {VALIDATION} here.")
+    else:
+        rate = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+        print(f"threshold {report['decision_threshold']:.6g} ({method}, FPR {report['decision_threshold_fpr']:.3f} on "
+              f"the calibration images): test FPR {rate(at['fpr'])}, TPR {rate(at['tpr'])} (TP {at['true_positives']}, "
+              f"FP {at['false_positives']}, TN {at['true_negatives']}, FN {at['false_negatives']})")
+    print(f"Report and figures in {output_dir}: anomaly_report.json, roc_curve.png, score_histogram.png, "
+          "anomaly_maps.png, misses.png")
 
-        result = anomaly_metrics(scores, labels, defect_types, smoothed, masks)
-        result["metric_backend"] = "modeling_maf.metrics (numpy; evaluate not installed)"
-        return result
-    extra = {"anomaly_maps": smoothed, "masks": masks} if smoothed is not None else {}
-    result = evaluate.load(ANOMALY_METRIC_PATH).compute(predictions=scores.tolist(), references=labels.tolist(),
-                                                        defect_types=defect_types, **extra)
-    result["metric_backend"] = f"evaluate.load({os.path.relpath(ANOMALY_METRIC_PATH)})"
-    return result
+
+# --------------------------------------------------------------------------------------------------------- figures
 
 
-def roc_points(scores, labels):
-    order = np.argsort(-scores, kind="mergesort")
-    ranked = labels[order]
-    tpr = np.concatenate([[0], np.cumsum(ranked) / max(1, ranked.sum())])
-    fpr = np.concatenate([[0], np.cumsum(1 - ranked) / max(1, (1 - ranked).sum())])
-    return fpr, tpr
+def _new_figure(width, height, dpi=100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)  # no pyplot: no global backend state
+    return figure
 
 
-def plot_nll_histogram(path, nll, defect_types):
-    """Histogram of NLL per defect type on a log axis: defective images can score orders of magnitude above
-    the good ones, which a linear axis squeezes into one bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nll = np.asarray(nll, dtype=np.float64)
-    low, high = nll.min(), nll.max()
-    bins = np.geomspace(low, high, 40) if low > 0 else np.linspace(low, high, 40)
-    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for defect in ["good"] + sorted(set(defect_types) - {"good"}):
-        selected = np.array([d == defect for d in defect_types])
-        axis.hist(nll[selected], bins=bins, alpha=0.6 if defect == "good" else 0.9, label=f"{defect} ({selected.sum()})",
-                  histtype="stepfilled" if defect == "good" else "step", linewidth=1.5)
-    if low > 0:
-        axis.set_xscale("log")
-    axis.set(xlabel="NLL (nats, log scale)", ylabel="images", title="NLL of test images: good vs each defect type")
-    axis.legend(fontsize=7)
+def _save(figure, path):
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
 
 
-def plot_figures(output_dir, scores, labels, defect_types, metrics, pixel_values, smoothed, masks, num_examples):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4.5, 4.2), dpi=100)
-    for name in SCORES:
-        fpr, tpr = roc_points(scores[name], labels)
-        axis.plot(fpr, tpr, label=f"{name} (AUROC {metrics[name]['auroc']:.3f})")
-    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+def plot_roc(path, scored, labels, metrics):
+    figure = _new_figure(4.8, 4.4)
+    axis = figure.add_subplot()
+    if image_metrics_note(labels) is not None:
+        axis.text(0.5, 0.5, "ROC undefined:\none class only", ha="center", va="center")
+    else:
+        for name, scores in scored.scores.items():
+            ranked = labels[np.argsort(-scores, kind="mergesort")]
+            tpr = np.concatenate([[0], np.cumsum(ranked) / ranked.sum()])
+            fpr = np.concatenate([[0], np.cumsum(1 - ranked) / (1 - ranked).sum()])
+            axis.plot(fpr, tpr, label=f"{name} (AUROC {metrics[name]['auroc']:.3f})")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axis.legend(loc="lower right", fontsize=7)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC")
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "roc_curve.png"))
-    plt.close(figure)
+    _save(figure, path)
 
-    plot_nll_histogram(os.path.join(output_dir, "nll_histogram.png"), scores["nll"], defect_types)
 
-    # Examples: the best-scoring good image and the most anomalous defective ones, with map and ground truth.
-    order = np.argsort(-scores["map-max"])
-    defective = [i for i in order if labels[i] == 1][: max(1, num_examples - 1)]
-    good = [i for i in order[::-1] if labels[i] == 0][:1]
-    chosen = good + defective
-    figure, axes = plt.subplots(3, len(chosen), figsize=(1.9 * len(chosen), 5.8), dpi=90, squeeze=False)
-    for column, index in enumerate(chosen):
-        image = pixel_values[index].permute(1, 2, 0).numpy()
-        axes[0, column].imshow(image)
-        axes[0, column].set_title(f"{defect_types[index]}", fontsize=8)
-        axes[1, column].imshow(image)
-        axes[1, column].imshow(smoothed[index].numpy(), cmap="jet", alpha=0.5)
-        axes[1, column].set_title(f"map max {scores['map-max'][index]:.1f}", fontsize=7)
-        axes[2, column].imshow(masks[index].numpy(), cmap="gray", vmin=0, vmax=1)
+def plot_score_histogram(path, scores, defect_types, method, threshold):
+    """Histogram of the headline score per defect type, with the threshold; a log axis when the scores span
+    more than a factor 10 (NLL of defects can be orders of magnitude above the good ones)."""
+    low, high = float(scores.min()), float(scores.max())
+    logarithmic = low > 0 and high / low > 10
+    bins = np.geomspace(low, high, 40) if logarithmic else np.linspace(low, high if high > low else low + 1, 40)
+    figure = _new_figure(6, 3.6)
+    axis = figure.add_subplot()
+    for defect in sorted(set(defect_types), key=lambda d: (d != "good", d)):
+        chosen = np.array([d == defect for d in defect_types])
+        axis.hist(scores[chosen], bins=bins, alpha=0.6 if defect == "good" else 0.9, label=f"{defect} ({chosen.sum()})",
+                  histtype="stepfilled" if defect == "good" else "step", linewidth=1.5)
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    if logarithmic:
+        axis.set_xscale("log")
+    axis.set(xlabel=f"{method} score" + (" (log scale)" if logarithmic else ""), ylabel="images",
+             title=f"{method} of the test images by defect type")
+    axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def plot_examples(path, test, maps, scores, columns, titles, color_range, row_label):
+    """Columns of image / map on one colour scale / mask; `columns` are test indices (an empty list is said)."""
+    figure = _new_figure(max(3.0, 1.9 * max(1, len(columns)) + 0.8), 5.8, dpi=90)
+    if not columns:
+        axis = figure.add_subplot()
+        axis.text(0.5, 0.5, "none", ha="center", va="center")
+        axis.axis("off")
+        _save(figure, path)
+        return
+    axes = figure.subplots(3, len(columns), squeeze=False)
+    image_on = None
+    for column, (index, title) in enumerate(zip(columns, titles)):
+        pixels = test.pixel_values[index].permute(1, 2, 0).numpy()
+        gray = pixels.shape[2] == 1
+        shown = pixels[:, :, 0] if gray else pixels
+        axes[0, column].imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=1)
+        axes[0, column].set_title(title, fontsize=7)
+        axes[1, column].imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=1)
+        image_on = axes[1, column].imshow(maps[index], cmap="jet", alpha=0.5, vmin=color_range[0], vmax=color_range[1])
+        axes[1, column].set_title(f"score {scores[index]:.4g}", fontsize=7)
+        if bool(test.has_masks[index]):
+            axes[2, column].imshow(test.masks[index].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            axes[2, column].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
         for row in range(3):
             axes[row, column].axis("off")
-    axes[0, 0].text(-0.1, 0.5, "image", rotation=90, transform=axes[0, 0].transAxes, va="center", ha="right")
-    axes[1, 0].text(-0.1, 0.5, "NLL map", rotation=90, transform=axes[1, 0].transAxes, va="center", ha="right")
-    axes[2, 0].text(-0.1, 0.5, "mask", rotation=90, transform=axes[2, 0].transAxes, va="center", ha="right")
-    figure.tight_layout()
-    figure.savefig(os.path.join(output_dir, "anomaly_maps.png"))
-    plt.close(figure)
+    for row, label in enumerate(("image", row_label, "mask")):
+        axes[row, 0].text(-0.1, 0.5, label, rotation=90, transform=axes[row, 0].transAxes, va="center", ha="right")
+    figure.colorbar(image_on, ax=axes[1, :].tolist(), shrink=0.8)
+    figure.savefig(path)
+
+
+def pick_examples(scores, labels, defect_types, limit):
+    """The median-scoring image of every defect type, then the median and the highest-scoring good image."""
+    def median_of(indices):
+        return sorted(indices, key=lambda i: scores[i])[len(indices) // 2]
+
+    defects = sorted(set(d for d, l in zip(defect_types, labels) if l == 1))
+    good = [i for i, l in enumerate(labels) if l == 0]
+    good_picks = list(dict.fromkeys([median_of(good), max(good, key=lambda i: scores[i])])) if good else []
+    chosen = [median_of([i for i, d in enumerate(defect_types) if d == defect and labels[i] == 1])
+              for defect in defects]
+    chosen = chosen[: max(1, limit - len(good_picks))] + good_picks
+    return chosen[:limit]
+
+
+def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examples):
+    labels = test.labels.numpy()
+    scores, maps = scored.scores[method], scored.maps[method]
+    plot_roc(os.path.join(output_dir, "roc_curve.png"), scored, labels, metrics)
+    plot_score_histogram(os.path.join(output_dir, "score_histogram.png"), scores, test.defect_types, method, threshold)
+    color_range = tuple(float(v) for v in np.percentile(maps, [1, 99.9]))  # one scale for every map shown
+    row_label = "NLL map" if method == "nll" else f"{method} map"
+    examples = pick_examples(scores, labels, test.defect_types, num_examples)
+    titles = [f"{test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in examples]
+    plot_examples(os.path.join(output_dir, "anomaly_maps.png"), test, maps, scores, examples, titles, color_range,
+                  row_label)
+    # The worst misses at the threshold: defective images scored lowest, good images scored highest.
+    misses, titles = [], []
+    if threshold is not None:
+        half = max(1, num_examples // 2)
+        negatives = sorted([i for i in range(len(labels)) if labels[i] == 1 and scores[i] <= threshold],
+                           key=lambda i: scores[i])[:half]
+        positives = sorted([i for i in range(len(labels)) if labels[i] == 0 and scores[i] > threshold],
+                           key=lambda i: -scores[i])[:half]
+        misses = negatives + positives
+        titles = [f"missed {test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in negatives] + \
+                 [f"false alarm\n{os.path.basename(test.files[i])}" for i in positives]
+    plot_examples(os.path.join(output_dir, "misses.png"), test, maps, scores, misses, titles, color_range, row_label)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, output_dir, model = load_model_for_inference(args, "anomaly")
-    dataset = load_mvtec(args.data_dir, args.dataset_name, download=args.download, category=args.category,
-                         token=args.hub_token)
-    if "test" not in dataset:
-        raise ValueError("The dataset has no test split: anomaly detection needs test images with defects.")
-    test = load_split_as_tensors(dataset["test"], model.config.image_size)
-    labels = test.labels.numpy()
-    if args.smoothing_sigma is None:
-        args.smoothing_sigma = model.config.image_size / 32
-    if len(set(labels.tolist())) < 2:
-        raise ValueError("The test split needs both good and defective images to compute AUROC.")
+    dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
+                                   token=args.hub_token)
+    config = model.config
+    test = load_split_as_tensors(dataset["test"], config.image_size, config.num_channels)
+    calibration_source = calibrate(args, model, dataset, device)
+    method = model.resolve_anomaly_method(args.score)
+    if ANOMALY_SCORES[method].needs_statistics and not model.is_calibrated:
+        raise SystemExit(f"--score {method} needs a calibrated model. {NOT_CALIBRATED} Or pass --calibration_data "
+                         f"{VALIDATION} here.")
 
-    scores, maps, smoothed = score_images(model, test.pixel_values, args.batch_size, args.smoothing_sigma, device)
-    scores = {name: value.numpy() for name, value in scores.items()}
-    metrics = {}
-    for name in SCORES:
-        with_pixels = name == args.score
-        metrics[name] = compute_metrics(scores[name], labels, test.defect_types,
-                                        smoothed.numpy() if with_pixels else None,
-                                        test.masks.numpy() if with_pixels else None)
-    headline = metrics[args.score]
-    bits = scores["nll"] / (model.config.num_features * math.log(2))
-    good = labels == 0
-    report = {
-        "model": args.model_name_or_path,
-        "device": device_description(device),
-        "score": args.score,
-        "image_auroc": headline["auroc"],
-        "aupr": headline["aupr"],
-        "f1_max": headline["f1_max"],
-        "f1_threshold": headline["f1_threshold"],
-        "auroc_per_defect": headline["auroc_per_defect"],
-        "pixel_auroc": headline.get("pixel_auroc"),
-        "smoothing_sigma": args.smoothing_sigma,
-        "test_good_bits_per_dim": float(bits[good].mean()),
-        "test_defective_bits_per_dim": float(bits[~good].mean()),
-        "num_test_images": int(len(labels)),
-        "metrics_by_score": metrics,
-        "per_image": [{"defect_type": d, "label": int(l), **{n: float(scores[n][i]) for n in SCORES}}
-                      for i, (d, l) in enumerate(zip(test.defect_types, labels))],
-    }
+    scored = score_all(model, nll_maps_of(model, test.pixel_values, args.batch_size, device))
+    labels = test.labels.numpy()
+    metrics = evaluate_scores(model, scored, labels, test.defect_types, test.masks.numpy(), test.has_masks.numpy(),
+                              metric=load_metric() if image_metrics_note(labels) is None else None)
+    report = build_report(args, model, device, test, scored, metrics, method, calibration_source)
     write_json(os.path.join(output_dir, "anomaly_report.json"), report)
-    plot_figures(output_dir, scores, labels, test.defect_types, metrics, test.pixel_values, smoothed, test.masks,
-                 args.num_examples)
-    print(f"image AUROC ({args.score}) {report['image_auroc']:.4f}, AUPR {report['aupr']:.4f}, F1-max "
-          f"{report['f1_max']:.4f}, pixel AUROC {report['pixel_auroc']:.4f}; "
-          + ", ".join(f"{n} AUROC {metrics[n]['auroc']:.4f}" for n in SCORES))
-    print(f"Report and figures in {output_dir}: anomaly_report.json, roc_curve.png, nll_histogram.png, anomaly_maps.png")
+    plot_figures(output_dir, test, scored, metrics, method, report["decision_threshold"], args.num_examples)
+    print_summary(report, output_dir)
     return report
 
 

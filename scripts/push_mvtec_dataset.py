@@ -1,11 +1,13 @@
 # Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
-"""Convert one local MVTec AD category to a `datasets.DatasetDict` and push it to a Hub dataset repo.
+"""Convert one local MVTec AD category (or any folder in its layout) to a `datasets.DatasetDict` and push it to a
+Hub dataset repo.
 
     python scripts/push_mvtec_dataset.py --data_dir data/mvtec/capsule --hub_dataset_id <user>/mvtec-capsule
 
 Afterwards `load_dataset("<user>/mvtec-capsule")` (or `--dataset_name <user>/mvtec-capsule` in the scripts)
-gives splits train/test with the columns image, label (good/anomaly), defect_type and mask, exactly as
-`modeling_maf.data.load_mvtec` builds them from the folder. One category per repo (the default config).
+gives splits train/test with the columns image, label (good/anomaly), defect_type, mask (None where a defective
+image has none) and file, exactly as `modeling_maf.data.load_anomaly_dataset` builds them from the folder. One
+category per repo (the default config).
 """
 
 import argparse
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data_dir",
         required=True,
-        help="Local MVTec category folder (holding train/good, test/<defect>, ground_truth/<defect>), or a "
+        help="Local MVTec category folder (holding train/good, test/<defect>, optionally ground_truth/<defect>), or a "
         "folder holding <category>/. With --download, where the archive is unpacked when no data is there.",
     )
     parser.add_argument(
@@ -79,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.hub_dataset_id,
         private=args.private or None,  # None leaves an existing repo's visibility alone
         token=args.hub_token,
-        commit_message=f"MVTec AD {args.category}: train/test with image, label, defect_type, mask",
+        commit_message=f"MVTec AD {args.category}: train/test with image, label, defect_type, mask, file",
     )
     print(f"Done: load it with load_dataset({args.hub_dataset_id!r}) or --dataset_name {args.hub_dataset_id}.")
     return 0

@@ -11,13 +11,19 @@ def _save(path, array):
     Image.fromarray(array).save(path)
 
 
-def make_mvtec_category(root, size=8, num_train=3, num_test_good=1, defects=(("crack", 2),), seed=0):
+def make_mvtec_category(root, size=8, num_train=3, num_test_good=1, defects=(("crack", 2),), seed=0, masks="all",
+                        grayscale=False):
     """A category in MVTec AD's layout: train/good, test/good, test/<defect> with masks in ground_truth/<defect>.
-    Defective images carry a bright square where their mask is set, so a model of the good images can find it."""
+    Defective images carry a bright square where their mask is set, so a model of the good images can find it.
+
+    masks: "all", "none" (no ground_truth/ folder: the plain layout), or the defect names that get masks.
+    grayscale: save every image as mode L (a one-channel category). num_test_good or defects may be empty.
+    """
     rng = np.random.default_rng(seed)
+    channels = () if grayscale else (3,)
 
     def normal():
-        return np.clip(rng.normal(120, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        return np.clip(rng.normal(120, 20, (size, size, *channels)), 0, 255).astype(np.uint8)
 
     for index in range(num_train):
         _save(os.path.join(root, "train", "good", f"{index:03d}.png"), normal())
@@ -31,7 +37,8 @@ def make_mvtec_category(root, size=8, num_train=3, num_test_good=1, defects=(("c
             image[top : top + side, 1 : 1 + side] = 255
             mask[top : top + side, 1 : 1 + side] = 255
             _save(os.path.join(root, "test", defect, f"{index:03d}.png"), image)
-            _save(os.path.join(root, "ground_truth", defect, f"{index:03d}_mask.png"), mask)
+            if masks == "all" or (masks != "none" and defect in masks):
+                _save(os.path.join(root, "ground_truth", defect, f"{index:03d}_mask.png"), mask)
     return root
 
 

@@ -90,9 +90,12 @@ def test_columns_labels_and_masks(category, cache_dir):
     assert {row["defect_type"] for row in train} == {"good"} and {row["label"] for row in train} == {0}
     test = _rows(dataset["test"])
     assert [(row["defect_type"], row["label"]) for row in test] == [("crack", 1)] * 2 + [("good", 0)] * 2
+    assert [row["file"] for row in test] == ["test/crack/000.png", "test/crack/001.png", "test/good/000.png",
+                                             "test/good/001.png"]
 
     for row in train + test:
-        assert row["image"].mode == "RGB" and row["image"].size == (SIZE, SIZE)
+        assert row["image"].mode == ("L" if row["file"] == "train/good/002.png" else "RGB")
+        assert row["image"].size == (SIZE, SIZE)
         assert row["mask"].mode == "L" and row["mask"].size == (SIZE, SIZE)
         mask = np.asarray(row["mask"])
         if row["defect_type"] == "good":
@@ -103,18 +106,23 @@ def test_columns_labels_and_masks(category, cache_dir):
         np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(_rgb(10 + index)))
 
 
-def test_grayscale_repeats_gray_and_rgba_is_composited_on_black(category, cache_dir):
-    undecoded = load_mvtec(category, cache_dir=cache_dir)["train"].cast_column("image", datasets.Image(decode=False))
+def test_grayscale_stays_gray_and_rgba_is_composited_on_black(category, cache_dir):
+    dataset = load_mvtec(category, cache_dir=cache_dir)["train"]
+    undecoded = dataset.cast_column("image", datasets.Image(decode=False))
     train = {Path(row["image"]["path"]).name: row for row in undecoded}
-    gray = Image.open(io.BytesIO(train["002.png"]["image"]["bytes"]))
-    assert gray.mode == "RGB"
-    assert np.all(np.asarray(gray) == GRAY_LEVEL)
+    assert train["002.png"]["image"]["bytes"] is None  # L is kept: the row points at the original file
     rgba = np.asarray(Image.open(io.BytesIO(train["003.png"]["image"]["bytes"]))).astype(int)
     red, green, blue, alpha = RGBA_PIXEL
     expected = np.array([red, green, blue]) * alpha / 255  # colour scaled by opacity, over black
     assert np.all(np.abs(rgba - expected) <= 1), rgba[0, 0]
     # RGB files are not rewritten: the row points at the original file.
     assert train["000.png"]["image"]["bytes"] is None
+    # Tensors: an RGB model gets the gray level repeated; a one-channel model gets it once.
+    gray_row = [i for i, name in enumerate(dataset["file"]) if name.endswith("002.png")]
+    rgb = load_split_as_tensors(dataset.select(gray_row), SIZE).pixel_values
+    assert rgb.shape == (1, 3, SIZE, SIZE) and torch.all((rgb * 255).round() == GRAY_LEVEL)
+    gray = load_split_as_tensors(dataset.select(gray_row), SIZE, num_channels=1).pixel_values
+    assert gray.shape == (1, 1, SIZE, SIZE) and torch.all((gray * 255).round() == GRAY_LEVEL)
 
 
 def test_data_dir_may_be_the_folder_that_holds_the_category(category, cache_dir):
@@ -174,10 +182,14 @@ def test_mask_without_image_is_named(category, cache_dir):
         load_mvtec(category, cache_dir=cache_dir)
 
 
-def test_defective_image_without_mask_is_named(category, cache_dir):
+def test_defective_image_without_mask_loads_with_mask_none(category, cache_dir):
     (category / "ground_truth/crack/001_mask.png").unlink()
-    with pytest.raises(MVTecDataError, match=r"have no mask.*test/crack/001"):
-        load_mvtec(category, cache_dir=cache_dir)
+    test = load_mvtec(category, cache_dir=cache_dir)["test"]
+    masks = {row["file"]: row["mask"] for row in test}
+    assert masks["test/crack/001.png"] is None and masks["test/crack/000.png"] is not None
+    tensors = load_split_as_tensors(test, 8)
+    assert tensors.has_masks.tolist() == [name != "test/crack/001.png" for name in tensors.files]
+    assert not tensors.masks[tensors.files.index("test/crack/001.png")].any()
 
 
 def test_mask_of_another_size(category, cache_dir):
@@ -329,6 +341,7 @@ def test_with_transform_feeds_a_dataloader(category, cache_dir):
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].tolist() == [0, 0, 0] and batch["defect_types"] == ["good"] * 3
     assert batch["masks"].shape == (3, 8, 8) and not batch["masks"].any()
+    assert batch["has_masks"].all() and batch["files"] == ["train/good/000.png", "train/good/001.png", "train/good/002.png"]
 
 
 # --------------------------------------------------------------------------------------- push script

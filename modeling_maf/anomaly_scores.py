@@ -1,0 +1,306 @@
+"""Anomaly scores of a flow, computed from its per-pixel negative log-likelihood maps, and their calibration.
+
+A flow's NLL is a sum of per-dimension terms; summed over channels they give one map per image, (B, H, W), whose
+sum is the image's NLL. Every score turns these maps into the map it looks at and one number per image, higher =
+more anomalous:
+
+    nll                the image's NLL: the sum of its map (the seed's score).
+    map-max            the maximum of the Gaussian-smoothed map: a small defect is diluted in a sum over all
+                       pixels, a local peak is not.
+    map-topk           the mean of the top `top_k_fraction` pixels of the smoothed map.
+    standardized-map   each pixel's NLL as a z-score, (nll - mean) / std with the mean and std of that location
+                       over held-out good images, averaged over a `window_size` square; the maximum.
+    standardized-topk  the mean of the top `top_k_fraction` pixels of that window-averaged z map.
+    positive-z-sum     the sum of the positive z-scores: how much more surprising than usual the image is,
+                       wherever that is.
+
+The standardised scores need per-location statistics (`LocationStatistics`) of good images; `calibrate_scores`
+computes them and a decision threshold per score at a target false-positive rate. A new score is one function
+decorated with `@register_score(name)` in this file.
+
+This file imports only torch: it travels with modeling_maf.py into Hub repos (`trust_remote_code=True`).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+NLL = "nll"
+# The score of a calibrated model when none is named; an uncalibrated model uses NLL.
+DEFAULT_CALIBRATED_SCORE = "positive-z-sum"
+MIN_CALIBRATION_IMAGES = 3
+STD_FLOOR_FRACTION = 0.01
+NOT_CALIBRATED = (
+    "This model is not calibrated, so it has no anomaly threshold or per-location statistics: call "
+    "model.calibrate(good_pixel_values) with held-out good images (float (N, C, H, W) in [0, 1]), then save_pretrained."
+)
+
+
+@dataclass(frozen=True)
+class ScoreParameters:
+    """Sizes the scores use: Gaussian sigma of map-max/map-topk (pixels), the side of the square averaged by the
+    standardised scores (odd, pixels), and the fraction of pixels the top-k scores average."""
+
+    smoothing_sigma: float
+    window_size: int
+    top_k_fraction: float = 0.01
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> "ScoreParameters":
+        """Defaults that scale with the image: sigma = size / 32 and a window of 2 * round(size / 32) + 1
+        (4 and 9 pixels at 128x128, 2 and 5 at 64x64)."""
+        return cls(smoothing_sigma=image_size / 32, window_size=2 * round(image_size / 32) + 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LocationStatistics(NamedTuple):
+    """Mean and standard deviation of the per-pixel NLL at every location, (H, W) each (or (B, H, W): one pair per
+    image, as leave-one-out calibration uses)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class AnomalyScore(NamedTuple):
+    name: str
+    function: Callable  # (nll_maps, parameters, statistics) -> (maps, scores)
+    needs_statistics: bool
+    description: str
+
+
+ANOMALY_SCORES: dict[str, AnomalyScore] = {}
+
+
+def register_score(name: str, needs_statistics: bool = False):
+    """Register `function(nll_maps (B, H, W), parameters, statistics) -> (maps (B, H, W), scores (B,))` as a score;
+    its docstring's first line describes it in reports."""
+
+    def decorator(function):
+        description = (function.__doc__ or name).strip().splitlines()[0]
+        ANOMALY_SCORES[name] = AnomalyScore(name, function, needs_statistics, description)
+        return function
+
+    return decorator
+
+
+# ------------------------------------------------------------------------------------------------ map operations
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, edge pixels replicated; sigma <= 0 returns the maps."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+    blurred = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    return blurred[:, 0]
+
+
+def box_mean(maps: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Mean of every `window_size` square of (B, H, W) maps (same size out; at the edges, over the pixels inside)."""
+    if window_size <= 1:
+        return maps
+    return F.avg_pool2d(maps[:, None], window_size, stride=1, padding=window_size // 2, count_include_pad=False)[:, 0]
+
+
+def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the highest `fraction` of each map's pixels (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def standardize(nll_maps: torch.Tensor, statistics: LocationStatistics) -> torch.Tensor:
+    """z-score of every pixel against its location's statistics."""
+    mean = statistics.mean.to(device=nll_maps.device, dtype=nll_maps.dtype)
+    std = statistics.std.to(device=nll_maps.device, dtype=nll_maps.dtype)
+    return (nll_maps - mean) / std
+
+
+# ------------------------------------------------------------------------------------------------------ scores
+
+
+@register_score(NLL)
+def nll_score(nll_maps, parameters, statistics):
+    """Negative log-likelihood of the image (nats): the sum of its per-pixel map."""
+    return nll_maps, nll_maps.sum(dim=(1, 2))
+
+
+@register_score("map-max")
+def map_max(nll_maps, parameters, statistics):
+    """Maximum of the Gaussian-smoothed per-pixel NLL map."""
+    smoothed = gaussian_smooth(nll_maps, parameters.smoothing_sigma)
+    return smoothed, smoothed.flatten(1).max(dim=1).values
+
+
+@register_score("map-topk")
+def map_topk(nll_maps, parameters, statistics):
+    """Mean of the top-k pixels (top_k_fraction) of the Gaussian-smoothed per-pixel NLL map."""
+    smoothed = gaussian_smooth(nll_maps, parameters.smoothing_sigma)
+    return smoothed, top_k_mean(smoothed, parameters.top_k_fraction)
+
+
+@register_score("standardized-map", needs_statistics=True)
+def standardized_map(nll_maps, parameters, statistics):
+    """Maximum of the per-location z-score map averaged over a window_size square."""
+    averaged = box_mean(standardize(nll_maps, statistics), parameters.window_size)
+    return averaged, averaged.flatten(1).max(dim=1).values
+
+
+@register_score("standardized-topk", needs_statistics=True)
+def standardized_topk(nll_maps, parameters, statistics):
+    """Mean of the top-k pixels (top_k_fraction) of the window-averaged per-location z-score map."""
+    averaged = box_mean(standardize(nll_maps, statistics), parameters.window_size)
+    return averaged, top_k_mean(averaged, parameters.top_k_fraction)
+
+
+@register_score("positive-z-sum", needs_statistics=True)
+def positive_z_sum(nll_maps, parameters, statistics):
+    """Sum over pixels of the positive per-location z-scores."""
+    positive = standardize(nll_maps, statistics).clamp_min(0)
+    return positive, positive.sum(dim=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------- compute/calibrate
+
+
+def check_score_name(name: str) -> AnomalyScore:
+    if name not in ANOMALY_SCORES:
+        raise ValueError(f"Unknown anomaly score {name!r}; use one of {list(ANOMALY_SCORES)}.")
+    return ANOMALY_SCORES[name]
+
+
+def compute_score(name: str, nll_maps: torch.Tensor, parameters: ScoreParameters,
+                  statistics: LocationStatistics | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps (B, H, W), scores (B,)) of score `name` from per-pixel NLL maps (B, H, W)."""
+    score = check_score_name(name)
+    if score.needs_statistics and statistics is None:
+        raise ValueError(f"The score {name!r} needs per-location statistics of good images. {NOT_CALIBRATED}")
+    return score.function(nll_maps, parameters, statistics)
+
+
+def location_statistics(nll_maps: torch.Tensor) -> LocationStatistics:
+    """Per-location mean and unbiased std of (N, H, W) maps of good images, computed in float64.
+
+    The std is floored at STD_FLOOR_FRACTION times its mean over locations, so that a location whose NLL barely
+    varies over the good images (a flat background) cannot turn a rounding difference into a huge z-score.
+    """
+    if nll_maps.shape[0] < 2:
+        raise ValueError(f"Per-location statistics need at least 2 good images, got {nll_maps.shape[0]}.")
+    maps = nll_maps.double()
+    std = maps.std(dim=0, unbiased=True)
+    return LocationStatistics(maps.mean(dim=0), std.clamp_min(_std_floor(std)))
+
+
+def _std_floor(std: torch.Tensor) -> float:
+    return STD_FLOOR_FRACTION * float(std.mean())
+
+
+def _leave_one_out_statistics(nll_maps: torch.Tensor, floor: float) -> LocationStatistics:
+    """For every image i, the statistics of the other N - 1 images, (N, H, W) each (float64, same floor)."""
+    maps = nll_maps.double()
+    count = maps.shape[0]
+    mean = maps.mean(dim=0)
+    deviation = maps - mean
+    sum_of_squares = deviation.square().sum(dim=0)
+    others_mean = mean - deviation / (count - 1)
+    others_sum_of_squares = (sum_of_squares - deviation.square() * count / (count - 1)).clamp_min(0)
+    others_std = (others_sum_of_squares / (count - 2)).sqrt()
+    return LocationStatistics(others_mean, others_std.clamp_min(floor))
+
+
+def threshold_at_fpr(good_scores: torch.Tensor, target_fpr: float) -> tuple[float, float]:
+    """The decision threshold t for "anomalous when score > t" that flags at most floor(target_fpr * N) of the N
+    good images' scores, and the fraction it flags. t is one of the scores (the (k + 1)-th highest)."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr!r}.")
+    scores = torch.sort(good_scores.detach().double().cpu()).values
+    count = scores.numel()
+    allowed = math.floor(target_fpr * count + 1e-9)
+    threshold = float(scores[count - 1 - allowed])
+    return threshold, float((scores > threshold).sum()) / count
+
+
+def calibrate_scores(nll_maps: torch.Tensor, parameters: ScoreParameters, target_fpr: float):
+    """Calibrate every registered score on the per-pixel NLL maps (N, H, W) of held-out good images.
+
+    Returns `(statistics, thresholds, fprs)`: the per-location statistics (float64), and per score name the threshold
+    at `target_fpr` and the fraction of these images it flags.
+
+    The thresholds of the standardised scores come from leave-one-out scores: each image is standardised by the
+    statistics of the other N - 1, so that it is scored as a new good image would be (an image standardised by
+    statistics it contributed to looks more typical than it is, and the threshold would be too low).
+    """
+    count = nll_maps.shape[0]
+    if count < MIN_CALIBRATION_IMAGES:
+        raise ValueError(
+            f"Calibration needs at least {MIN_CALIBRATION_IMAGES} held-out good images, got {count}: pass more (e.g. a "
+            "larger --validation_split_percentage)."
+        )
+    statistics = location_statistics(nll_maps)
+    leave_one_out = _leave_one_out_statistics(nll_maps, _std_floor(nll_maps.double().std(dim=0, unbiased=True)))
+    thresholds, fprs = {}, {}
+    for name, score in ANOMALY_SCORES.items():
+        if score.needs_statistics:
+            _, scores = score.function(nll_maps.double(), parameters, leave_one_out)
+        else:
+            _, scores = score.function(nll_maps, parameters, None)
+        thresholds[name], fprs[name] = threshold_at_fpr(scores, target_fpr)
+    return statistics, thresholds, fprs
+
+
+class AnomalyStatistics(nn.Module):
+    """The per-location statistics of a calibrated model, as persistent buffers (saved in model.safetensors):
+    `location_mean` and `location_std`, (H, W) each; zeros and ones until calibrated."""
+
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.register_buffer("location_mean", torch.zeros(height, width))
+        self.register_buffer("location_std", torch.ones(height, width))
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.location_mean.zero_()
+            self.location_std.fill_(1.0)
+
+    def store(self, statistics: LocationStatistics) -> LocationStatistics:
+        """Copy the statistics into the buffers (their dtype and device) and return them as stored."""
+        with torch.no_grad():
+            self.location_mean.copy_(statistics.mean)
+            self.location_std.copy_(statistics.std)
+        return self.get()
+
+    def get(self) -> LocationStatistics:
+        return LocationStatistics(self.location_mean, self.location_std)
+
+
+__all__ = [
+    "ANOMALY_SCORES",
+    "DEFAULT_CALIBRATED_SCORE",
+    "NLL",
+    "NOT_CALIBRATED",
+    "AnomalyScore",
+    "AnomalyStatistics",
+    "LocationStatistics",
+    "ScoreParameters",
+    "box_mean",
+    "calibrate_scores",
+    "check_score_name",
+    "compute_score",
+    "gaussian_smooth",
+    "location_statistics",
+    "register_score",
+    "standardize",
+    "threshold_at_fpr",
+    "top_k_mean",
+]
