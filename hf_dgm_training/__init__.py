@@ -8,6 +8,7 @@
 - `cuda_graphs`: a whole training step replayed as one CUDA graph.
 - `cyclegan_step`: CycleGAN's training step and the options of its fast path.
 - `outputs`: metrics, JSON, plots, image grids, model cards.
+- `model_selection`: the best epoch's weights by a validation metric, and early stopping.
 - `inference`: the prologue of the inference scripts (device, output folder, model).
 - `image_pool`: CycleGAN's image history buffer.
 """
@@ -26,6 +27,7 @@ from .cuda_graphs import CUDAGraphStep
 from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
 from .image_pool import ImagePool
 from .trainer import TrainingLoop, TrainingTask
+from .model_selection import BestModelKeeper
 from .inference import load_model_for_inference, resolve_device
 from .outputs import (
     MetricsLogger,

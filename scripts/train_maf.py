@@ -20,6 +20,7 @@ import torch
 from accelerate.logging import get_logger
 
 from hf_dgm_training import (
+    BestModelKeeper,
     CUDAGraphStep,
     TrainingLoop,
     TrainingTask,
@@ -32,7 +33,7 @@ from hf_dgm_training import (
     write_model_card,
 )
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.data import load_mvtec, load_split_as_tensors
+from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
 from modeling_maf.optimization_maf import MaskedAdam
 
 
@@ -51,6 +52,15 @@ def parse_args(argv=None):
     parser.add_argument("--category", type=str, default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true",
                         help="Fetch MVTec's official archive of --category into --data_dir if it is missing.")
+    parser.add_argument("--validation_split_percentage", type=float, default=10,
+                        help="Percentage of train/good held out (seeded by --seed, never trained on) for model "
+                             "selection (validation bits/dim), the anomaly score calibration and the decision "
+                             "threshold; 0 for none.")
+    parser.add_argument("--early_stopping_patience", type=int, default=None,
+                        help="Stop when validation bits/dim has not improved for this many epochs (default: train "
+                             "all epochs). Either way the final model is the epoch with the best validation bits/dim.")
+    parser.add_argument("--target_fpr", type=float, default=0.05,
+                        help="False-positive rate on the validation images at which the decision threshold is set.")
     parser.add_argument("--max_grad_norm", type=float, default=None,
                         help="Clip the global gradient norm to this value (off by default, as in the seed spec).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
@@ -62,12 +72,16 @@ def parse_args(argv=None):
                              "(on a CPU its torch path is slower than torch.optim.Adam).")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = finish_common_args(parser, parser.parse_args(argv))
+    if not 0 < args.target_fpr < 1:
+        parser.error(f"--target_fpr must be in (0, 1), got {args.target_fpr}.")
+    if args.early_stopping_patience is not None and args.early_stopping_patience < 1:
+        parser.error("--early_stopping_patience must be at least 1.")
     return args
 
 
-def build_model(args):
+def build_model(args, num_channels: int):
     config_class, model_class = FLOW_CLASSES[args.flow_type]
-    overrides = config_overrides_from_args(args, MAFConfig)
+    overrides = {"num_channels": num_channels, **config_overrides_from_args(args, MAFConfig)}
     if args.model_name_or_path:
         model = model_class.from_pretrained(args.model_name_or_path, token=args.hub_token)
         if model.config.image_size != args.image_size:
@@ -78,16 +92,20 @@ def build_model(args):
 
 
 def load_data(args):
-    """Training images, and the good test images (None when the test split has none) as float tensors in [0, 1]."""
-    dataset = load_mvtec(args.data_dir, args.dataset_name, download=args.download, category=args.category,
-                         token=args.hub_token)
-    train = load_split_as_tensors(dataset["train"], args.image_size)
+    """The training images, the validation split held out of them, and the good test images (None when missing), as
+    float tensors in [0, 1] with the number of channels of the data (grayscale data stay one channel)."""
+    dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
+                                   token=args.hub_token)
+    num_channels = args.num_channels or num_channels_of(dataset["train"])
+    train, validation = split_validation(dataset["train"], args.validation_split_percentage, seed=args.seed)
+    train = load_split_as_tensors(train, args.image_size, num_channels)
+    validation = load_split_as_tensors(validation, args.image_size, num_channels) if len(validation) else None
     test_good = None
     if "test" in dataset:
-        test = load_split_as_tensors(dataset["test"], args.image_size)
+        test = load_split_as_tensors(dataset["test"], args.image_size, num_channels)
         good = test.labels == 0
         test_good = test.pixel_values[good] if bool(good.any()) else None
-    return train.pixel_values, test_good
+    return train, validation, test_good
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -122,13 +140,13 @@ def mean_bits_per_dim(model, pixel_values, batch_size=32):
 
 class FlowTask(TrainingTask):
     """Maximum likelihood on the training images: one Adam (or MaskedAdam) step per batch, optionally replayed as a
-    CUDA graph; steps whose gradients are not finite are skipped and counted. Evaluation: bits/dim of the good test
-    images after every epoch."""
+    CUDA graph; steps whose gradients are not finite are skipped and counted. Evaluation after every epoch: bits/dim
+    of the validation images (the best epoch's weights are kept; early stopping) and of the good test images."""
 
     loss_names = ("train/nll", "train/bits_per_dim")
     counter_names = ("skipped_nonfinite_steps",)
 
-    def __init__(self, args, accelerator, model, train_pixels, test_good):
+    def __init__(self, args, accelerator, model, train_pixels, validation, test_good):
         self.args, self.accelerator = args, accelerator
         device = accelerator.device
         on_cuda, fast = device.type == "cuda", args.fast_path != "false"
@@ -161,7 +179,10 @@ class FlowTask(TrainingTask):
             # resumed run draws the same noise.
             generator=torch.Generator().manual_seed(args.seed))
         self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
+        self.validation = validation.to(device) if validation is not None else None
         self.test_good = test_good.to(device) if test_good is not None else None
+        self.best = BestModelKeeper(accelerator.unwrap_model(self.model), args.early_stopping_patience)
+        accelerator.register_for_checkpointing(self.best)
         self.num_features = accelerator.unwrap_model(self.model).config.num_features
         self.step_runner = CUDAGraphStep(self._training_step, enabled=self.use_graphs,
                                          reset_fn=lambda: self.optimizer.zero_grad(set_to_none=True))
@@ -197,9 +218,27 @@ class FlowTask(TrainingTask):
         return self.step_runner(pixel_values)
 
     def end_epoch(self, epoch, epoch_means):
-        if self.test_good is None:
-            return {}
-        return {"epoch/test_good_bits_per_dim": mean_bits_per_dim(self.model, self.test_good)}
+        evaluation = {}
+        if self.validation is not None:
+            evaluation["epoch/validation_bits_per_dim"] = mean_bits_per_dim(self.model, self.validation)
+            self.best.update(evaluation["epoch/validation_bits_per_dim"], epoch)
+        if self.test_good is not None:
+            evaluation["epoch/test_good_bits_per_dim"] = mean_bits_per_dim(self.model, self.test_good)
+        return evaluation
+
+    def should_stop(self):
+        return self.best.should_stop()
+
+
+def calibrate(model, validation, args) -> dict | None:
+    """Calibrates the anomaly scores and the decision threshold on the validation images (None when too few)."""
+    count = len(validation.files) if validation else 0
+    if count < 3:
+        logger.warning(f"Not calibrating the anomaly scores: {count} validation image(s), at least 3 needed (raise "
+                       "--validation_split_percentage, or run detect_anomalies.py --calibration_data <folder>).")
+        return None
+    model.eval()
+    return model.calibrate(validation.pixel_values.to(model.device), target_fpr=args.target_fpr)
 
 
 def plot_nll_curve(records, path):
@@ -209,9 +248,19 @@ def plot_nll_curve(records, path):
 
     curves = {"train bits/dim (per step)": series("train/bits_per_dim"),
               "train bits/dim (epoch mean)": series("epoch/train/bits_per_dim")}
-    if series("epoch/test_good_bits_per_dim")[0]:
-        curves["test-good bits/dim (eval)"] = series("epoch/test_good_bits_per_dim")
+    for key, name in (("epoch/validation_bits_per_dim", "validation"), ("epoch/test_good_bits_per_dim", "test-good")):
+        if series(key)[0]:
+            curves[f"{name} bits/dim (eval)"] = series(key)
     plot_curves(curves, path, title="MAF negative log-likelihood", ylabel="bits / dim")
+
+
+def calibration_rows(calibration) -> str:
+    if calibration is None:
+        return "| anomaly calibration | none: `model.calibrate(good_images)` adds it |"
+    method = calibration["method"]
+    return (f"| anomaly score (default) | `{method}` |\n| decision threshold | {calibration['thresholds'][method]:.4g} "
+            f"(false-positive rate {calibration['calibration_fpr'][method]:.3f} on {calibration['num_images']} "
+            f"validation images; target {calibration['target_fpr']}) |")
 
 
 def model_card_body(args, config, results):
@@ -231,8 +280,8 @@ import torch
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
-images = model.sample(5, generator=torch.Generator().manual_seed(0))     # (5, 3, H, W) in [0, 1]
-scores = model.anomaly_scores(images)                                   # per-image NLL in nats
+images = model.sample(5, generator=torch.Generator().manual_seed(0))     # (5, C, H, W) in [0, 1]
+prediction = model.predict_anomalies(images)   # scores, maps, is_anomalous at the calibrated threshold
 ```
 
 ## Training
@@ -255,6 +304,9 @@ scores = model.anomaly_scores(images)                                   # per-im
 | test-good bits/dim (deterministic) | {f'{test_good:.4f}' if test_good is not None else 'n/a'} |
 | steps skipped for non-finite gradients | {results['skipped_nonfinite_steps_total']} |
 | training time | {results['train_seconds']:.1f} s |
+| validation images (held out of train/good) | {len(results['validation_files'])} |
+| epoch kept (best validation bits/dim) | {results['best_epoch'] or 'the last'} |
+{calibration_rows(results['anomaly_calibration'])}
 
 ![NLL curve](nll_curve.png)
 """
@@ -265,20 +317,23 @@ def main(argv=None):
     accelerator = setup_accelerator(args, project_name="train_maf")
 
     # Data and model
-    train_pixels, test_good = load_data(args)
-    model = build_model(args)
+    train, validation, test_good = load_data(args)
+    model = build_model(args, num_channels=train.pixel_values.shape[1])
     logger.info(f"{model.config.model_type.upper()} with {model.num_parameters():,} parameters; "
-                f"{len(train_pixels)} training images.", main_process_only=True)
+                f"{len(train.files)} training and {len(validation.files) if validation else 0} validation images.",
+                main_process_only=True)
 
     # Train
-    task = FlowTask(args, accelerator, model, train_pixels, test_good)
+    task = FlowTask(args, accelerator, model, train.pixel_values, validation and validation.pixel_values, test_good)
     loop = TrainingLoop(accelerator, args, task)
     loop.resume()
     loop.run()
 
-    # Results, figures, final model
+    # The best epoch's weights, calibration of the anomaly scores on the validation images, results, final model
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(task.model)
+        restored_best = task.best.restore()
+        calibration = calibrate(unwrapped, validation, args)
         records = loop.records()
         epoch_rows = [record for record in records if "epoch/train/bits_per_dim" in record]
         test_rows = [record for record in records if "epoch/test_good_bits_per_dim" in record]
@@ -287,7 +342,12 @@ def main(argv=None):
             "flow_type": args.flow_type,
             "parameters": unwrapped.num_parameters(),
             "final_train_bits_per_dim": epoch_rows[-1]["epoch/train/bits_per_dim"] if epoch_rows else math.nan,
-            "test_good_bits_per_dim": test_rows[-1]["epoch/test_good_bits_per_dim"] if test_rows else None,
+            "test_good_bits_per_dim": test_rows[task.best.best_epoch if restored_best else -1][
+                "epoch/test_good_bits_per_dim"] if test_rows else None,
+            "best_epoch": task.best.best_epoch + 1 if restored_best else None,
+            "best_validation_bits_per_dim": task.best.best_value if restored_best else None,
+            "validation_files": validation.files if validation else [],
+            "anomaly_calibration": calibration,
             "fast_path": {"fused_adam": task.fused, "optimizer": type(task.optimizer.optimizer).__name__,
                           **task.step_runner.describe()},
             "config": unwrapped.config.to_diff_dict(),

@@ -132,3 +132,42 @@ def test_cuda_graphs_true_without_a_gpu_is_a_clear_error(category, tmp_path):
                  "--num_train_epochs", "1", "--cuda_graphs", "true", expect_ok=False)
     assert result.returncode != 0
     assert "--cuda_graphs true needs one process on a CUDA device" in result.stderr
+
+
+def test_validation_split_best_epoch_calibration_and_early_stopping(tmp_path):
+    """10 % of train/good is held out (named in train_results.json), the best validation epoch is kept, early
+    stopping ends the run, and the calibration computed on the validation images travels with the model."""
+    category = make_mvtec_category(str(tmp_path / "capsule"), size=8, num_train=30, num_test_good=3,
+                                   defects=(("crack", 3),))
+    out = tmp_path / "maf"
+    run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 6,
+        "--early_stopping_patience", 1, "--learning_rate", 0.05, *TINY)
+    results = json.loads((out / "train_results.json").read_text())
+    assert len(results["validation_files"]) == 3 and all(f.startswith("train/good/") for f in results["validation_files"])
+    lines = read_jsonl(out / "metrics.jsonl")
+    validation = [r["epoch/validation_bits_per_dim"] for r in lines if "epoch/validation_bits_per_dim" in r]
+    assert results["best_validation_bits_per_dim"] == min(validation)
+    assert validation[results["best_epoch"] - 1] == min(validation)
+    if results["stopped_early"]:  # patience 1: the epoch after the best was not better
+        assert len(validation) == results["best_epoch"] + 1
+    calibration = results["anomaly_calibration"]
+    assert calibration["num_images"] == 3 and calibration["target_fpr"] == 0.05
+
+    from modeling_maf import MAFModel
+
+    model = MAFModel.from_pretrained(out)
+    assert model.is_calibrated and model.config.anomaly_calibration == calibration
+    card = (out / "README.md").read_text()
+    assert "decision threshold" in card and "validation images (held out of train/good) | 3" in card
+
+
+def test_non_finite_steps_are_skipped_and_the_weights_stay_finite(category, tmp_path):
+    """A learning rate that makes the loss overflow: the overflowing steps are skipped and counted; no NaN or inf
+    ever reaches the weights."""
+    out = tmp_path / "maf"
+    run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 2, "--learning_rate", 1e9,
+        "--validation_split_percentage", 0, *TINY)
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["skipped_nonfinite_steps_total"] > 0
+    weights = load_file(out / "model.safetensors")
+    assert all(bool(tensor.isfinite().all()) for tensor in weights.values())
