@@ -79,7 +79,8 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(args, num_channels: int):
+def build_model(args, num_channels: int, device):
+    """A fresh model, built (and initialised) directly on `device`, or the one of --model_name_or_path."""
     config_class, model_class = FLOW_CLASSES[args.flow_type]
     overrides = {"num_channels": num_channels, **config_overrides_from_args(args, MAFConfig)}
     if args.model_name_or_path:
@@ -88,7 +89,8 @@ def build_model(args, num_channels: int):
             raise ValueError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
         return model
-    return model_class(config_class(image_size=args.image_size, **overrides))
+    with torch.device(device):
+        return model_class(config_class(image_size=args.image_size, **overrides))
 
 
 def load_data(args):
@@ -318,7 +320,7 @@ def main(argv=None):
 
     # Data and model
     train, validation, test_good = load_data(args)
-    model = build_model(args, num_channels=train.pixel_values.shape[1])
+    model = build_model(args, num_channels=train.pixel_values.shape[1], device=accelerator.device)
     logger.info(f"{model.config.model_type.upper()} with {model.num_parameters():,} parameters; "
                 f"{len(train.files)} training and {len(validation.files) if validation else 0} validation images.",
                 main_process_only=True)
