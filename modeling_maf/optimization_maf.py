@@ -66,10 +66,12 @@ if triton is not None:
     @triton.jit
     def _masked_adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, inputs_ptr, grad_output_ptr, out_degrees_ptr,
                             in_degrees_ptr, tiles_ptr, step_ptr, scale_ptr, skip_ptr, num_rows, num_cols, lr, beta1,
-                            beta2, log_beta1, log_beta2, eps, BATCH: tl.constexpr, STRICT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                            beta2, log_beta1, log_beta2, eps, BATCH: tl.constexpr, STRICT: tl.constexpr,
+                            BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, HAS_SKIP: tl.constexpr):
         """One (BLOCK_ROWS, BLOCK_COLS) tile of one MADE weight: gradient from the low-rank factors (times the scale
         at ``scale_ptr``: process averaging and clipping), then Adam, on the connected entries only (masked entries
-        are never read or written: they stay zero). Nothing is written when the flag at ``skip_ptr`` is set."""
+        are never read or written: they stay zero). With HAS_SKIP, nothing is written when the flag at ``skip_ptr``
+        is set."""
         rows, cols, connected, grad = _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr,
                                                      tiles_ptr, num_rows, num_cols, BATCH, STRICT, BLOCK_ROWS,
                                                      BLOCK_COLS)
@@ -86,8 +88,10 @@ if triton is not None:
         exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
         updated = param.to(tl.float32) - (lr / bias_correction1) * exp_avg / denom
-        keep_rows = tl.load(skip_ptr + rows * 0) == 0.0  # the flag, once per row: no extra tile in registers
-        write = connected & keep_rows[:, None]
+        write = connected
+        if HAS_SKIP:
+            keep_rows = tl.load(skip_ptr + rows * 0) == 0.0  # the flag, once per row: no extra tile in registers
+            write = connected & keep_rows[:, None]
         tl.store(param_ptr + offsets, updated.to(param.dtype), mask=write)
         tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=write)
         tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=write)
@@ -100,6 +104,18 @@ _MAX_UNROLLED_RANK = 64
 # Tile shapes tried per layer; the one covering the connections with the fewest entries wins (a wide first layer
 # and a tall output layer want opposite shapes).
 _TILE_SHAPES = ((32, 128), (128, 32), (64, 64))
+
+
+def flag_non_finite_(found_inf: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sets the float32 scalar ``found_inf`` to 1 when any of ``tensors`` holds a NaN or an infinity (it is never
+    reset here). On the device, without a host sync, so it runs inside CUDA graphs; any floating dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        largest = torch.stack(torch._foreach_norm(group, float("inf")))  # NaN or inf iff a value is
+        found_inf.copy_(torch.maximum(found_inf, largest.isfinite().logical_not().any().to(found_inf.dtype)))
+    return found_inf
 
 
 def connected_tiles(out_degrees: torch.Tensor, in_degrees: torch.Tensor, strict: bool, block_rows: int,
@@ -230,8 +246,7 @@ class MaskedAdam(torch.optim.Adam):
             factors, grad_scale = self._gather_across_processes([self._factors(layer) for _, layer, _ in pending])
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and factors:
-            one = torch.ones((), device=found_inf.device)
-            torch._amp_foreach_non_finite_check_and_unscale_([t for pair in factors for t in pair], found_inf, one)
+            flag_non_finite_(found_inf, [tensor for pair in factors for tensor in pair])
         scale = self._clip(pending, factors, grad_scale) if self.max_grad_norm is not None else None
         super().step()  # every parameter that has a .grad (clipped above); reads found_inf like fused Adam
         if not pending:
@@ -398,11 +413,10 @@ class MaskedAdam(torch.optim.Adam):
         beta1, beta2 = group["betas"]
         if not self._launch(_masked_adam_kernel, len(tiles), parameter, state["exp_avg"], state["exp_avg_sq"], inputs,
                             grad_output, out_degrees, in_degrees, tiles, state["step"], scale,
-                            skip.float() if skip is not None else torch.zeros((), device=parameter.device),
-                            layer.out_features,
+                            skip if skip is not None else scale, layer.out_features,
                             layer.in_features, self._scalar(group["lr"]), float(beta1), float(beta2), math.log(beta1),
                             math.log(beta2), float(group["eps"]), BATCH=inputs.shape[0], STRICT=layer.strict,
-                            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols):
+                            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, HAS_SKIP=skip is not None):
             self._torch_update(parameter, layer, state, inputs, grad_output, scale, skip, group)
 
 
@@ -418,4 +432,4 @@ def connected_fraction(model: torch.nn.Module) -> dict:
     return {"connected": connected / total, "tiles": covered / total}
 
 
-__all__ = ["MaskedAdam", "connected_tiles", "connected_fraction"]
+__all__ = ["MaskedAdam", "connected_tiles", "connected_fraction", "flag_non_finite_"]

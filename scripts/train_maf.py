@@ -34,7 +34,7 @@ from hf_dgm_training import (
 )
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
-from modeling_maf.optimization_maf import MaskedAdam
+from modeling_maf.optimization_maf import MaskedAdam, flag_non_finite_
 
 
 logger = get_logger(__name__)
@@ -196,10 +196,9 @@ class FlowTask(TrainingTask):
         loss = self.model(pixel_values).loss
         self.accelerator.backward(loss)
         found_inf = self.found_inf
-        found_inf.copy_((~torch.isfinite(loss.detach())).float())
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if gradients:  # (MaskedAdam checks the MADE weights' gradient factors itself)
-            torch._amp_foreach_non_finite_check_and_unscale_(gradients, found_inf, torch.ones_like(found_inf))
+        found_inf.zero_()
+        # The loss and the gradients autograd formed (MaskedAdam checks the MADE weights' gradient factors itself).
+        flag_non_finite_(found_inf, [loss.detach()] + [p.grad for p in self.model.parameters() if p.grad is not None])
         if self.args.max_grad_norm is not None and not self.use_masked_adam:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         if self.fused or not bool(found_inf):  # the plain path: a host check

@@ -333,3 +333,16 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
         for name, expected in reference.state_dict().items():
             torch.testing.assert_close(state[name], expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda message, name=name: f"rank {rank}: {name}: {message}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_flag_non_finite_reads_any_float_dtype_and_never_clears(dtype):
+    from modeling_maf.optimization_maf import flag_non_finite_
+
+    found = torch.zeros(())
+    flag_non_finite_(found, [torch.ones(3, dtype=dtype), torch.full((2,), 6e4, dtype=dtype)])
+    assert float(found) == 0.0  # large but finite
+    flag_non_finite_(found, [torch.tensor([1.0, float("nan")], dtype=dtype)])
+    assert float(found) == 1.0
+    flag_non_finite_(found, [torch.ones(3, dtype=dtype)])
+    assert float(found) == 1.0
