@@ -10,7 +10,9 @@ This file imports only torch, transformers and its configuration module, so a Hu
 loads with ``trust_remote_code=True`` without this package installed.
 """
 
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ from .anomaly_scores import (
     compute_score,
 )
 from .configuration_maf import IAFConfig, MAFConfig
+from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -382,6 +385,25 @@ class MAFPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
         model.zero_absent_connections(f"The checkpoint {pretrained_model_name_or_path}")
         return loaded
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and the model's `MAFImageProcessor` next to it (its config's size and
+        channels) unless the folder already holds one that fits the model, so `AutoImageProcessor` works on every
+        saved or pushed model. (Models of other than 1 or 3 channels have no image processor.)"""
+        if is_main_process and self.config.num_channels in (1, 3):
+            path = os.path.join(save_directory, IMAGE_PROCESSOR_FILE)
+            wanted = MAFImageProcessor.from_model_config(self.config)
+            existing = {}
+            try:
+                with open(path) as file:
+                    existing = json.load(file)
+            except (OSError, ValueError):  # none there, or unreadable: write ours
+                pass
+            if not isinstance(existing, dict) or \
+                    (existing.get("size"), existing.get("num_channels")) != (wanted.size, wanted.num_channels):
+                os.makedirs(save_directory, exist_ok=True)
+                wanted.save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
 
     @torch.no_grad()
     def zero_absent_connections(self, source: str = "The model") -> int:
