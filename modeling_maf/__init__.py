@@ -11,7 +11,7 @@ AutoConfig.register("iaf", IAFConfig, exist_ok=True)
 AutoModel.register(MAFConfig, MAFModel, exist_ok=True)
 AutoModel.register(IAFConfig, IAFModel, exist_ok=True)
 for _config_class in (MAFConfig, IAFConfig):
-    try:  # transformers >= 5.2x names the image processor's backend
+    try:  # transformers versions that register a processor per backend ("pil", ...)
         AutoImageProcessor.register(_config_class, image_processor_classes={"pil": MAFImageProcessor}, exist_ok=True)
     except TypeError:
         AutoImageProcessor.register(_config_class, slow_image_processor_class=MAFImageProcessor, exist_ok=True)

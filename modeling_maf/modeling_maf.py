@@ -494,17 +494,19 @@ class MAFModel(MAFPreTrainedModel):
                             f"got {type(pixel_values).__name__}.")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a float tensor with values in [0, 1], got dtype {pixel_values.dtype}; "
-                            "convert 8-bit images with `images.float() / 255`.")
+                            "preprocess images with MAFImageProcessor (8-bit levels divided by 255).")
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model "
                              f"(num_channels={config.num_channels}, image_size={config.image_size}), got "
-                             f"{tuple(pixel_values.shape)}. Resize the images or build a config that matches them.")
+                             f"{tuple(pixel_values.shape)}. Preprocess the images with MAFImageProcessor.from_model_config"
+                             "(model.config), or build a config that matches them.")
         if pixel_values.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # the range check reads values on the host, which a CUDA graph capture forbids
         low, high = torch.aminmax(pixel_values.detach())
         if bool(low < -1e-6) or bool(high > 1 + 1e-6):
             raise ValueError(f"pixel_values must lie in [0, 1], got values in [{float(low):.3g}, {float(high):.3g}]; "
-                             "divide 8-bit images by 255 (do not normalise to [-1, 1]).")
+                             "preprocess images with MAFImageProcessor (8-bit levels divided by 255; not normalised to "
+                             "[-1, 1]).")
 
     # ------------------------------------------------------------------------------------ pixels <-> logit
     def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
@@ -567,7 +569,7 @@ class MAFModel(MAFPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> MAFModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
-            Images with values in [0, 1] (8-bit images divided by 255). In training mode they are dequantised with
+            Images with values in [0, 1], as [`MAFImageProcessor`] makes them. In training mode they are dequantised with
             uniform noise; in eval mode with the bin centre, so the output is deterministic.
         """
         per_dimension, latents = self._per_dimension_log_prob(pixel_values, random_dequantization=self.training)
