@@ -165,9 +165,11 @@ class MaskedLinear(nn.Linear):
         stray = torch.zeros((), dtype=torch.int64, device=weight.device)
         for start in range(0, self.out_features, rows_per_chunk):
             rows = weight[start : start + rows_per_chunk]
-            absent = ~self._connections(out_degrees[start : start + rows_per_chunk], in_degrees)
-            stray += (rows != 0).logical_and_(absent).sum()
+            out_chunk = out_degrees[start : start + rows_per_chunk, None]
+            absent = out_chunk <= in_degrees[None, :] if self.strict else out_chunk < in_degrees[None, :]
+            stray += torch.count_nonzero(rows)  # NaN counts as nonzero
             rows.masked_fill_(absent, 0)
+            stray -= torch.count_nonzero(rows)
         return stray
 
     def forward(self, hidden_states):
