@@ -17,7 +17,7 @@ from .modeling_cyclegan import (
 
 AutoConfig.register("cyclegan", CycleGANConfig, exist_ok=True)
 AutoModel.register(CycleGANConfig, CycleGANModel, exist_ok=True)
-try:  # transformers >= 5.2x names the image processor's backend
+try:  # transformers versions that register a processor per backend ("pil", ...)
     AutoImageProcessor.register(CycleGANConfig, image_processor_classes={"pil": CycleGANImageProcessor}, exist_ok=True)
 except TypeError:
     AutoImageProcessor.register(CycleGANConfig, slow_image_processor_class=CycleGANImageProcessor, exist_ok=True)

@@ -4,6 +4,9 @@ Adversarial Networks")."""
 from transformers import PreTrainedConfig
 
 
+# Names of the registered architectures; the classes are modeling_cyclegan.GENERATOR_CLASSES / DISCRIMINATOR_CLASSES.
+GENERATOR_TYPES = ("resnet",)
+DISCRIMINATOR_TYPES = ("patchgan",)
 NORM_TYPES = ("instance", "batch")
 UPSAMPLE_MODES = ("transposed", "resize_conv")
 GAN_MODES = ("lsgan", "vanilla")
@@ -11,16 +14,22 @@ GAN_MODES = ("lsgan", "vanilla")
 
 class CycleGANConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`CycleGANModel`]: two ResNet generators (A -> B and B -> A) and two 70x70 PatchGAN
-    discriminators, plus the weights of the training objective.
+    Configuration of a [`CycleGANModel`]: two generators (A -> B and B -> A) and two discriminators, by default the
+    paper's ResNet generators and 70x70 PatchGANs, plus the weights of the training objective.
 
     The defaults are the paper's and the reference implementation's (junyanz/pytorch-CycleGAN-and-pix2pix).
 
     Args:
         image_size (`int`, *optional*, defaults to 256):
-            Training resolution (height and width). The networks are fully convolutional and accept any height
-            and width divisible by 4; this size chooses the default number of residual blocks and the size the
-            image processor resizes to.
+            Training resolution (height and width). The networks are fully convolutional and accept any height and
+            width that the generator's input-size rule allows (the ResNet generator: multiples of 4); this size
+            chooses the default number of residual blocks and the size the image processor resizes to.
+        generator_type (`str`, *optional*, defaults to `"resnet"`):
+            Architecture of both generators, a key of `GENERATOR_CLASSES`: `"resnet"` (c7s1-64, d128, d256, residual
+            blocks, u128, u64, c7s1-3).
+        discriminator_type (`str`, *optional*, defaults to `"patchgan"`):
+            Architecture of both discriminators, a key of `DISCRIMINATOR_CLASSES`: `"patchgan"` (the 70x70
+            PatchGAN with 3 layers).
         num_channels (`int`, *optional*, defaults to 3):
             Channels of the images of both domains.
         generator_filters (`int`, *optional*, defaults to 64):
@@ -57,6 +66,8 @@ class CycleGANConfig(PreTrainedConfig):
         self,
         image_size: int = 256,
         num_channels: int = 3,
+        generator_type: str = "resnet",
+        discriminator_type: str = "patchgan",
         generator_filters: int = 64,
         num_residual_blocks: int | None = None,
         discriminator_filters: int = 64,
@@ -72,6 +83,8 @@ class CycleGANConfig(PreTrainedConfig):
     ):
         self.image_size = image_size
         self.num_channels = num_channels
+        self.generator_type = generator_type
+        self.discriminator_type = discriminator_type
         self.generator_filters = generator_filters
         # The paper uses 6 blocks for 128x128 images and 9 for 256x256 and larger.
         if num_residual_blocks is None and isinstance(image_size, int):
@@ -99,12 +112,13 @@ class CycleGANConfig(PreTrainedConfig):
             positive_int(name)
         for name in ("discriminator_filters", "discriminator_layers"):
             positive_int(name)
-        if self.image_size % 4 != 0:
-            raise ValueError(
-                f"CycleGANConfig.image_size must be divisible by 4 (the generator downsamples twice by 2), "
-                f"got {self.image_size}. Use e.g. {4 * round(self.image_size / 4) or 4}."
-            )
-        choices = {"norm_type": NORM_TYPES, "upsample_mode": UPSAMPLE_MODES, "gan_mode": GAN_MODES}
+        choices = {
+            "generator_type": GENERATOR_TYPES,
+            "discriminator_type": DISCRIMINATOR_TYPES,
+            "norm_type": NORM_TYPES,
+            "upsample_mode": UPSAMPLE_MODES,
+            "gan_mode": GAN_MODES,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CycleGANConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")

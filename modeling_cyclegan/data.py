@@ -19,6 +19,8 @@ import random
 
 import torch
 
+from .image_processing_cyclegan import levels_to_pixel_values
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # The reference resizes to 286 before cropping 256 (x 1.117); the same ratio at any size.
@@ -112,9 +114,8 @@ def images_to_uint8_tensor(dataset, size: int, description: str = "images", show
     return pixels
 
 
-def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float pixel values in [-1, 1], as CycleGANImageProcessor does (x / 127.5 - 1)."""
-    return images.float() / 127.5 - 1.0
+# The name scripts/train_cyclegan.py imports; the rule itself is image_processing_cyclegan.levels_to_pixel_values.
+to_pixel_values = levels_to_pixel_values
 
 
 class UnpairedSampler:
@@ -178,7 +179,7 @@ class UnpairedSampler:
             if self.flip and random.random() > 0.5:
                 crop = crop.flip(-1)
             out[slot].copy_(crop)  # uint8 -> float on the device, no host round trip
-        out.div_(127.5).sub_(1.0)
+        levels_to_pixel_values(out, inplace=True)
 
     def fill_batch(self, out_a: torch.Tensor, out_b: torch.Tensor, indices_a: list[int]) -> None:
         """Writes one augmented batch of each domain into the float tensors `out_a` and `out_b` (in [-1, 1]).

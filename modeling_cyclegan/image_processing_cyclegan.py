@@ -1,5 +1,8 @@
 """Image processor of CycleGAN: images to pixel values in [-1, 1] and back.
 
+The mapping between 8-bit levels and the generators' [-1, 1] lives here, once (`levels_to_pixel_values`,
+`pixel_values_to_levels`, `pixel_values_to_unit_interval`); the processor, the training data and the scripts use it.
+
 Self-contained (torch, numpy, PIL and transformers only): `save_pretrained` copies this file next to the model so
 that a Hub repository loads with `trust_remote_code=True` without this package.
 """
@@ -8,6 +11,30 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+
+HALF_RANGE = 127.5  # 8-bit levels 0..255 map linearly onto [-1, 1]: x / 127.5 - 1
+
+
+def levels_to_pixel_values(levels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """8-bit levels 0..255 -> generator pixel values in [-1, 1]: ``x / 127.5 - 1``.
+
+    ``inplace=True`` rewrites ``levels`` itself, which must then be a float tensor holding the levels (a training
+    batch buffer filled from uint8 crops, without a new allocation); otherwise the result is a new float32 tensor.
+    """
+    if inplace:
+        return levels.div_(HALF_RANGE).sub_(1.0)
+    return levels.float() / HALF_RANGE - 1.0
+
+
+def pixel_values_to_levels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Generator pixel values in [-1, 1] -> uint8 levels, the nearest of the 256 (outside values are clipped)."""
+    return ((pixel_values.detach().float().clamp(-1, 1) + 1.0) * HALF_RANGE).round().to(torch.uint8)
+
+
+def pixel_values_to_unit_interval(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Generator pixel values in [-1, 1] -> [0, 1] (for image grids and plots), clipped."""
+    return ((pixel_values.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def _size_dict(size) -> dict:
@@ -62,8 +89,8 @@ class CycleGANImageProcessor(BaseImageProcessor):
     Turns images into the generator's input and its output back into images.
 
     `preprocess` converts each image to RGB, resizes it to `size` with bicubic interpolation (as the reference
-    implementation) and maps 0..255 to [-1, 1]: `pixel_values = x / 127.5 - 1`. `postprocess` inverts the mapping
-    and returns PIL images (or uint8 arrays).
+    implementation) and maps 0..255 to [-1, 1] (`levels_to_pixel_values`: `x / 127.5 - 1`). `postprocess` inverts
+    the mapping and returns PIL images (or uint8 arrays).
 
     Args:
         size (`int` or `dict[str, int]`, *optional*, defaults to 256):
@@ -113,8 +140,8 @@ class CycleGANImageProcessor(BaseImageProcessor):
                 f"Images of different sizes {sorted({array.shape[:2] for array in arrays})} cannot be batched; "
                 "use do_resize=True."
             )
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return BatchFeature(data={"pixel_values": pixels / 127.5 - 1.0})
+        levels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return BatchFeature(data={"pixel_values": levels_to_pixel_values(levels)})
 
     def postprocess(self, pixel_values: torch.Tensor, output_type: str = "pil"):
         """Generator output (N, 3, H, W) in [-1, 1] -> list of PIL images (`"pil"`), uint8 HWC arrays (`"np"`)
@@ -130,11 +157,11 @@ class CycleGANImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"postprocess expects generator outputs in [-1, 1], got values in [{low:.3g}, {high:.3g}]."
             )
-        pixels = ((pixel_values.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        pixels = pixel_values_to_levels(pixel_values)
         if output_type == "pt":
             return pixels
         arrays = [array.permute(1, 2, 0).numpy() for array in pixels]
         return arrays if output_type == "np" else [Image.fromarray(array) for array in arrays]
 
 
-__all__ = ["CycleGANImageProcessor"]
+__all__ = ["CycleGANImageProcessor", "levels_to_pixel_values", "pixel_values_to_levels", "pixel_values_to_unit_interval"]

@@ -39,6 +39,17 @@ def _norm_layer(config: CycleGANConfig, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels, affine=True, track_running_stats=True)
 
 
+def _check_input_size(generator_class: type, height: int, width: int, name: str) -> None:
+    """The generator's input-size rule (its `input_size_multiple`), for `config.image_size` and for pixel values."""
+    multiple = generator_class.input_size_multiple
+    if height % multiple or width % multiple:
+        suggestion = max(multiple, multiple * round(height / multiple))
+        raise ValueError(
+            f"{name} has size {height}x{width}; height and width must be divisible by {multiple} for "
+            f"{generator_class.__name__} ({generator_class.input_size_rule}). Resize or crop to e.g. {suggestion}."
+        )
+
+
 def _check_pixel_values(pixel_values: torch.Tensor, config: CycleGANConfig, name: str) -> None:
     """Shape and dtype checks that need no device sync (the value range is checked in `translate`)."""
     if not isinstance(pixel_values, torch.Tensor):
@@ -55,11 +66,7 @@ def _check_pixel_values(pixel_values: torch.Tensor, config: CycleGANConfig, name
             "(CycleGANConfig.num_channels); convert grayscale/RGBA images to RGB."
         )
     height, width = pixel_values.shape[-2:]
-    if height % 4 or width % 4:
-        raise ValueError(
-            f"{name} has size {height}x{width}; height and width must be divisible by 4 (the generator downsamples "
-            "twice by 2). Resize or crop the images."
-        )
+    _check_input_size(GENERATOR_CLASSES[config.generator_type], height, width, name)
 
 
 class CycleGANResidualBlock(nn.Module):
@@ -96,7 +103,11 @@ class CycleGANResizeConv(nn.Module):
 
 
 class CycleGANGenerator(nn.Module):
-    """ResNet generator: c7s1-64, d128, d256, R256 x n, u128, u64, c7s1-3, tanh (for 64 filters)."""
+    """ResNet generator (`generator_type="resnet"`): c7s1-64, d128, d256, R256 x n, u128, u64, c7s1-3, tanh (for 64
+    filters)."""
+
+    input_size_multiple = 4
+    input_size_rule = "two stride-2 downsamplings, undone by two x2 upsamplings"
 
     def __init__(self, config: CycleGANConfig):
         super().__init__()
@@ -133,8 +144,9 @@ class CycleGANGenerator(nn.Module):
 
 
 class CycleGANDiscriminator(nn.Module):
-    """PatchGAN: C64 (no norm) - C128 - C256 (stride 2) - C512 (stride 1) - 1-channel conv, 4x4 kernels,
-    LeakyReLU 0.2. With 3 layers each output cell sees a 70x70 patch; 30x30 outputs for 256x256 inputs."""
+    """PatchGAN (`discriminator_type="patchgan"`): C64 (no norm) - C128 - C256 (stride 2) - C512 (stride 1) - 1-channel
+    conv, 4x4 kernels, LeakyReLU 0.2. With 3 layers each output cell sees a 70x70 patch; 30x30 outputs for 256x256
+    inputs."""
 
     def __init__(self, config: CycleGANConfig):
         super().__init__()
@@ -157,6 +169,14 @@ class CycleGANDiscriminator(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.layers(pixel_values)
+
+
+# The architectures `CycleGANConfig.generator_type` / `discriminator_type` choose from. A generator class is built
+# from the config, maps (N, C, H, W) in [-1, 1] to the same shape, and states its input-size rule as
+# `input_size_multiple` (with `input_size_rule`, the reason); a discriminator class maps images to patch scores.
+# A new architecture is one class here plus its name in the config's GENERATOR_TYPES / DISCRIMINATOR_TYPES.
+GENERATOR_CLASSES = {"resnet": CycleGANGenerator}
+DISCRIMINATOR_CLASSES = {"patchgan": CycleGANDiscriminator}
 
 
 @dataclass
@@ -232,8 +252,9 @@ class CycleGANPreTrainedModel(PreTrainedModel):
 
 class CycleGANModel(CycleGANPreTrainedModel):
     r"""
-    CycleGAN: `generator_a_to_b`, `generator_b_to_a` (ResNet generators) and `discriminator_a`,
-    `discriminator_b` (70x70 PatchGANs; `discriminator_b` judges images of domain B).
+    CycleGAN: `generator_a_to_b`, `generator_b_to_a` and `discriminator_a`, `discriminator_b` (`discriminator_b` judges
+    images of domain B), of the classes `config.generator_type` and `config.discriminator_type` name (by default
+    ResNet generators and 70x70 PatchGANs).
 
     Args:
         config ([`CycleGANConfig`]): Model configuration.
@@ -246,11 +267,14 @@ class CycleGANModel(CycleGANPreTrainedModel):
 
     def __init__(self, config: CycleGANConfig, with_discriminators: bool = True):
         super().__init__(config)
-        self.generator_a_to_b = CycleGANGenerator(config)
-        self.generator_b_to_a = CycleGANGenerator(config)
+        generator_class = GENERATOR_CLASSES[config.generator_type]
+        _check_input_size(generator_class, config.image_size, config.image_size, "CycleGANConfig.image_size")
+        self.generator_a_to_b = generator_class(config)
+        self.generator_b_to_a = generator_class(config)
         if with_discriminators:
-            self.discriminator_a = CycleGANDiscriminator(config)
-            self.discriminator_b = CycleGANDiscriminator(config)
+            discriminator_class = DISCRIMINATOR_CLASSES[config.discriminator_type]
+            self.discriminator_a = discriminator_class(config)
+            self.discriminator_b = discriminator_class(config)
         else:
             self.discriminator_a = self.discriminator_b = None
             # Loading a full checkpoint into a generators-only model: the discriminator weights are not wanted.
@@ -449,6 +473,8 @@ __all__ = [
     "CycleGANOutput",
     "CycleGANGenerator",
     "CycleGANDiscriminator",
+    "GENERATOR_CLASSES",
+    "DISCRIMINATOR_CLASSES",
     "gan_loss",
     "LOSS_NAMES",
 ]

@@ -1,19 +1,27 @@
 """hf-dgm: Masked Autoregressive Flow (MAF) and Inverse Autoregressive Flow (IAF) as transformers models."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_maf import IAFConfig, MAFConfig
+from .image_processing_maf import MAFImageProcessor
 from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
 
 AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
 AutoModel.register(MAFConfig, MAFModel, exist_ok=True)
 AutoModel.register(IAFConfig, IAFModel, exist_ok=True)
-# save_pretrained / push_to_hub then write `auto_map` and copy the modeling files, so a Hub repo loads with
-# AutoModel.from_pretrained(repo_id, trust_remote_code=True) without this package installed.
+for _config_class in (MAFConfig, IAFConfig):
+    try:  # transformers versions that register a processor per backend ("pil", ...)
+        AutoImageProcessor.register(_config_class, image_processor_classes={"pil": MAFImageProcessor}, exist_ok=True)
+    except TypeError:
+        AutoImageProcessor.register(_config_class, slow_image_processor_class=MAFImageProcessor, exist_ok=True)
+# save_pretrained / push_to_hub then write `auto_map` and copy the modeling (and processor) files, so a Hub repo loads
+# with AutoModel / AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True) without this package installed.
 MAFConfig.register_for_auto_class()
 IAFConfig.register_for_auto_class()
 MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
+MAFImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput", "MAFPreTrainedModel"]
+__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput", "MAFPreTrainedModel",
+           "MAFImageProcessor"]

@@ -3,6 +3,11 @@
 from transformers import PreTrainedConfig
 
 
+# Names of the MADE degree rules; the rules themselves are `modeling_maf.modeling_maf.DEGREE_RULES`.
+DEGREE_ASSIGNMENTS = ("spread", "random", "sequential")
+PERMUTATIONS = ("reverse", "random", "none")
+NORMALIZATIONS = ("none", "batch_norm")
+
 class MAFConfig(PreTrainedConfig):
     r"""
     Configuration of a [`MAFModel`]: a stack of affine MADE blocks over flattened images.
@@ -22,9 +27,10 @@ class MAFConfig(PreTrainedConfig):
         hidden_act (`str`, *optional*, defaults to `"relu"`):
             Activation of the hidden layers (any key of `transformers.activations.ACT2FN`).
         degree_assignment (`str`, *optional*, defaults to `"spread"`):
-            How hidden units get their MADE degrees: `"spread"` (evenly over [1, D-1]), `"random"` (uniform draws,
-            seeded by `degree_seed`) or `"sequential"` (`k mod (D-1) + 1`, the rule of the original MAF code and
-            nflows; with D >> H every hidden unit then sees only the first H inputs of the ordering).
+            The MADE degree rule of the hidden units (`modeling_maf.modeling_maf.DEGREE_RULES`): `"spread"` (evenly
+            over [lowest, D-1], where lowest is the smallest degree of the layer below), `"random"` (uniform draws from
+            that range, seeded by `degree_seed`) or `"sequential"` (`k mod (D-1) + 1`, the rule of the original MAF
+            code and nflows; with D >> H every hidden unit then sees only the first H inputs of the ordering).
         degree_seed (`int`, *optional*, defaults to 0):
             Seed of the `"random"` degree assignment and of the `"random"` permutation (masks are rebuilt from it).
         permutation (`str`, *optional*, defaults to `"reverse"`):
@@ -108,9 +114,9 @@ class MAFConfig(PreTrainedConfig):
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; use one of {sorted(ACT2FN)}.")
         choices = {
-            "degree_assignment": ("spread", "random", "sequential"),
-            "permutation": ("reverse", "random", "none"),
-            "normalization": ("none", "batch_norm"),
+            "degree_assignment": DEGREE_ASSIGNMENTS,
+            "permutation": PERMUTATIONS,
+            "normalization": NORMALIZATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

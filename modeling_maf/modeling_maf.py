@@ -10,7 +10,10 @@ This file imports only torch, transformers and its configuration module, so a Hu
 loads with ``trust_remote_code=True`` without this package installed.
 """
 
+import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,7 @@ from .anomaly_scores import (
     compute_score,
 )
 from .configuration_maf import IAFConfig, MAFConfig
+from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -91,8 +95,8 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 class _MaskGradient(torch.autograd.Function):
     """Identity on the weight whose backward zeroes the gradient of masked connections.
 
-    Masked weights are kept at exactly zero (initialisation zeroes them, the gradient never reaches them), so the
-    forward pass is a plain dense matmul: no per-step ``weight * mask`` read and write of every weight.
+    Masked weights are kept at exactly zero (initialisation and loading zero them, the gradient never reaches them), so
+    the forward pass is a plain dense matmul: no per-step ``weight * mask`` read and write of every weight.
     """
 
     @staticmethod
@@ -106,37 +110,20 @@ class _MaskGradient(torch.autograd.Function):
         return torch.where(mask, grad_weight, 0.0), None
 
 
-class _LinearWithDeferredWeightGradient(torch.autograd.Function):
-    """``F.linear`` whose backward hands ``(inputs, grad_output)`` to ``sink`` instead of forming the weight gradient.
-
-    The weight gradient of a batch is the low-rank product ``grad_output.T @ inputs``; an optimizer that reads the sink
-    (``modeling_maf.optimization_maf.MaskedAdam``) forms it tile by tile inside its update, for connected tiles only,
-    so the dense (out, in) gradient is never written, masked or read back.
-    """
-
-    @staticmethod
-    def forward(ctx, inputs, weight, bias, sink):
-        ctx.save_for_backward(inputs, weight)
-        ctx.sink = sink
-        return F.linear(inputs, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        inputs, weight = ctx.saved_tensors
-        ctx.sink.append((inputs, grad_output))
-        grad_inputs = grad_output @ weight if ctx.needs_input_grad[0] else None
-        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_inputs, None, grad_bias, None
-
-
 class MaskedLinear(nn.Linear):
     """A linear layer of a MADE. Connection k <- j exists iff ``out_degrees[k] >= in_degrees[j]`` (hidden layers)
     or ``out_degrees[k] > in_degrees[j]`` (output layer). Degrees are plain CPU tensors derived from the config, and the
     boolean mask is rebuilt from them on each device on first use: nothing mask-like is stored in the checkpoint.
+    Weights of absent connections are exactly zero: initialisation and every load zero them
+    (``zero_absent_connections``), and their gradient is zero.
 
-    ``weight_gradient_sink`` is None by default (autograd fills ``weight.grad``, masked). An optimizer that forms the
-    masked weight gradient itself sets it to a list; backward then appends ``(inputs, grad_output)`` to it and leaves
-    ``weight.grad`` alone."""
+    ``linear_with_grad`` is the layer's one extension point: ``None`` (autograd forms ``weight.grad``, masked) or a
+    callable ``(inputs, weight, bias) -> outputs`` used instead of ``F.linear`` while the weight takes gradients
+    (``weight.requires_grad`` and grad mode on). It must compute ``F.linear(inputs, weight, bias)`` and give the inputs
+    and the bias their gradients; what happens to the weight gradient is its business. An optimizer that forms the
+    masked weight gradient itself installs one (``modeling_maf.optimization_maf.MaskedAdam``). Copies (deepcopy,
+    pickle) start without it.
+    """
 
     def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: bool):
         super().__init__(len(in_degrees), len(out_degrees))
@@ -144,49 +131,97 @@ class MaskedLinear(nn.Linear):
         self.out_degrees = out_degrees
         self.strict = strict
         self._masks = {}
-        self.weight_gradient_sink: list | None = None
+        self.linear_with_grad = None
 
     def __getstate__(self):
         # A copy (deepcopy, pickle) is a fresh layer: not tied to the original's optimizer, masks rebuilt on use.
         state = self.__dict__.copy()
-        state["weight_gradient_sink"], state["_masks"] = None, {}
+        state["linear_with_grad"], state["_masks"] = None, {}
         return state
+
+    def _connections(self, out_degrees: torch.Tensor, in_degrees: torch.Tensor) -> torch.Tensor:
+        return out_degrees[:, None] > in_degrees[None, :] if self.strict else out_degrees[:, None] >= in_degrees[None, :]
 
     def mask(self, device=None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.weight.device
         if device not in self._masks:
-            out_degrees = self.out_degrees.to(device)[:, None]
-            in_degrees = self.in_degrees.to(device)[None, :]
-            self._masks[device] = out_degrees > in_degrees if self.strict else out_degrees >= in_degrees
+            self._masks[device] = self._connections(self.out_degrees.to(device), self.in_degrees.to(device))
         return self._masks[device]
 
     def masked_weight(self) -> torch.Tensor:
         return self.weight * self.mask()
 
+    @torch.no_grad()
+    def zero_absent_connections(self) -> torch.Tensor:
+        """Sets the weights of absent connections to zero. Returns how many of them were not zero (a device scalar).
+
+        Works through the rows in chunks, so no mask of the whole layer is built (or cached) on the weight's device.
+        """
+        weight = self.weight
+        if weight.is_meta:
+            return torch.zeros((), dtype=torch.int64)
+        out_degrees, in_degrees = self.out_degrees.to(weight.device), self.in_degrees.to(weight.device)
+        rows_per_chunk = max(1, (1 << 24) // max(1, self.in_features))
+        stray = torch.zeros((), dtype=torch.int64, device=weight.device)
+        for start in range(0, self.out_features, rows_per_chunk):
+            rows = weight[start : start + rows_per_chunk]
+            out_chunk = out_degrees[start : start + rows_per_chunk, None]
+            absent = out_chunk <= in_degrees[None, :] if self.strict else out_chunk < in_degrees[None, :]
+            stray += torch.count_nonzero(rows)  # NaN counts as nonzero
+            rows.masked_fill_(absent, 0)
+            stray -= torch.count_nonzero(rows)
+        return stray
+
     def forward(self, hidden_states):
         weight = self.weight
-        if self.weight_gradient_sink is not None and weight.requires_grad and torch.is_grad_enabled():
-            device_type = hidden_states.device.type
-            dtype = hidden_states.dtype
-            if torch.is_autocast_enabled(device_type):  # cast once here, so backward reuses the cast weight
-                dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return _LinearWithDeferredWeightGradient.apply(hidden_states.to(dtype), weight.to(dtype),
-                                                               self.bias.to(dtype), self.weight_gradient_sink)
         if weight.requires_grad and torch.is_grad_enabled():
+            if self.linear_with_grad is not None:
+                return self.linear_with_grad(hidden_states, weight, self.bias)
             weight = _MaskGradient.apply(weight, self.mask())
         return F.linear(hidden_states, weight, self.bias)
 
 
-def _hidden_degrees(assignment: str, num_features: int, width: int, lowest: int, generator: torch.Generator):
-    """Degrees in [1, D-1] of one hidden layer's units (``lowest`` = smallest degree of the layer below)."""
-    top = num_features - 1
-    if assignment == "spread":
-        return torch.linspace(lowest, top, width, device="cpu", dtype=torch.float64).round().long()
-    if assignment == "random":
-        return torch.randint(lowest, top + 1, (width,), generator=generator, device="cpu")
-    # "sequential": the modulo rule of the original MAF code, nflows and zuko.
-    return torch.arange(width, device="cpu") % top + 1
+# ------------------------------------------------------------------------------------------ MADE degree rules
+# A degree rule gives the hidden units of one MADE layer their degrees. Contract: called as
+# ``rule(num_features, width, lowest, generator)``, it returns ``width`` integer degrees in [lowest, num_features - 1]
+# (an int64 CPU tensor), where ``lowest`` is the smallest degree of the layer below, so that every unit has at least
+# one incoming connection; ``generator`` (a seeded CPU generator) is its only source of randomness. The config
+# names the rule (``MAFConfig.degree_assignment``); ``hidden_degrees`` calls it and enforces the contract.
+
+
+def _spread_degrees(num_features: int, width: int, lowest: int, generator: torch.Generator) -> torch.Tensor:
+    """Evenly over [lowest, D-1]: every output depends on all its predecessors through the hidden layer."""
+    return torch.linspace(lowest, num_features - 1, width, device="cpu", dtype=torch.float64).round().long()
+
+
+def _random_degrees(num_features: int, width: int, lowest: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform draws from [lowest, D-1] (MADE paper)."""
+    return torch.randint(lowest, num_features, (width,), generator=generator, device="cpu")
+
+
+def _sequential_degrees(num_features: int, width: int, lowest: int, generator: torch.Generator) -> torch.Tensor:
+    """``k mod (D-1) + 1``, the rule of the original MAF code, nflows and zuko: with D >> H the units reach only the
+    first H degrees. Its lowest degree is 1, which is the lowest of the layer below when that one follows this rule
+    too (or is the input layer)."""
+    return torch.arange(width, device="cpu") % (num_features - 1) + 1
+
+
+DEGREE_RULES = {"spread": _spread_degrees, "random": _random_degrees, "sequential": _sequential_degrees}
+
+
+def hidden_degrees(rule: str, num_features: int, width: int, lowest: int, generator: torch.Generator) -> torch.Tensor:
+    """Degrees of one hidden layer's units by the rule named ``rule`` (see the contract above)."""
+    if rule not in DEGREE_RULES:
+        raise ValueError(f"Unknown degree rule {rule!r}; registered rules: {sorted(DEGREE_RULES)}.")
+    degrees = DEGREE_RULES[rule](num_features, width, lowest, generator)
+    if degrees.shape != (width,) or degrees.dtype != torch.int64:
+        raise ValueError(f"Degree rule {rule!r} returned {degrees.dtype} {tuple(degrees.shape)}; it must return "
+                         f"{width} int64 degrees.")
+    if width and (int(degrees.min()) < lowest or int(degrees.max()) > num_features - 1):
+        raise ValueError(f"Degree rule {rule!r} returned degrees in [{int(degrees.min())}, {int(degrees.max())}]; they "
+                         f"must lie in [{lowest}, {num_features - 1}] (at least the lowest degree of the layer below, so "
+                         "that every unit has an input, and below D so that every unit has an output).")
+    return degrees
 
 
 class MADE(nn.Module):
@@ -203,7 +238,7 @@ class MADE(nn.Module):
         layers, previous = [], input_degrees
         lowest = 1
         for width in config.hidden_sizes:
-            degrees = _hidden_degrees(config.degree_assignment, num_features, width, lowest, generator)
+            degrees = hidden_degrees(config.degree_assignment, num_features, width, lowest, generator)
             layers.append(MaskedLinear(previous, degrees, strict=False))
             previous, lowest = degrees, int(degrees.min())
         # Output rows [0, D) are the shifts and [D, 2D) the log-scales of positions 0..D-1.
@@ -319,13 +354,70 @@ class FlowBatchNorm(nn.Module):
         return (outputs - self.beta) * torch.exp(-self.log_gamma) * var.sqrt() + self.running_mean
 
 
+def _zero_absent_connections_after_load(model, incompatible_keys):
+    """``load_state_dict`` post-hook of every MAF/IAF model (also when it is reached through a DDP or accelerate
+    wrapper, as ``accelerator.load_state`` does)."""
+    model.zero_absent_connections("The loaded state dict")
+
+
 class MAFPreTrainedModel(PreTrainedModel):
+    """Weights, initialisation and loading of MAF and IAF models.
+
+    The MADE masks belong to the model, not to the checkpoint: whatever a checkpoint holds, every load path
+    (``load_state_dict``, ``from_pretrained`` by path or Hub id, ``accelerator.load_state``) ends with the weights of
+    absent connections at zero, with a warning that counts those that were not, so a loaded model is always
+    autoregressive (and its ``log_prob`` a normalised density).
+    """
+
     config_class = MAFConfig
     base_model_prefix = "flow"
     main_input_name = "pixel_values"
     _no_split_modules = ["MADEBlock"]
     # Checkpoints saved before anomaly calibration existed load as uncalibrated models.
     _keys_to_ignore_on_load_missing = [r"anomaly_statistics\."]
+
+    def __init__(self, config: MAFConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        self.register_load_state_dict_post_hook(_zero_absent_connections_after_load)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # transformers assigns the checkpoint's tensors without calling load_state_dict: the masks are applied here.
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
+        model.zero_absent_connections(f"The checkpoint {pretrained_model_name_or_path}")
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, and the model's `MAFImageProcessor` next to it (its config's size and
+        channels) unless the folder already holds one that fits the model, so `AutoImageProcessor` works on every
+        saved or pushed model. (Models of other than 1 or 3 channels have no image processor.)"""
+        if is_main_process and self.config.num_channels in (1, 3):
+            path = os.path.join(save_directory, IMAGE_PROCESSOR_FILE)
+            wanted = MAFImageProcessor.from_model_config(self.config)
+            existing = {}
+            try:
+                with open(path) as file:
+                    existing = json.load(file)
+            except (OSError, ValueError):  # none there, or unreadable: write ours
+                pass
+            if not isinstance(existing, dict) or \
+                    (existing.get("size"), existing.get("num_channels")) != (wanted.size, wanted.num_channels):
+                os.makedirs(save_directory, exist_ok=True)
+                wanted.save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+    @torch.no_grad()
+    def zero_absent_connections(self, source: str = "The model") -> int:
+        """Sets every MADE weight of an absent connection to zero; warns with their count when some were not zero
+        (``source`` names where the weights came from). Returns that count."""
+        counts = [module.zero_absent_connections() for module in self.modules() if isinstance(module, MaskedLinear)]
+        stray = int(sum(count.cpu() for count in counts)) if counts else 0
+        if stray:
+            warnings.warn(f"{source} had {stray} nonzero weight(s) on connections that the MADE masks exclude (from "
+                          "another library, merged or edited weights); they are set to zero, so the model stays "
+                          "autoregressive.", UserWarning, stacklevel=3)
+        return stray
 
     def _init_weights(self, module):
         """Hidden layers: uniform with the fan-in each unit really has after masking. Output layer: zero, so every
@@ -404,17 +496,19 @@ class MAFModel(MAFPreTrainedModel):
                             f"got {type(pixel_values).__name__}.")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a float tensor with values in [0, 1], got dtype {pixel_values.dtype}; "
-                            "convert 8-bit images with `images.float() / 255`.")
+                            "preprocess images with MAFImageProcessor (8-bit levels divided by 255).")
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model "
                              f"(num_channels={config.num_channels}, image_size={config.image_size}), got "
-                             f"{tuple(pixel_values.shape)}. Resize the images or build a config that matches them.")
+                             f"{tuple(pixel_values.shape)}. Preprocess the images with MAFImageProcessor.from_model_config"
+                             "(model.config), or build a config that matches them.")
         if pixel_values.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # the range check reads values on the host, which a CUDA graph capture forbids
         low, high = torch.aminmax(pixel_values.detach())
         if bool(low < -1e-6) or bool(high > 1 + 1e-6):
             raise ValueError(f"pixel_values must lie in [0, 1], got values in [{float(low):.3g}, {float(high):.3g}]; "
-                             "divide 8-bit images by 255 (do not normalise to [-1, 1]).")
+                             "preprocess images with MAFImageProcessor (8-bit levels divided by 255; not normalised to "
+                             "[-1, 1]).")
 
     # ------------------------------------------------------------------------------------ pixels <-> logit
     def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
@@ -477,7 +571,7 @@ class MAFModel(MAFPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> MAFModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
-            Images with values in [0, 1] (8-bit images divided by 255). In training mode they are dequantised with
+            Images with values in [0, 1], as [`MAFImageProcessor`] makes them. In training mode they are dequantised with
             uniform noise; in eval mode with the bin centre, so the output is deterministic.
         """
         per_dimension, latents = self._per_dimension_log_prob(pixel_values, random_dequantization=self.training)

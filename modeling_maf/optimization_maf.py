@@ -3,24 +3,26 @@
 Half of every MADE weight is masked out and stays exactly zero, and the weight gradient of a batch is the low-rank
 product ``grad_output.T @ inputs`` (rank = batch size). ``torch.optim.Adam`` nevertheless moves every weight through
 memory several times a step: backward writes the dense gradient, the mask reads and rewrites it, Adam reads the weight,
-gradient and both moments and writes three of them back. At the seed spec (530 M MADE weights) that is ~21 GB a step.
+gradient and both moments and writes three of them back.
 
 ``MaskedAdam`` is ``torch.optim.Adam`` (same hyper-parameters, same state and ``state_dict`` format, so checkpoints move
-freely between the two) except for the MADE weights of a MAF: their layers hand ``(inputs, grad_output)`` to the
-optimizer (``MaskedLinear.weight_gradient_sink``), and ``step`` forms the gradient tile by tile inside the Adam update,
-only for tiles that hold a connection. It reads and writes the weight and both moments of those tiles once: ~6.8 GB a
-step at the spec. On CUDA the update is one Triton kernel per layer; elsewhere (and for float64) it runs the same
-maths in plain torch, which the tests compare with ``torch.optim.Adam``.
+freely between the two) except for the MADE weights of a MAF. It plugs into their layers through
+``MaskedLinear.linear_with_grad``, the layer's one hook: backward hands the layer's ``(inputs, grad_output)`` to the
+optimizer instead of forming ``weight.grad``, and ``step`` forms the gradient tile by tile inside the Adam update, only
+for tiles that hold a connection, reading and writing the weight and both moments of those tiles once. On CUDA the
+update is one Triton kernel per layer; elsewhere (and for float64) it runs the same maths in plain torch, which the
+tests compare with ``torch.optim.Adam``.
 
 With several processes (DDP through accelerate) the MADE weights are left out of DDP's gradient all-reduce, and the
-optimizer all-gathers the per-process ``(inputs, grad_output)`` pairs instead: ~34 MB a step at the spec instead of
-2.1 GB of gradients. Every process then applies the same update, the average DDP would have formed.
+optimizer all-gathers the per-process ``(inputs, grad_output)`` pairs instead (batch x (in + out) numbers per layer
+rather than in x out). Every process then applies the same update, the average DDP would have formed.
 """
 
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from .modeling_maf import MaskedLinear
 
@@ -118,6 +120,45 @@ def flag_non_finite_(found_inf: torch.Tensor, tensors: list[torch.Tensor]) -> to
     return found_inf
 
 
+class _LinearWithDeferredWeightGradient(torch.autograd.Function):
+    """``F.linear`` whose backward appends ``(inputs, grad_output)`` to ``pairs`` instead of forming the weight gradient.
+
+    The weight gradient of a batch is the low-rank product ``grad_output.T @ inputs``; ``MaskedAdam`` forms it tile by
+    tile inside its update, for connected tiles only, so the dense (out, in) gradient is never written, masked or read
+    back.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, pairs):
+        ctx.save_for_backward(inputs, weight)
+        ctx.pairs = pairs
+        return F.linear(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs, weight = ctx.saved_tensors
+        ctx.pairs.append((inputs, grad_output))
+        grad_inputs = grad_output @ weight if ctx.needs_input_grad[0] else None
+        grad_bias = grad_output.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_inputs, None, grad_bias, None
+
+
+class _FactorSink:
+    """What ``MaskedAdam`` installs as a layer's ``MaskedLinear.linear_with_grad``: ``F.linear`` whose backward
+    collects the weight gradient's factors in ``pairs`` (one ``(inputs, grad_output)`` per backward since the last
+    step). Under autocast the operands are cast once here, so that backward reuses the cast weight."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def __call__(self, inputs, weight, bias):
+        device_type = inputs.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else inputs.dtype
+        with torch.autocast(device_type, enabled=False):
+            return _LinearWithDeferredWeightGradient.apply(inputs.to(dtype), weight.to(dtype), bias.to(dtype),
+                                                           self.pairs)
+
+
 def connected_tiles(out_degrees: torch.Tensor, in_degrees: torch.Tensor, strict: bool, block_rows: int,
                     block_cols: int) -> torch.Tensor:
     """(num_tiles, 2) int32 tile coordinates of the (block_rows, block_cols) tiles holding at least one connection."""
@@ -205,10 +246,10 @@ class MaskedAdam(torch.optim.Adam):
         # IAF's training direction never calls MaskedLinear.forward, so only a MAF defers its weight gradients.
         deferred = [] if getattr(model, "conditioner_on_noise", False) else \
             [module for module in model.modules() if isinstance(module, MaskedLinear)]
-        self._deferred = {}  # parameter -> (layer, tile plans per device)
+        self._deferred = {}  # parameter -> (layer, its factor sink, tile plans per device)
         for layer in deferred:
-            layer.weight_gradient_sink = []
-            self._deferred[layer.weight] = (layer, {})
+            layer.linear_with_grad = _FactorSink()
+            self._deferred[layer.weight] = (layer, layer.linear_with_grad, {})
         self._model = model
         self._ignored_by_ddp = [name for name, parameter in model.named_parameters() if parameter in self._deferred]
         if self._ignored_by_ddp:
@@ -218,15 +259,15 @@ class MaskedAdam(torch.optim.Adam):
     def release(self):
         """Hand the MADE weight gradients back to autograd (for another optimizer on the same model): the layers
         fill ``weight.grad`` again and DDP stops ignoring them. This optimizer then updates them as plain Adam."""
-        for layer, _ in self._deferred.values():
-            layer.weight_gradient_sink = None
+        for layer, _, _ in self._deferred.values():
+            layer.linear_with_grad = None
         _ignore_in_ddp(self._model, self._ignored_by_ddp, ignore=False)
         self._deferred, self._ignored_by_ddp = {}, []
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none=set_to_none)
-        for layer, _ in self._deferred.values():
-            layer.weight_gradient_sink.clear()
+        for _, sink, _ in self._deferred.values():
+            sink.pairs.clear()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -234,16 +275,17 @@ class MaskedAdam(torch.optim.Adam):
         if closure is not None:  # first, so that its backward fills the factors read below
             with torch.enable_grad():
                 loss = closure()
-        pending = [(parameter, layer, plans) for parameter, (layer, plans) in self._deferred.items()
-                   if layer.weight_gradient_sink]
-        for parameter, _, _ in pending:
+        pending = [(parameter, layer, sink, plans) for parameter, (layer, sink, plans) in self._deferred.items()
+                   if sink.pairs]
+        for parameter, *_ in pending:
             if parameter.grad is not None:
                 raise RuntimeError("A MADE weight received a dense gradient besides MaskedAdam's factors (a DDP wrapper "
                                    "built before MaskedAdam all-reduces it): build MaskedAdam before "
                                    "accelerator.prepare / DistributedDataParallel.")
         factors, grad_scale = [], 1.0
         if pending:
-            factors, grad_scale = self._gather_across_processes([self._factors(layer) for _, layer, _ in pending])
+            factors, grad_scale = self._gather_across_processes([self._factors(layer, sink)
+                                                                 for _, layer, sink, _ in pending])
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and factors:
             flag_non_finite_(found_inf, [tensor for pair in factors for tensor in pair])
@@ -255,7 +297,7 @@ class MaskedAdam(torch.optim.Adam):
             scale = torch.full((), grad_scale, dtype=torch.float32, device=pending[0][0].device)
         skip = found_inf  # None: never skip
         group_of = {parameter: group for group in self.param_groups for parameter in group["params"]}
-        for (parameter, layer, plans), (inputs, grad_output) in zip(pending, factors):
+        for (parameter, layer, sink, plans), (inputs, grad_output) in zip(pending, factors):
             group = group_of[parameter]
             state = self._state_for(parameter)
             state["step"] += 1
@@ -265,7 +307,7 @@ class MaskedAdam(torch.optim.Adam):
                 self._torch_update(parameter, layer, state, inputs, grad_output, scale, skip, group)
             if skip is not None:
                 state["step"] -= skip.to(state["step"].device)
-            layer.weight_gradient_sink.clear()
+            sink.pairs.clear()
         return loss
 
     def _clip(self, pending, factors, grad_scale):
@@ -275,7 +317,7 @@ class MaskedAdam(torch.optim.Adam):
         dense = [parameter.grad for group in self.param_groups for parameter in group["params"]
                  if parameter.grad is not None]
         squares = [grad.detach().float().square().sum() for grad in dense]
-        for (parameter, layer, plans), (inputs, grad_output) in zip(pending, factors):
+        for (parameter, layer, _, plans), (inputs, grad_output) in zip(pending, factors):
             squares.append(self._masked_square_sum(parameter, layer, plans, inputs, grad_output) * grad_scale**2)
         if not squares:
             return None
@@ -289,10 +331,10 @@ class MaskedAdam(torch.optim.Adam):
 
     # ------------------------------------------------------------------------------------------- helpers
     @staticmethod
-    def _factors(layer):
+    def _factors(layer, sink):
         """The layer's (inputs, grad_output) of every backward since the last step, stacked along the batch."""
         pairs = [(inputs.reshape(-1, layer.in_features), grad.reshape(-1, layer.out_features))
-                 for inputs, grad in layer.weight_gradient_sink]
+                 for inputs, grad in sink.pairs]
         if len(pairs) == 1:  # the usual case: one backward per step, used in place (no copy on the hot path)
             inputs, grad_output = pairs[0]
         else:

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
+from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE, NOT_CALIBRATED
 from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
 from modeling_maf.metrics.evaluation import (
@@ -96,11 +96,11 @@ def recorded_validation_files(model_name_or_path: str, token=None):
         return json.load(f).get("validation_files")
 
 
-def calibration_pixels(args, dataset, config):
+def calibration_pixels(args, dataset, processor):
     """(pixel_values, description) of the good images named by --calibration_data."""
     if args.calibration_data != VALIDATION:
         images = load_good_images(args.calibration_data)
-        return load_split_as_tensors(images, config.image_size, config.num_channels).pixel_values, args.calibration_data
+        return load_split_as_tensors(images, image_processor=processor).pixel_values, args.calibration_data
     files = recorded_validation_files(args.model_name_or_path, args.hub_token)
     if files:
         _, validation = split_validation(dataset["train"], validation_files=files)
@@ -109,14 +109,14 @@ def calibration_pixels(args, dataset, config):
         _, validation = split_validation(dataset["train"], args.validation_split_percentage, args.seed)
         source = (f"a {args.validation_split_percentage}% validation split of train/good (seed {args.seed}; no "
                   "validation files recorded with the model: check that it did not train on them)")
-    return load_split_as_tensors(validation, config.image_size, config.num_channels).pixel_values, source
+    return load_split_as_tensors(validation, image_processor=processor).pixel_values, source
 
 
-def calibrate(args, model, dataset, device) -> str:
+def calibrate(args, model, dataset, device, processor) -> str:
     """Calibrate on --calibration_data when given; returns where the calibration comes from."""
     if args.calibration_data is None:
         return "the model" if model.is_calibrated else "none"
-    pixels, source = calibration_pixels(args, dataset, model.config)
+    pixels, source = calibration_pixels(args, dataset, processor)
     model.calibrate(pixels.to(device), target_fpr=args.target_fpr, method=args.score or DEFAULT_CALIBRATED_SCORE,
                     batch_size=args.batch_size)
     print(f"Calibrated on {len(pixels)} good images ({source}).")
@@ -327,9 +327,10 @@ def main(argv=None):
     device, output_dir, model = load_model_for_inference(args, "anomaly")
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
-    config = model.config
-    test = load_split_as_tensors(dataset["test"], config.image_size, config.num_channels)
-    calibration_source = calibrate(args, model, dataset, device)
+    # The processor saved with the model: test and calibration images are preprocessed as the training images were.
+    processor = MAFImageProcessor.from_model(args.model_name_or_path, model.config, token=args.hub_token)
+    test = load_split_as_tensors(dataset["test"], image_processor=processor)
+    calibration_source = calibrate(args, model, dataset, device, processor)
     method = model.resolve_anomaly_method(args.score)
     if ANOMALY_SCORES[method].needs_statistics and not model.is_calibrated:
         raise SystemExit(f"--score {method} needs a calibrated model. {NOT_CALIBRATED} Or pass --calibration_data "

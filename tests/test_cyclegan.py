@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+import modeling_cyclegan.configuration_cyclegan as configuration_cyclegan
 from modeling_cyclegan import (
     CycleGANConfig,
     CycleGANDiscriminator,
@@ -23,6 +24,12 @@ from modeling_cyclegan import (
     CycleGANOutput,
     gan_loss,
 )
+from modeling_cyclegan.image_processing_cyclegan import (
+    levels_to_pixel_values,
+    pixel_values_to_levels,
+    pixel_values_to_unit_interval,
+)
+from modeling_cyclegan.modeling_cyclegan import DISCRIMINATOR_CLASSES, GENERATOR_CLASSES
 from hf_dgm_training import ImagePool
 
 
@@ -53,6 +60,67 @@ def test_parameter_counts_equal_the_reference():
     assert num_parameters(CycleGANDiscriminator(config)) == 2_764_737
     # resize-conv has the same weight shapes as the transposed convolution
     assert num_parameters(CycleGANGenerator(CycleGANConfig(image_size=256, upsample_mode="resize_conv"))) == 11_378_179
+
+
+def test_architectures_are_chosen_by_config_and_the_defaults_are_the_papers():
+    assert tuple(GENERATOR_CLASSES) == configuration_cyclegan.GENERATOR_TYPES
+    assert tuple(DISCRIMINATOR_CLASSES) == configuration_cyclegan.DISCRIMINATOR_TYPES
+    config = CycleGANConfig(image_size=256)
+    assert (config.generator_type, config.discriminator_type) == ("resnet", "patchgan")
+    with torch.device("meta"):
+        model = CycleGANModel(config)
+    assert type(model.generator_a_to_b) is CycleGANGenerator and type(model.discriminator_b) is CycleGANDiscriminator
+    assert model.num_parameters() == 2 * 11_378_179 + 2 * 2_764_737
+
+
+def test_a_registered_generator_is_built_and_its_input_size_rule_applies(monkeypatch):
+    class PixelGenerator(nn.Module):  # a 1x1-convolution generator: any size is fine except odd ones, by decree
+        input_size_multiple = 2
+        input_size_rule = "a test rule"
+
+        def __init__(self, config):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv2d(config.num_channels, config.num_channels, 1), nn.Tanh())
+
+        def forward(self, pixel_values):
+            return self.layers(pixel_values)
+
+    monkeypatch.setitem(GENERATOR_CLASSES, "pixel", PixelGenerator)
+    monkeypatch.setattr(configuration_cyclegan, "GENERATOR_TYPES", (*configuration_cyclegan.GENERATOR_TYPES, "pixel"))
+    model = CycleGANModel(tiny_config(image_size=18, generator_type="pixel"))
+    assert type(model.generator_b_to_a) is PixelGenerator
+    assert model(random_images(1, 18), random_images(1, 18)).fake_b.shape == (1, 3, 18, 18)
+    with pytest.raises(ValueError, match="divisible by 2 for PixelGenerator \\(a test rule\\)"):
+        model.translate(random_images(1, 17))
+    with pytest.raises(ValueError, match="CycleGANConfig.image_size.*divisible by 2"):
+        CycleGANModel(tiny_config(image_size=19, generator_type="pixel"))
+
+
+def test_config_serialises_and_old_config_files_load(tmp_path):
+    config = tiny_config()
+    assert json.loads(config.to_json_string())["generator_type"] == "resnet"
+    assert CycleGANConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    old = config.to_dict()  # a config.json written before generator_type / discriminator_type existed
+    del old["generator_type"], old["discriminator_type"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = CycleGANConfig.from_pretrained(tmp_path)
+    assert (loaded.generator_type, loaded.discriminator_type) == ("resnet", "patchgan")
+    assert loaded.image_size == 16
+
+
+def test_image_size_follows_the_generators_input_size_rule():
+    with pytest.raises(ValueError, match=r"CycleGANConfig.image_size has size 30x30; .*divisible by 4 .*e.g. 32"):
+        CycleGANModel(tiny_config(image_size=30))
+
+
+def test_the_minus_one_to_one_rule_and_its_inverses():
+    levels = torch.arange(256, dtype=torch.uint8)
+    pixel_values = levels_to_pixel_values(levels)
+    assert pixel_values[0] == -1 and pixel_values[-1] == 1 and pixel_values.dtype == torch.float32
+    assert torch.equal(pixel_values_to_levels(pixel_values), levels)
+    torch.testing.assert_close(pixel_values_to_unit_interval(pixel_values), levels.float() / 255, rtol=0, atol=1e-6)
+    buffer = levels.float()
+    assert levels_to_pixel_values(buffer, inplace=True) is buffer and torch.equal(buffer, pixel_values)
 
 
 def test_default_residual_blocks_follow_image_size():
@@ -117,7 +185,8 @@ def test_weights_are_normal_002_with_zero_bias():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("image_size", 30),
+        ("generator_type", "unet"),
+        ("discriminator_type", "pixelgan"),
         ("image_size", 0),
         ("num_channels", 0),
         ("num_residual_blocks", -1),

@@ -4,7 +4,7 @@
   outputs; a pinned revision (commit or branch) loads that revision.
 - A fresh interpreter that cannot import this project loads every model with
   AutoModel.from_pretrained(repo_id, trust_remote_code=True) (the code travels in the repo through `auto_map`)
-  and the CycleGAN image processor with AutoImageProcessor, and reproduces the outputs saved here.
+  and the MAF and CycleGAN image processors with AutoImageProcessor, and reproduces the outputs saved here.
 - The MVTec DatasetDict pushed with scripts/push_mvtec_dataset.py loads back with load_dataset(repo_id).
 """
 
@@ -20,7 +20,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 
 from synthetic_data import make_mvtec_category
@@ -126,7 +126,7 @@ def test_pinned_revision_loads_that_revision(hub_server, tmp_path, name):
 # editable install's finder is removed by the script itself.
 CHILD_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, warnings
     # The editable install of hf-dgm is an import finder: drop it, so only the code downloaded from the Hub is there.
     sys.meta_path[:] = [finder for finder in sys.meta_path
                         if "__editable__" not in getattr(finder, "__module__", "") + type(finder).__module__]
@@ -144,23 +144,31 @@ CHILD_SCRIPT = textwrap.dedent(
     from transformers import AutoImageProcessor, AutoModel
 
     jobs = json.load(open(JOBS))
-    results = {}
+    results, mask_warnings = {}, {}
     for job in jobs:
-        model = AutoModel.from_pretrained(job["repo_id"], trust_remote_code=True).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = AutoModel.from_pretrained(job["repo_id"], trust_remote_code=True).eval()
+        mask_warnings[job["repo_id"]] = [str(w.message) for w in caught if "nonzero weight" in str(w.message)]
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         inputs = torch.load(job["inputs"])
         with torch.no_grad():
             if job["kind"] == "flow":
                 output = model(inputs).log_prob
+                processor = AutoImageProcessor.from_pretrained(job["repo_id"], trust_remote_code=True)
+                assert type(processor).__name__ == "MAFImageProcessor", type(processor)
+                assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+                torch.save(processor(Image.open(job["image"]))["pixel_values"], job["pixel_values_out"])
             else:
                 processor = AutoImageProcessor.from_pretrained(job["repo_id"], trust_remote_code=True)
                 assert type(processor).__name__ == "CycleGANImageProcessor", type(processor)
+                assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
                 pixel_values = processor(Image.open(job["image"]))["pixel_values"]
                 torch.save(pixel_values, job["pixel_values_out"])
                 output = model.generator_a_to_b(inputs)
         torch.save(output, job["output"])
         results[job["repo_id"]] = type(model).__name__
-    print(json.dumps(results))
+    print(json.dumps({"classes": results, "mask_warnings": mask_warnings}))
     """
 )
 
@@ -169,12 +177,22 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
     jobs, expected = [], {}
     image_path = tmp_path / "horse.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(image_path)
-    for name in MODELS:
-        build, _, outputs, _ = MODELS[name]
+    for name in [*MODELS, "maf-perturbed"]:
+        build, _, outputs, _ = MODELS[name.removesuffix("-perturbed")]
         model = build()
         repo_id = hub_server.repo_id(f"{name}-remote-code")
-        model.push_to_hub(repo_id)
-        inputs = model_inputs(name)
+        if name == "maf-perturbed":  # nonzero weights on masked connections: the remote code must zero them on load
+            perturbed = build()
+            with torch.no_grad():
+                for module in perturbed.modules():
+                    if isinstance(module, MaskedLinear):
+                        module.weight.add_(~module.mask() * 0.5)
+            perturbed.push_to_hub(repo_id)
+            perturbed_repo, perturbed_count = repo_id, sum(int((~m.mask()).sum()) for m in perturbed.modules()
+                                                          if isinstance(m, MaskedLinear))
+        else:
+            model.push_to_hub(repo_id)
+        inputs = model_inputs(name.removesuffix("-perturbed"))
         torch.save(inputs, tmp_path / f"{name}-inputs.pt")
         job = {
             "repo_id": repo_id,
@@ -186,8 +204,10 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
         if name == "cyclegan":
             processor = CycleGANImageProcessor(size=16)
             processor.push_to_hub(repo_id)
-            job.update(image=str(image_path), pixel_values_out=str(tmp_path / "pixel_values.pt"))
-            expected["pixel_values"] = processor(Image.open(image_path))["pixel_values"]
+        else:  # the flows' processor was pushed with the model (MAFPreTrainedModel.save_pretrained)
+            processor = MAFImageProcessor.from_model_config(model.config)
+        job.update(image=str(image_path), pixel_values_out=str(tmp_path / f"{name}-pixel_values.pt"))
+        expected[f"{name}-pixel_values"] = processor(Image.open(image_path))["pixel_values"]
         jobs.append(job)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
 
@@ -202,13 +222,15 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    classes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(classes.values()) == ["CycleGANModel", "IAFModel", "MAFModel"]
+    reported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sorted(reported["classes"].values()) == ["CycleGANModel", "IAFModel", "MAFModel", "MAFModel"]
+    assert [len(found) for found in reported["mask_warnings"].values()] == [0, 0, 0, 1]
+    assert f"had {perturbed_count} nonzero weight(s)" in reported["mask_warnings"][perturbed_repo][0]
     assert (child_home / "modules" / "transformers_modules").is_dir()  # the code came from the repos
 
-    for name in MODELS:
+    for name in [*MODELS, "maf-perturbed"]:  # the perturbed MAF gives the unperturbed one's log_prob
         assert torch.equal(torch.load(tmp_path / f"{name}-output.pt"), expected[name]), name
-    assert torch.equal(torch.load(tmp_path / "pixel_values.pt"), expected["pixel_values"])
+        assert torch.equal(torch.load(tmp_path / f"{name}-pixel_values.pt"), expected[f"{name}-pixel_values"]), name
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.modeling_maf import MaskedLinear
+from modeling_maf.configuration_maf import DEGREE_ASSIGNMENTS
+from modeling_maf.modeling_maf import DEGREE_RULES, MaskedLinear, hidden_degrees
 
-DEGREE_ASSIGNMENTS = ["spread", "random", "sequential"]
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]
 
 
@@ -66,6 +66,34 @@ def test_spread_degrees_cover_the_whole_input_range():
     # The modulo rule of nflows, by contrast, only reaches the first H degrees.
     sequential = MAFModel(tiny_config(image_size=8, num_channels=3, hidden_sizes=[16, 16], degree_assignment="sequential"))
     assert int(sequential.blocks[0].made.layers[0].out_degrees.max()) == 16
+
+
+def test_degree_rules_are_the_configs_names_and_give_the_same_degrees_as_always():
+    assert tuple(DEGREE_RULES) == DEGREE_ASSIGNMENTS
+    # Pinned values: checkpoints store no masks, so a rule must keep giving the degrees it gave when they were saved.
+    generator = torch.Generator().manual_seed(0)
+    assert hidden_degrees("spread", 10, 4, 1, generator).tolist() == [1, 4, 6, 9]
+    assert hidden_degrees("spread", 10, 3, 4, generator).tolist() == [4, 6, 9]
+    assert hidden_degrees("sequential", 5, 6, 1, generator).tolist() == [1, 2, 3, 4, 1, 2]
+    drawn = hidden_degrees("random", 10, 5, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(drawn, torch.randint(3, 10, (5,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_degree_rule_contract_is_enforced_in_one_place(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    monkeypatch.setitem(DEGREE_RULES, "below", lambda features, width, lowest, g: torch.full((width,), lowest - 1))
+    monkeypatch.setitem(DEGREE_RULES, "too_high", lambda features, width, lowest, g: torch.full((width,), features))
+    monkeypatch.setitem(DEGREE_RULES, "short", lambda features, width, lowest, g: torch.ones(width - 1, dtype=torch.long))
+    monkeypatch.setitem(DEGREE_RULES, "top", lambda features, width, lowest, g: torch.full((width,), features - 1))
+    with pytest.raises(ValueError, match=r"'below'.*must lie in \[2, 9\]"):
+        hidden_degrees("below", 10, 4, 2, generator)
+    with pytest.raises(ValueError, match=r"'too_high'.*must lie in"):
+        hidden_degrees("too_high", 10, 4, 1, generator)
+    with pytest.raises(ValueError, match="'short' returned"):
+        hidden_degrees("short", 10, 4, 1, generator)
+    with pytest.raises(ValueError, match="registered rules"):
+        hidden_degrees("modulo", 10, 4, 1, generator)
+    assert hidden_degrees("top", 10, 4, 1, generator).tolist() == [9] * 4  # a new rule is one function
 
 
 @pytest.mark.parametrize("model_class,config_class", FLOWS)

@@ -163,7 +163,7 @@ def test_release_hands_the_gradients_back_to_autograd():
     optimizer.release()
     model(batches(1)[0]).loss.backward()
     first = model.blocks[0].made.layers[0]
-    assert first.weight.grad is not None and first.weight_gradient_sink is None
+    assert first.weight.grad is not None and first.linear_with_grad is None
     assert not first.weight.grad[~first.mask()].any()
 
 

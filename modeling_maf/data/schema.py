@@ -11,10 +11,9 @@ Every split (train, test) of every loader has the columns
                  ("test/17") when the Hub dataset names no file
 
 Conversion rules (applied once, when the dataset is built):
-- RGB and L images are kept; 1-bit images become L; 16-bit grayscale becomes L (divided by 257); every other
-  mode (palette, CMYK, ...) becomes RGB.
-- Images with transparency (RGBA, LA, palette + transparency) are composited over **black**: a pixel's colour is
-  scaled by its opacity, so what is transparent contributes nothing, whatever colour was stored under it.
+- Images become RGB or L by the colour rules of `modeling_maf.image_processing_maf` (`normalize_mode`), the same
+  rules the model's image processor applies: RGB and L kept, 1-bit and 16-bit grayscale to L, transparency composited
+  over **black**, every other mode to RGB.
 - Masks are binarised: any nonzero value becomes 255, stored as mode "L".
 """
 
@@ -24,6 +23,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image as PILImage
+
+from ..image_processing_maf import normalize_mode, to_mode, to_rgb  # noqa: F401  (the colour rules live there)
 
 
 GOOD = "good"
@@ -39,8 +40,6 @@ ANOMALY_FEATURES = datasets.Features(
     }
 )
 MVTEC_FEATURES = ANOMALY_FEATURES  # the name the MVTec loader has always used
-_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class AnomalyDataError(ValueError):
@@ -74,41 +73,6 @@ def read_image(path: Path) -> PILImage.Image:
             f"Cannot read image file {path}: {error}. The file is corrupt or not an image; replace it with a "
             "good copy or delete it."
         ) from error
-
-
-def normalize_mode(image: PILImage.Image) -> PILImage.Image:
-    """The image as RGB or L, by the rules of the module docstring."""
-    if image.mode in ("RGB", "L"):
-        return image
-    if image.mode == "1":
-        return image.convert("L")
-    if image.mode in _SIXTEEN_BIT_MODES:
-        levels = np.asarray(image).astype(np.float64)
-        if levels.max(initial=0) > 255:
-            levels = levels / 257.0
-        return PILImage.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in _TRANSPARENT_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        black = PILImage.new("RGBA", rgba.size, (0, 0, 0, 255))
-        composited = PILImage.alpha_composite(black, rgba).convert("RGB")
-        return composited.convert("L") if image.mode in ("LA", "La") else composited
-    return image.convert("RGB")
-
-
-def to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """RGB copy of `image`: gray levels repeated; transparency composited over black (see the module docstring)."""
-    image = normalize_mode(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def to_mode(image: PILImage.Image, num_channels: int) -> PILImage.Image:
-    """The image with `num_channels` channels: 3 = RGB (gray repeated), 1 = L (colour to luma, ITU-R 601-2)."""
-    if num_channels == 3:
-        return to_rgb(image)
-    if num_channels == 1:
-        image = normalize_mode(image)
-        return image if image.mode == "L" else image.convert("L")
-    raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
 
 
 def binarize_mask(mask: PILImage.Image) -> PILImage.Image:
