@@ -9,6 +9,8 @@ import os
 import types
 import typing
 
+from .errors import add_debug_arg
+
 
 REPORT_TO_CHOICES = ("none", "tensorboard", "trackio", "wandb", "all")
 
@@ -97,6 +99,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         "--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)."
     )
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    add_debug_arg(parser)
 
     if defaults:
         known = {action.dest for action in parser._actions}

@@ -34,7 +34,9 @@ from hf_dgm_training import (
     add_config_override_args,
     config_overrides_from_args,
     finish_common_args,
+    load_pretrained,
     plot_curves,
+    run_main,
     save_small_grid,
     setup_accelerator,
     write_model_card,
@@ -123,7 +125,8 @@ def build_model(args) -> CycleGANModel:
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     if args.model_name_or_path:
-        return CycleGANModel.from_pretrained(args.model_name_or_path, token=args.hub_token, **overrides)
+        return load_pretrained(CycleGANModel, args.model_name_or_path, model_types=("cyclegan",), token=args.hub_token,
+                               **overrides)
     return CycleGANModel(CycleGANConfig(**overrides))
 
 
@@ -397,4 +400,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,9 @@ from hf_dgm_training import (
     add_config_override_args,
     config_overrides_from_args,
     finish_common_args,
+    load_pretrained,
     plot_curves,
+    run_main,
     setup_accelerator,
     write_model_card,
 )
@@ -84,7 +86,7 @@ def build_model(args, num_channels: int, device):
     config_class, model_class = FLOW_CLASSES[args.flow_type]
     overrides = {"num_channels": num_channels, **config_overrides_from_args(args, MAFConfig)}
     if args.model_name_or_path:
-        model = model_class.from_pretrained(args.model_name_or_path, token=args.hub_token)
+        model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,), token=args.hub_token)
         if model.config.image_size != args.image_size:
             raise ValueError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
@@ -372,4 +374,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

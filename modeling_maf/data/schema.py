@@ -25,6 +25,8 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
+from hf_dgm_training.errors import DataError
+
 
 GOOD = "good"
 ANOMALY = "anomaly"
@@ -43,7 +45,7 @@ _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class AnomalyDataError(ValueError):
+class AnomalyDataError(DataError):
     """The data on disk or on the Hub is missing, empty, unreadable or inconsistent."""
 
 
