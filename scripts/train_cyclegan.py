@@ -30,6 +30,7 @@ from hf_dgm_training import (
     ImagePool,
     TrainingLoop,
     TrainingTask,
+    UsageError,
     add_common_args,
     add_config_override_args,
     config_overrides_from_args,
@@ -322,7 +323,7 @@ def main(argv=None):
     config = model.config
     load_size = args.load_size or default_load_size(config.image_size)
     if load_size < config.image_size:
-        raise ValueError(f"--load_size {load_size} is smaller than the crop size --image_size {config.image_size}.")
+        raise UsageError(f"--load_size {load_size} is smaller than the crop size --image_size {config.image_size}.")
 
     # Data: both domains resized once to the load size, kept on the device as uint8.
     evaluation_split = args.test_split

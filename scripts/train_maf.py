@@ -24,6 +24,7 @@ from hf_dgm_training import (
     CUDAGraphStep,
     TrainingLoop,
     TrainingTask,
+    UsageError,
     add_common_args,
     add_config_override_args,
     config_overrides_from_args,
@@ -88,7 +89,7 @@ def build_model(args, num_channels: int, device):
     if args.model_name_or_path:
         model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,), token=args.hub_token)
         if model.config.image_size != args.image_size:
-            raise ValueError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
+            raise UsageError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
         return model
     with torch.device(device):
@@ -157,7 +158,7 @@ class FlowTask(TrainingTask):
         self.use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and fast
                                                          and accelerator.num_processes == 1)
         if self.use_graphs and (not on_cuda or accelerator.num_processes > 1):
-            raise ValueError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+            raise UsageError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
         self.use_masked_adam = args.optimizer == "masked_adam" or (
             args.optimizer == "auto" and args.flow_type == "maf" and on_cuda and fast)
         # Fused Adam (CPU and CUDA) reads `found_inf` and skips a flagged step on the device; the plain path checks
