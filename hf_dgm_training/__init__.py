@@ -11,6 +11,9 @@
 - `model_selection`: the best epoch's weights by a validation metric, and early stopping.
 - `inference`: the prologue of the inference scripts (device, output folder, model).
 - `image_pool`: CycleGAN's image history buffer.
+- `errors`: the errors a user can fix, and `run_main`, the entry point that prints them as one line.
+- `loading`: `--model_name_or_path` checked and loaded, never sending a local-looking path to the Hub.
+- `images`: images decoded from files and `datasets` columns with errors that name the damaged file.
 """
 
 from .arguments import (
@@ -24,11 +27,23 @@ from .arguments import (
 )
 from .checkpoints import CHECKPOINT_PREFIX, TRAINING_STATE_NAME, CheckpointManager
 from .cuda_graphs import CUDAGraphStep
+from .errors import (
+    DataError,
+    HfDgmError,
+    ModelLoadError,
+    UnreadableImageError,
+    UsageError,
+    add_debug_arg,
+    is_user_error,
+    run_main,
+)
 from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
 from .image_pool import ImagePool
+from .images import check_dataset_images, iter_dataset_images, open_image
 from .trainer import TrainingLoop, TrainingTask
 from .model_selection import BestModelKeeper
 from .inference import load_model_for_inference, resolve_device
+from .loading import load_pretrained, looks_local, resolve_model_path
 from .outputs import (
     MetricsLogger,
     device_description,

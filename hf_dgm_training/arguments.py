@@ -9,6 +9,8 @@ import os
 import types
 import typing
 
+from .errors import UsageError, add_debug_arg
+
 
 REPORT_TO_CHOICES = ("none", "tensorboard", "trackio", "wandb", "all")
 
@@ -97,6 +99,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         "--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)."
     )
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    add_debug_arg(parser)
 
     if defaults:
         known = {action.dest for action in parser._actions}
@@ -229,7 +232,10 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
 
 
 def config_overrides_from_args(args: argparse.Namespace, config_class) -> dict:
-    """The config fields the user set on the command line, as keyword arguments for `config_class`."""
+    """The config fields the user set on the command line, as keyword arguments for `config_class`.
+
+    The values are checked by building a `config_class` from them: a value the config refuses (e.g.
+    `--num_blocks 0`) raises `UsageError` naming the flags, before any data or model is loaded."""
     registry = getattr(args, "_config_override_fields", None) or {}
     names = registry.get(config_class.__name__)
     if names is None:
@@ -239,5 +245,15 @@ def config_overrides_from_args(args: argparse.Namespace, config_class) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = list(value) if isinstance(value, (list, tuple)) else value
+    if overrides:
+        try:
+            config_class(**overrides)
+        except ValueError as error:  # the config's own validation of its values
+            flags = " ".join(
+                f"--{name} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+                for name, value in overrides.items()
+            )
+            message = " ".join(str(error).split()).rstrip(".")
+            raise UsageError(f"{message} (from the flags {flags}; see --help).") from error
     return overrides
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .cuda_graphs import CUDAGraphStep
+from .errors import UsageError
 from .image_pool import ImagePool
 
 
@@ -60,9 +61,9 @@ def resolve_fast_path(args, device: torch.device, num_processes: int, config) ->
 
     cuda_graphs = choose(args.cuda_graphs, fast and on_cuda and num_processes == 1)
     if cuda_graphs and not on_cuda:
-        raise ValueError("--cuda_graphs true needs a CUDA device.")
+        raise UsageError("--cuda_graphs true needs a CUDA device.")
     if cuda_graphs and num_processes > 1:
-        raise ValueError("--cuda_graphs is for one process; with several, leave it on auto (off) or false.")
+        raise UsageError("--cuda_graphs is for one process; with several, leave it on auto (off) or false.")
     return FastPathOptions(
         device_type=device.type,
         autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from .checkpoints import CHECKPOINT_PREFIX
+from .errors import UsageError
 
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def resolve_hub_token(token: str | None) -> str:
 
     token = get_token()
     if not token:
-        raise ValueError(
+        raise UsageError(
             "--push_to_hub needs a Hub token with write access: pass --hub_token, set the HF_TOKEN environment "
             "variable, or run `hf auth login` before training."
         )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .loading import load_pretrained
+
 
 def resolve_device(name: str | None = None):
     """The device an inference script runs on: `name` (e.g. from --device), else CUDA when available, else CPU."""
@@ -14,15 +16,19 @@ def resolve_device(name: str | None = None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_model_for_inference(args: argparse.Namespace, default_subfolder: str):
+def load_model_for_inference(args: argparse.Namespace, default_subfolder: str,
+                             model_types: tuple[str, ...] | None = None):
     """The prologue of the inference scripts: the device of ``--device``, the output folder (``--output_dir``, else
     ``default_subfolder`` inside the model folder; created) and the model of ``--model_name_or_path`` (local folder
-    or Hub id, through the Auto classes) on that device in eval mode. Returns ``(device, output_dir, model)``."""
+    or Hub id, through the Auto classes, checked by `load_pretrained`: a wrong path or a model of another type than
+    ``model_types`` is one `ModelLoadError`) on that device in eval mode. Returns ``(device, output_dir, model)``.
+    The model is loaded before the output folder is created, so a wrong path leaves nothing behind."""
     from transformers import AutoModel
 
     device = resolve_device(args.device)
-    output_dir = args.output_dir or os.path.join(args.model_name_or_path, default_subfolder)
+    model = load_pretrained(AutoModel, args.model_name_or_path, model_types=model_types, token=args.hub_token)
+    model = model.to(device).eval()
+    output_dir = args.output_dir or os.path.join(os.path.expanduser(args.model_name_or_path), default_subfolder)
     os.makedirs(output_dir, exist_ok=True)
-    model = AutoModel.from_pretrained(args.model_name_or_path, token=args.hub_token).to(device).eval()
     return device, output_dir, model
 

@@ -4,6 +4,8 @@ Not imported by the modeling files (it needs `datasets`): `from modeling_cyclega
 
 - `load_unpaired_split`: the two domains of one split, from a local folder in the CycleGAN layout
   (`trainA`, `trainB`, `testA`, `testB`) or from a Hub dataset with `imageA`/`imageB` columns (HugGAN).
+  Every image of the split is decoded once here, so a damaged file stops the script before training with an
+  error that names it (and every other damaged file).
 - `images_to_uint8_tensor`: every image converted to RGB and resized (bicubic) once to the load size. CycleGAN
   datasets are small (a few thousand images), so they are held as one uint8 tensor, on the GPU when training
   on one: no data loader, no per-step host work beyond drawing random numbers.
@@ -18,6 +20,9 @@ import os
 import random
 
 import torch
+
+from hf_dgm_training.errors import DataError, UsageError
+from hf_dgm_training.images import check_dataset_images, iter_dataset_images, open_image
 
 from .image_processing_cyclegan import levels_to_pixel_values
 
@@ -44,12 +49,12 @@ def _load_local_domain(data_dir: str, folder: str):
     path = os.path.join(data_dir, folder)
     if not os.path.isdir(path):
         present = sorted(n for n in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, n)))
-        raise FileNotFoundError(
+        raise FileNotFoundError(  # not a DataError: train_cyclegan.py treats a missing test split as optional
             f"{path} does not exist. A CycleGAN data folder holds trainA, trainB, testA and testB (one folder of "
             f"images per domain and split); {data_dir} has {present or 'no sub-folders'}."
         )
     if not _image_files(path):
-        raise ValueError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+        raise DataError(f"{path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     dataset = load_dataset("imagefolder", data_dir=path, split="train")
     return dataset.select_columns(["image"])
 
@@ -62,7 +67,7 @@ def _hub_domain(dataset, column: str):
     keep = [i for i, value in enumerate(undecoded[column]) if value is not None]
     domain = dataset.select_columns([column]).select(keep).rename_column(column, "image")
     if len(domain) == 0:
-        raise ValueError(f"Column {column!r} of the dataset has no images.")
+        raise DataError(f"Column {column!r} of the dataset has no images.")
     return domain
 
 
@@ -72,27 +77,39 @@ def load_unpaired_split(
     split: str = "train",
     token: str | None = None,
     cache_dir: str | None = None,
+    check_images: bool = True,
 ):
     """The two domains of `split` ("train" or "test") as two `datasets.Dataset`s with an `image` column.
 
     Local folders: `<data_dir>/<split>A` and `<data_dir>/<split>B`. Hub datasets: the `imageA` and `imageB`
     columns of `split` (rows where one domain is empty are dropped from that domain only).
+
+    Every image is decoded once (`check_images=False` skips that): a damaged or truncated one raises
+    `UnreadableImageError` naming all such files, before any training starts.
     """
     if (data_dir is None) == (dataset_name is None):
-        raise ValueError("Pass exactly one of --data_dir (a local CycleGAN folder) or --dataset_name (a Hub dataset).")
+        raise UsageError("Pass exactly one of --data_dir (a local CycleGAN folder) or --dataset_name (a Hub dataset).")
     if data_dir is not None:
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(
                 f"--data_dir {data_dir} does not exist; it should hold trainA, trainB, testA and testB image folders."
             )
-        return _load_local_domain(data_dir, f"{split}A"), _load_local_domain(data_dir, f"{split}B")
+        domains = _load_local_domain(data_dir, f"{split}A"), _load_local_domain(data_dir, f"{split}B")
+    else:
+        domains = _load_hub_split(dataset_name, split, token, cache_dir)
+    if check_images:
+        for letter, domain in zip("AB", domains):
+            check_dataset_images(domain, what=f"{split}{letter} images")
+    return domains
 
+
+def _load_hub_split(dataset_name: str, split: str, token, cache_dir):
     from datasets import load_dataset
 
     dataset = load_dataset(dataset_name, split=split, token=token, cache_dir=cache_dir)
     missing = [c for c in ("imageA", "imageB") if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"Dataset {dataset_name!r} (split {split!r}) has columns {dataset.column_names}; CycleGAN needs one image "
             f"column per domain named imageA and imageB (missing: {missing}), as the HugGAN datasets have."
         )
@@ -100,17 +117,25 @@ def load_unpaired_split(
 
 
 def images_to_uint8_tensor(dataset, size: int, description: str = "images", show_progress: bool = True) -> torch.Tensor:
-    """All images of a dataset (`image` column) as RGB, resized to size x size (bicubic): uint8 (N, 3, size, size)."""
+    """All images of a dataset (`image` column) as RGB, resized to size x size (bicubic): uint8 (N, 3, size, size).
+
+    A damaged image raises `UnreadableImageError` naming its file."""
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
 
     if len(dataset) == 0:
-        raise ValueError(f"No {description} to load.")
+        raise DataError(f"No {description} to load.")
     pixels = torch.empty((len(dataset), 3, size, size), dtype=torch.uint8)
-    for index, example in enumerate(tqdm(dataset, desc=f"Loading {description}", disable=not show_progress)):
-        image = example["image"].convert("RGB").resize((size, size), resample=Image.BICUBIC)
-        pixels[index] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    images = tqdm(iter_dataset_images(dataset), total=len(dataset), desc=f"Loading {description}",
+                  disable=not show_progress)
+    count = 0
+    for _, name, value in images:
+        image = open_image(value, name).convert("RGB").resize((size, size), resample=Image.BICUBIC)
+        pixels[count] = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        count += 1
+    if count != len(dataset):
+        raise DataError(f"{len(dataset) - count} of the {description} are empty rows; drop them from the dataset.")
     return pixels
 
 

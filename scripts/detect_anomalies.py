@@ -34,7 +34,7 @@ from modeling_maf.metrics.evaluation import (
     nll_maps_of,
     score_all,
 )
-from hf_dgm_training import device_description, load_model_for_inference, write_json
+from hf_dgm_training import UsageError, add_debug_arg, device_description, load_model_for_inference, run_main, write_json
 
 VALIDATION = "validation"
 
@@ -71,6 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_examples", type=int, default=8,
                         help="Most columns of anomaly_maps.png (one per defect type, plus good images) and of "
                              "misses.png (half false negatives, half false positives).")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if args.data_dir is None and args.dataset_name is None:
         parser.error("pass --data_dir (a local data folder) or --dataset_name (a Hub dataset id).")
@@ -324,7 +325,7 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
 
 def main(argv=None):
     args = parse_args(argv)
-    device, output_dir, model = load_model_for_inference(args, "anomaly")
+    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf"))
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     # The processor saved with the model: test and calibration images are preprocessed as the training images were.
@@ -333,7 +334,7 @@ def main(argv=None):
     calibration_source = calibrate(args, model, dataset, device, processor)
     method = model.resolve_anomaly_method(args.score)
     if ANOMALY_SCORES[method].needs_statistics and not model.is_calibrated:
-        raise SystemExit(f"--score {method} needs a calibrated model. {NOT_CALIBRATED} Or pass --calibration_data "
+        raise UsageError(f"--score {method} needs a calibrated model. {NOT_CALIBRATED} Or pass --calibration_data "
                          f"{VALIDATION} here.")
 
     scored = score_all(model, nll_maps_of(model, test.pixel_values, args.batch_size, device))
@@ -348,4 +349,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -11,9 +11,9 @@ category per repo (the default config).
 """
 
 import argparse
-import sys
 from typing import Optional, Sequence
 
+from hf_dgm_training import add_debug_arg, run_main
 from modeling_maf.data import MVTEC_HOMEPAGE, MVTEC_URLS, load_mvtec
 
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache_dir", default=None, help="Cache folder for `datasets` (default: the HF datasets cache)."
     )
+    add_debug_arg(parser)
     return parser
 
 
@@ -88,4 +89,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, exit_status=int)

@@ -2,13 +2,19 @@
 # The main job: set up, then train a MAF on an MVTec AD category, sample 5 images, and write the anomaly report.
 #
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # seed spec (GPU): 128x128, 100 epochs
-#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule --preset cpu    # 64x64 preset for a 2-core CPU
+#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule --preset cpu    # 64x64 preset: a minute or two on 2 CPU cores
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec --download              # fetch MVTec's capsule archive first
 #
+# Runs from any folder: relative paths (--data_dir, OUTPUT_DIR) are read from the folder it is started in.
 # Extra flags go to train_maf.py (e.g. --seed 1 --degree_assignment sequential). OUTPUT_DIR (default runs/maf)
-# chooses where everything goes; SKIP_SETUP=1 uses the current python3 instead of creating .venv.
+# chooses where everything goes.
+#
+# Setup: the first run creates a virtualenv (VENV, default .venv in the repository) with torch 2.13.0 and this
+# package (editable). Later runs skip pip while the stamp file in the virtualenv still matches setup.py (its hash)
+# and the package is importable from this repository; a changed setup.py installs again. SKIP_SETUP=1 skips setup
+# and runs with PYTHON (default python3), which must already have the package.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTPUT_DIR="${OUTPUT_DIR:-runs/maf}"
 PRESET=spec
 TRAIN_ARGS=()
@@ -21,27 +27,45 @@ while [ $# -gt 0 ]; do
     *) TRAIN_ARGS+=("$1"); shift ;;
   esac
 done
-if [ "${SKIP_SETUP:-0}" = 1 ]; then
-  PYTHON=python3
-else
-  [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e .
-  PYTHON=.venv/bin/python
-fi
 case "$PRESET" in
   spec) PRESET_ARGS=() ;;  # the seed spec: 128x128x3, 512-512, 7 blocks, batch 8, 100 epochs, lr 1e-4
-  # About 15 minutes on 2 CPU cores: 64x64 images, smaller MADEs, fewer blocks and epochs.
+  # 64x64 images, smaller MADEs, fewer blocks and epochs: a minute or two on 2 CPU cores (docs/RESULTS.md).
   cpu) PRESET_ARGS=(--image_size 64 --hidden_sizes 256 256 --num_blocks 3 --num_train_epochs 8) ;;
   *) echo "unknown --preset $PRESET (spec or cpu)" >&2; exit 2 ;;
 esac
-"$PYTHON" scripts/train_maf.py "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR" "${PRESET_ARGS[@]}" "${TRAIN_ARGS[@]}"
-"$PYTHON" scripts/sample_maf.py --model_name_or_path "$OUTPUT_DIR" --num_samples 5 --temperature 1.0 0.7
+
+if [ "${SKIP_SETUP:-0}" = 1 ]; then
+  PYTHON="${PYTHON:-python3}"
+else
+  VENV="${VENV:-$REPO/.venv}"
+  PYTHON="$VENV/bin/python"
+  STAMP="$VENV/.hf-dgm-setup"
+  TORCH_PIN=torch==2.13.0
+  [ -x "$PYTHON" ] || python3 -m venv "$VENV"
+  # What the installation depends on: setup.py and the torch pin.
+  WANTED="$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' \
+    "$REPO/setup.py") $TORCH_PIN"
+  # The editable install must point at this repository (a virtualenv can be shared or copied).
+  INSTALLED_HERE='import importlib.util, os, sys
+specs = [importlib.util.find_spec(name) for name in ("torch", "modeling_maf", "hf_dgm_training")]
+ok = all(specs) and all(os.path.realpath(s.origin).startswith(os.path.realpath(sys.argv[1]) + os.sep) for s in specs[1:])
+sys.exit(0 if ok else 1)'
+  if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANTED" ] && "$PYTHON" -c "$INSTALLED_HERE" "$REPO"; then
+    echo "Setup: $VENV is up to date (delete $STAMP to reinstall)."
+  else
+    "$PYTHON" -m pip install -q --upgrade pip
+    "$PYTHON" -m pip install -q "$TORCH_PIN"
+    "$PYTHON" -m pip install -q -e "$REPO"
+    echo "$WANTED" > "$STAMP"
+  fi
+fi
+
+"$PYTHON" "$REPO/scripts/train_maf.py" "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR" "${PRESET_ARGS[@]}" "${TRAIN_ARGS[@]}"
+"$PYTHON" "$REPO/scripts/sample_maf.py" --model_name_or_path "$OUTPUT_DIR" --num_samples 5 --temperature 1.0 0.7
 DETECT_DATA=()
 for ((i = 0; i < ${#DATA_ARGS[@]}; i++)); do
   [ "${DATA_ARGS[$i]}" = --download ] || DETECT_DATA+=("${DATA_ARGS[$i]}")
 done
-"$PYTHON" scripts/detect_anomalies.py --model_name_or_path "$OUTPUT_DIR" "${DETECT_DATA[@]}"
+"$PYTHON" "$REPO/scripts/detect_anomalies.py" --model_name_or_path "$OUTPUT_DIR" "${DETECT_DATA[@]}"
 echo
 echo "Done. Model: $OUTPUT_DIR; samples: $OUTPUT_DIR/samples; anomaly report and figures: $OUTPUT_DIR/anomaly"

@@ -14,7 +14,14 @@ import time
 import torch
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
-from hf_dgm_training import device_description, load_model_for_inference, save_image_grid, write_json
+from hf_dgm_training import (
+    add_debug_arg,
+    device_description,
+    load_model_for_inference,
+    run_main,
+    save_image_grid,
+    write_json,
+)
 
 
 def parse_args(argv=None):
@@ -28,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--hub_token", default=None, help="Token for a private Hub model.")
     parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: all in one row).")
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -38,7 +46,7 @@ def synchronize(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, output_dir, model = load_model_for_inference(args, "samples")
+    device, output_dir, model = load_model_for_inference(args, "samples", model_types=("maf", "iaf"))
     report = {"model": args.model_name_or_path, "model_type": model.config.model_type,
               "device": device_description(device),
               "num_samples": args.num_samples, "sequential_passes_per_block": model.num_sequential_passes()
@@ -64,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

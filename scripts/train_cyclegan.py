@@ -30,11 +30,14 @@ from hf_dgm_training import (
     ImagePool,
     TrainingLoop,
     TrainingTask,
+    UsageError,
     add_common_args,
     add_config_override_args,
     config_overrides_from_args,
     finish_common_args,
+    load_pretrained,
     plot_curves,
+    run_main,
     save_small_grid,
     setup_accelerator,
     write_model_card,
@@ -123,7 +126,8 @@ def build_model(args) -> CycleGANModel:
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
     if args.model_name_or_path:
-        return CycleGANModel.from_pretrained(args.model_name_or_path, token=args.hub_token, **overrides)
+        return load_pretrained(CycleGANModel, args.model_name_or_path, model_types=("cyclegan",), token=args.hub_token,
+                               **overrides)
     return CycleGANModel(CycleGANConfig(**overrides))
 
 
@@ -319,7 +323,7 @@ def main(argv=None):
     config = model.config
     load_size = args.load_size or default_load_size(config.image_size)
     if load_size < config.image_size:
-        raise ValueError(f"--load_size {load_size} is smaller than the crop size --image_size {config.image_size}.")
+        raise UsageError(f"--load_size {load_size} is smaller than the crop size --image_size {config.image_size}.")
 
     # Data: both domains resized once to the load size, kept on the device as uint8.
     evaluation_split = args.test_split
@@ -397,4 +401,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,11 +24,14 @@ from hf_dgm_training import (
     CUDAGraphStep,
     TrainingLoop,
     TrainingTask,
+    UsageError,
     add_common_args,
     add_config_override_args,
     config_overrides_from_args,
     finish_common_args,
+    load_pretrained,
     plot_curves,
+    run_main,
     setup_accelerator,
     write_model_card,
 )
@@ -84,9 +87,9 @@ def build_model(args, num_channels: int, device):
     config_class, model_class = FLOW_CLASSES[args.flow_type]
     overrides = {"num_channels": num_channels, **config_overrides_from_args(args, MAFConfig)}
     if args.model_name_or_path:
-        model = model_class.from_pretrained(args.model_name_or_path, token=args.hub_token)
+        model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,), token=args.hub_token)
         if model.config.image_size != args.image_size:
-            raise ValueError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
+            raise UsageError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
         return model
     with torch.device(device):
@@ -155,7 +158,7 @@ class FlowTask(TrainingTask):
         self.use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and fast
                                                          and accelerator.num_processes == 1)
         if self.use_graphs and (not on_cuda or accelerator.num_processes > 1):
-            raise ValueError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+            raise UsageError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
         self.use_masked_adam = args.optimizer == "masked_adam" or (
             args.optimizer == "auto" and args.flow_type == "maf" and on_cuda and fast)
         # Fused Adam (CPU and CUDA) reads `found_inf` and skips a flagged step on the device; the plain path checks
@@ -372,4 +375,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,22 +8,43 @@
 
 Only the generators are loaded. Writes one PNG per input image (same name, .png) in --output_dir, optionally
 side-by-side grids (input | translation) in <output_dir>/grids, and translate_results.json (count, seconds,
-images per second, device).
+images per second, device, and the inputs that could not be read).
+
+An input image that cannot be read (damaged, truncated, not an image) is skipped with a warning that names it;
+the others are translated, and translate_results.json lists the skipped ones under "skipped".
+
+Exit status: 0 when every input was translated; 3 when some inputs were skipped (the rest were translated);
+1 on an error (nothing readable to translate, a wrong model path, ...); 2 for a wrong command line.
 """
 
 import argparse
+import logging
 import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-
-
-from hf_dgm_training import device_description, resolve_device, save_image_grid, write_json
+from hf_dgm_training import (
+    DataError,
+    UnreadableImageError,
+    add_debug_arg,
+    device_description,
+    iter_dataset_images,
+    load_pretrained,
+    open_image,
+    resolve_device,
+    run_main,
+    save_image_grid,
+    write_json,
+)
 
 from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
 from modeling_cyclegan.data import IMAGE_EXTENSIONS
+
+
+logger = logging.getLogger(__name__)
+EXIT_SOME_SKIPPED = 3
 
 
 def parse_args(argv=None):
@@ -50,6 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"], help="bf16 autocast on the device.")
     parser.add_argument("--hub_token", default=None, help="Token for a private Hub model or dataset.")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if (args.input is None) == (args.dataset_name is None):
         parser.error("Pass exactly one of --input (an image file or folder) or --dataset_name.")
@@ -61,7 +83,7 @@ def parse_args(argv=None):
 def list_images(path: str) -> list[str]:
     if os.path.isfile(path):
         if not path.lower().endswith(IMAGE_EXTENSIONS):
-            raise ValueError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}).")
+            raise DataError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}).")
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--input {path} does not exist; pass an image file or a folder of images.")
@@ -72,25 +94,30 @@ def list_images(path: str) -> list[str]:
         if name.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not files:
-        raise ValueError(f"--input {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+        raise DataError(f"--input {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return files
 
 
-def iterate_inputs(args):
-    """(name, PIL image) pairs from --input or the dataset split, and how many there are."""
-    from PIL import Image
+def iterate_inputs(args, skipped: list):
+    """(name, RGB PIL image) pairs from --input or the dataset split, and how many inputs there are. An input that
+    cannot be read is logged and appended to `skipped` as {"input": ..., "error": ...} instead."""
+
+    def readable(pairs):
+        for name, source, where in pairs:
+            try:
+                image = open_image(source, where)
+            except UnreadableImageError as error:
+                reason = str(error.__cause__ or error)
+                logger.warning(f"Skipping {where}: cannot read it ({reason}).")
+                skipped.append({"input": where, "error": reason})
+                continue
+            yield name, image.convert("RGB")
 
     if args.input is not None:
         files = list_images(args.input)[: args.max_images]
         root = args.input if os.path.isdir(args.input) else os.path.dirname(args.input)
-
-        def from_files():
-            for path in files:
-                name = os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "__")
-                with Image.open(path) as image:
-                    yield name, image.convert("RGB")
-
-        return from_files(), len(files)
+        pairs = ((os.path.splitext(os.path.relpath(path, root))[0].replace(os.sep, "__"), path, path) for path in files)
+        return readable(pairs), len(files)
 
     from datasets import load_dataset
 
@@ -100,37 +127,35 @@ def iterate_inputs(args):
         preferred = "imageA" if args.direction == "a_to_b" else "imageB"
         column = preferred if preferred in dataset.column_names else "image"
     if column not in dataset.column_names:
-        raise ValueError(f"Dataset {args.dataset_name!r} has no column {column!r}; columns: {dataset.column_names}.")
+        raise DataError(f"Dataset {args.dataset_name!r} has no column {column!r}; columns: {dataset.column_names}.")
     dataset = dataset.select_columns([column])
     if args.max_images:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-
-    def from_dataset():
-        for index, example in enumerate(dataset):
-            if example[column] is not None:  # the shorter domain of a HugGAN dataset has empty rows
-                yield f"{index:05d}", example[column].convert("RGB")
-
-    return from_dataset(), len(dataset)
+    # Empty rows (the shorter domain of a HugGAN dataset) are left out by iter_dataset_images.
+    pairs = ((f"{index:05d}", value, name) for index, name, value in iter_dataset_images(dataset, column))
+    return readable(pairs), len(dataset)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    model = CycleGANModel.from_pretrained(args.model_name_or_path, with_discriminators=False, token=args.hub_token)
+    model = load_pretrained(CycleGANModel, args.model_name_or_path, model_types=("cyclegan",), token=args.hub_token,
+                            with_discriminators=False)
     model.to(device).eval()
+    model_path = os.path.expanduser(args.model_name_or_path)
     try:
-        processor = CycleGANImageProcessor.from_pretrained(args.model_name_or_path, token=args.hub_token)
+        processor = CycleGANImageProcessor.from_pretrained(model_path, token=args.hub_token)
     except OSError:  # a model saved without its image processor
         processor = CycleGANImageProcessor(size=model.config.image_size)
     if args.image_size is not None:
         processor = CycleGANImageProcessor(size=args.image_size, resample=processor.resample)
-    local_model = os.path.isdir(args.model_name_or_path)
     output_dir = args.output_dir or os.path.join(
-        args.model_name_or_path if local_model else ".", f"translated_{args.direction}"
+        model_path if os.path.isdir(model_path) else ".", f"translated_{args.direction}"
     )
     os.makedirs(output_dir, exist_ok=True)
 
-    inputs, total = iterate_inputs(args)
+    skipped = []
+    inputs, total = iterate_inputs(args, skipped)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
     written, pairs, grid_index, seconds = 0, [], 0, 0.0
 
@@ -165,8 +190,6 @@ def main(argv=None):
         translate_batch(batch)
     if args.save_grids and pairs:
         save_image_grid(pairs, os.path.join(output_dir, "grids", f"grid_{grid_index:03d}.png"), nrow=2)
-    if written == 0:
-        raise ValueError("No images were translated (the input had no images).")
 
     results = {
         "model": args.model_name_or_path,
@@ -177,11 +200,22 @@ def main(argv=None):
         "image_size": processor.size,
         "device": device_description(device),
         "output_dir": output_dir,
+        "skipped": skipped,
     }
-    write_json(os.path.join(output_dir, "translate_results.json"), results)
-    print(f"Translated {written} images ({args.direction}) into {output_dir}.")
+    results_path = os.path.join(output_dir, "translate_results.json")
+    write_json(results_path, results)
+    if written == 0:
+        reason = f"none of the {len(skipped)} inputs could be read" if skipped else "the input had no images"
+        raise DataError(f"No images were translated: {reason} (listed in {results_path}).")
+    print(f"Translated {written} images ({args.direction}) into {output_dir}."
+          + (f" Skipped {len(skipped)} unreadable input(s), listed in {results_path}." if skipped else ""))
     return results
 
 
+def exit_status(results: dict) -> int:
+    """0 when every input was translated, EXIT_SOME_SKIPPED when some could not be read."""
+    return EXIT_SOME_SKIPPED if results["skipped"] else 0
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main, exit_status=exit_status)

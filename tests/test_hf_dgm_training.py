@@ -92,6 +92,18 @@ def test_config_overrides_lists_bools_and_skips():
         parser.parse_args(["--use_bias", "maybe"])
 
 
+def test_config_overrides_the_config_refuses_are_a_usage_error():
+    from hf_dgm_training import UsageError
+    from modeling_maf import MAFConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_override_args(parser, MAFConfig)
+    args = parser.parse_args(["--num_blocks", "0", "--hidden_sizes", "16", "16"])
+    with pytest.raises(UsageError, match=r"`num_blocks` must be a positive integer, got 0 \(from the flags "
+                                         r"--hidden_sizes 16 16 --num_blocks 0; see --help\)\.$"):
+        config_overrides_from_args(args, MAFConfig)
+
+
 def tiny_training_state(tmp_path, seed=0):
     torch.manual_seed(seed)
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))

@@ -7,11 +7,12 @@ names). Optional: `defect_type` (string), `mask` (Image or None; any nonzero pix
 `file` is named by its split and index ("test/17").
 """
 
-import io
 from typing import Optional, Union
 
 import datasets
 from PIL import Image as PILImage
+
+from hf_dgm_training.images import open_image
 
 from .schema import (
     ANOMALY,
@@ -76,11 +77,9 @@ def normalize_split(split: datasets.Dataset, what: str, split_name: str) -> data
     )
 
 
-def _open(encoded: dict) -> PILImage.Image:
-    source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
-    with PILImage.open(source) as image:
-        image.load()
-        return image
+def _open(encoded: dict, name: str) -> PILImage.Image:
+    """The image of an undecoded value, fully decoded; a damaged one raises UnreadableImageError naming `name`."""
+    return open_image(encoded, name)
 
 
 def _convert_row(row: dict, index: int, class_names, split_name: str, what: str) -> dict:
@@ -96,14 +95,14 @@ def _convert_row(row: dict, index: int, class_names, split_name: str, what: str)
         defect_type = ANOMALY if is_anomalous else GOOD
     if row.get("defect_type"):
         defect_type = row["defect_type"]
-    image = _open(row["image"])
+    image = _open(row["image"], f"the image of row {index} ({name}) of {what}")
     normalized = normalize_mode(image)
     image_bytes = row["image"]["bytes"] if normalized is image and row["image"].get("bytes") else png_bytes(normalized)
     mask = None
     if not is_anomalous:
         mask = png_bytes(empty_mask(image.size))
     elif row.get("mask") is not None:
-        mask_image = _open(row["mask"])
+        mask_image = _open(row["mask"], f"the mask of row {index} ({name}) of {what}")
         check_mask_size(mask_image, image, f"of row {index} ({name}) of {what}", f"of that row")
         mask = png_bytes(binarize_mask(mask_image))
     return {

@@ -24,6 +24,8 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
+from hf_dgm_training.errors import DataError
+
 from ..image_processing_maf import normalize_mode, to_mode, to_rgb  # noqa: F401  (the colour rules live there)
 
 
@@ -42,7 +44,7 @@ ANOMALY_FEATURES = datasets.Features(
 MVTEC_FEATURES = ANOMALY_FEATURES  # the name the MVTec loader has always used
 
 
-class AnomalyDataError(ValueError):
+class AnomalyDataError(DataError):
     """The data on disk or on the Hub is missing, empty, unreadable or inconsistent."""
 
 

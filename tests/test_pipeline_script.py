@@ -1,0 +1,80 @@
+"""Issue 14.8: scripts/run_maf_pipeline.sh reads relative paths from the folder it is started in, and does not run
+pip again while its setup stamp matches setup.py."""
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from synthetic_data import make_mvtec_category
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = os.path.join(ROOT, "scripts", "run_maf_pipeline.sh")
+TINY = ["--image_size", "8", "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1"]
+
+
+def run_pipeline(*args, cwd, **env):
+    environment = {key: value for key, value in os.environ.items() if key != "HF_DGM_DEBUG"}
+    environment.update(TQDM_DISABLE="1", PYTHONPATH=ROOT, **env)
+    return subprocess.run(["bash", PIPELINE, *args], capture_output=True, text=True, cwd=cwd, env=environment,
+                          timeout=600)
+
+
+def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
+    work = tmp_path / "work"
+    make_mvtec_category(str(work / "data" / "capsule"), size=8, num_train=4)
+    result = run_pipeline("--data_dir", "data/capsule", *TINY, cwd=work, SKIP_SETUP="1", PYTHON=sys.executable,
+                          OUTPUT_DIR="out/maf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "out" / "maf"
+    assert (out / "model.safetensors").is_file()
+    assert len([name for name in os.listdir(out / "samples") if name.startswith("sample_t1_")]) == 5
+    report = json.loads((out / "anomaly" / "anomaly_report.json").read_text())
+    assert report["num_test_images"] == 3
+    assert not os.path.exists(os.path.join(ROOT, "out"))  # nothing written relative to the repository
+
+
+def make_fake_venv(venv):
+    """A virtualenv whose python logs every call and answers `-m pip` without installing (no network in tests);
+    everything else runs the test's interpreter, which imports this repository through PYTHONPATH."""
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> "{venv / "calls.log"}"\n'
+        'if [ "$1" = -m ] && [ "$2" = pip ]; then exit 0; fi\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    return venv
+
+
+def pip_calls(venv):
+    log = venv / "calls.log"
+    calls = [line for line in log.read_text().splitlines() if line.startswith("-m pip")] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return calls
+
+
+def test_setup_runs_pip_once_until_setup_py_changes(tmp_path):
+    venv = make_fake_venv(tmp_path / "venv")
+    # A data folder that does not exist makes train_maf.py fail at once, right after the setup under test.
+    args = ("--data_dir", "missing", *TINY)
+
+    first = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
+    assert first.returncode == 1 and "train_maf.py: error: No data for category" in first.stderr, first.stderr[-3000:]
+    assert pip_calls(venv) == ["-m pip install -q --upgrade pip", "-m pip install -q torch==2.13.0",
+                               f"-m pip install -q -e {ROOT}"]
+    with open(os.path.join(ROOT, "setup.py"), "rb") as f:
+        assert (venv / ".hf-dgm-setup").read_text().split() == [hashlib.sha256(f.read()).hexdigest(), "torch==2.13.0"]
+
+    second = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
+    assert second.returncode == 1 and "is up to date" in second.stdout
+    assert pip_calls(venv) == []
+
+    (venv / ".hf-dgm-setup").write_text("an older setup.py torch==2.13.0\n")
+    third = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
+    assert third.returncode == 1
+    assert len(pip_calls(venv)) == 3
