@@ -139,8 +139,6 @@ def images_to_uint8_tensor(dataset, size: int, description: str = "images", show
     return pixels
 
 
-# The name scripts/train_cyclegan.py imports; the rule itself is image_processing_cyclegan.levels_to_pixel_values.
-to_pixel_values = levels_to_pixel_values
 
 
 class UnpairedSampler:

@@ -54,12 +54,12 @@ from hf_dgm_training.cyclegan_step import (
     resolve_fast_path,
 )
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values, pixel_values_to_unit_interval
 from modeling_cyclegan.data import (
     UnpairedSampler,
     default_load_size,
     images_to_uint8_tensor,
     load_unpaired_split,
-    to_pixel_values,
 )
 
 
@@ -228,12 +228,12 @@ def save_epoch_grid(model, grid_a, grid_b, path: str, colors: int = 192, tile_si
         reconstructed_b = model.generator_a_to_b(fake_a)
     columns = (grid_a, fake_b, reconstructed_a, grid_b, fake_a, reconstructed_b)
     rows = torch.stack([torch.stack([column[i] for column in columns]) for i in range(len(grid_a))])
-    images = ((rows.flatten(0, 1).float() + 1) / 2).clamp(0, 1).contiguous()
+    images = pixel_values_to_unit_interval(rows.flatten(0, 1).float()).contiguous()
     save_small_grid(images, path, nrow=len(columns), colors=colors, tile_size=tile_size)
 
 
 def grid_images(domain, count: int, size: int, device) -> torch.Tensor:
-    return to_pixel_values(images_to_uint8_tensor(domain.select(range(count)), size, "grid images", False)).to(device)
+    return levels_to_pixel_values(images_to_uint8_tensor(domain.select(range(count)), size, "grid images", False)).to(device)
 
 
 def evaluate_cycle_consistency(model, test_a, test_b, size: int, device, batch_size: int = 16) -> dict:
@@ -247,7 +247,7 @@ def evaluate_cycle_consistency(model, test_a, test_b, size: int, device, batch_s
         total = torch.zeros((), device=device)
         with torch.no_grad():
             for chunk in pixels.split(batch_size):
-                images = to_pixel_values(chunk.to(device))
+                images = levels_to_pixel_values(chunk.to(device))
                 total += (backward(forward(images)) - images).abs().mean(dim=(1, 2, 3)).sum()
         results[f"cycle_l1_{name}"] = total.item() / len(pixels)
     return results

@@ -35,7 +35,7 @@ from hf_dgm_training import (
     setup_accelerator,
     write_model_card,
 )
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
 from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
 from modeling_maf.optimization_maf import MaskedAdam, flag_non_finite_
 
@@ -98,19 +98,21 @@ def build_model(args, num_channels: int, device):
 
 def load_data(args):
     """The training images, the validation split held out of them, and the good test images (None when missing), as
-    float tensors in [0, 1] with the number of channels of the data (grayscale data stay one channel)."""
+    float tensors in [0, 1] made by the image processor that is saved with the model (grayscale data stay one
+    channel), so that training and inference preprocess the same way."""
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     num_channels = args.num_channels or num_channels_of(dataset["train"])
+    processor = MAFImageProcessor(size=args.image_size, num_channels=num_channels)
     train, validation = split_validation(dataset["train"], args.validation_split_percentage, seed=args.seed)
-    train = load_split_as_tensors(train, args.image_size, num_channels)
-    validation = load_split_as_tensors(validation, args.image_size, num_channels) if len(validation) else None
+    train = load_split_as_tensors(train, image_processor=processor)
+    validation = load_split_as_tensors(validation, image_processor=processor) if len(validation) else None
     test_good = None
     if "test" in dataset:
-        test = load_split_as_tensors(dataset["test"], args.image_size, num_channels)
+        test = load_split_as_tensors(dataset["test"], image_processor=processor)
         good = test.labels == 0
         test_good = test.pixel_values[good] if bool(good.any()) else None
-    return train, validation, test_good
+    return processor, train, validation, test_good
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -321,7 +323,7 @@ def main(argv=None):
     accelerator = setup_accelerator(args, project_name="train_maf")
 
     # Data and model
-    train, validation, test_good = load_data(args)
+    processor, train, validation, test_good = load_data(args)
     model = build_model(args, num_channels=train.pixel_values.shape[1], device=accelerator.device)
     logger.info(f"{model.config.model_type.upper()} with {model.num_parameters():,} parameters; "
                 f"{len(train.files)} training and {len(validation.files) if validation else 0} validation images.",
@@ -357,6 +359,7 @@ def main(argv=None):
             "config": unwrapped.config.to_diff_dict(),
         }
         plot_nll_curve(records, os.path.join(args.output_dir, "nll_curve.png"))
+        processor.save_pretrained(args.output_dir)
         unwrapped.save_pretrained(args.output_dir)
         eval_results = []
         if results["test_good_bits_per_dim"] is not None:
