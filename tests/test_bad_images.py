@@ -10,16 +10,15 @@ import sys
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hf_dgm_training import DataError, UnreadableImageError, run_main
-from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
 from modeling_cyclegan.data import images_to_uint8_tensor, load_unpaired_split
 from modeling_maf.data import MVTecDataError
 from modeling_maf.data.hub import normalize_split
 
 from synthetic_data import make_mvtec_category, make_unpaired_folder
+from tiny_models import save_tiny_cyclegan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,13 +119,7 @@ def test_hub_rows_with_damaged_bytes_are_named():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    config = CycleGANConfig(image_size=16, generator_filters=4, num_residual_blocks=1, discriminator_filters=4,
-                            discriminator_layers=2)
-    CycleGANModel(config).save_pretrained(path)
-    CycleGANImageProcessor(size=16).save_pretrained(path)
-    return path
+    return save_tiny_cyclegan(tmp_path_factory.mktemp("model"))
 
 
 def translate_exit(*args):

@@ -6,25 +6,17 @@ import os
 import subprocess
 import sys
 
-import torch
 
-from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES
-from modeling_maf.modeling_maf import MaskedLinear
 
 from synthetic_data import make_mvtec_category
+from tiny_models import save_tiny_maf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def save_model(path, seed, train_results):
-    model = MAFModel(MAFConfig(image_size=8, hidden_sizes=[16, 16], num_blocks=2))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MaskedLinear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.05 * module.mask())
-    model.save_pretrained(path)
+    save_tiny_maf(path, seed=seed)
     (path / "train_results.json").write_text(json.dumps(train_results))
 
 

@@ -5,21 +5,15 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from modeling_cyclegan import CycleGANModel
+from tiny_models import save_tiny_cyclegan
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    config = CycleGANConfig(image_size=16, generator_filters=4, num_residual_blocks=1, discriminator_filters=4,
-                            discriminator_layers=2)
-    CycleGANModel(config).save_pretrained(path)
-    CycleGANImageProcessor(size=16).save_pretrained(path)
-    return path
+    return save_tiny_cyclegan(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

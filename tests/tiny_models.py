@@ -1,0 +1,29 @@
+"""Tiny saved models for script and pipeline tests (CPU, seconds)."""
+
+import torch
+
+from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from modeling_maf import MAFConfig, MAFModel
+from modeling_maf.modeling_maf import MaskedLinear
+
+
+def save_tiny_maf(path, num_channels=3, seed=0):
+    """A 8x8 MAF (2 blocks of 16-16) with random weights on its connections, saved to `path`; returns the model."""
+    model = MAFModel(MAFConfig(image_size=8, num_channels=num_channels, hidden_sizes=[16, 16], num_blocks=2))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MaskedLinear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.05 * module.mask())
+    model.save_pretrained(path)
+    return model
+
+
+def save_tiny_cyclegan(path, seed=0):
+    """A 16x16 CycleGAN (4 filters, 1 residual block) with its image processor, saved to `path`."""
+    torch.manual_seed(seed)
+    config = CycleGANConfig(image_size=16, generator_filters=4, num_residual_blocks=1, discriminator_filters=4,
+                            discriminator_layers=2)
+    CycleGANModel(config).save_pretrained(path)
+    CycleGANImageProcessor(size=16).save_pretrained(path)
+    return path
