@@ -28,9 +28,9 @@ import time
 import torch
 from transformers import AutoModel
 
-import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
-from hf_dgm_training import device_description, resolve_device, save_labelled_grids, write_json
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
 from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+from hf_dgm_training import device_description, resolve_device, save_labelled_grids, write_json
 
 
 def parse_args(argv=None):
@@ -99,8 +99,8 @@ def row(name, run):
 def study_model(model_dir, args, settings, started):
     device = resolve_device(args.device)
     model = AutoModel.from_pretrained(model_dir).to(device).eval()
-    reference = load_reference_images(model.config.image_size, model.config.num_channels, args.data_dir,
-                                      args.dataset_name, args.category)
+    processor = MAFImageProcessor.from_model(model_dir, model.config)  # the data as the model was trained on them
+    reference = load_reference_images(processor, args.data_dir, args.dataset_name, args.category)
     statistics = reference_statistics(model, reference)
     timed_sample(model, args)  # warm-up: CUDA context, kernels, masks
     timed_sample(model, args, refine_steps=2)

@@ -26,7 +26,8 @@ import time
 
 import torch
 
-import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
+from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from hf_dgm_training import (
     add_debug_arg,
     device_description,
@@ -36,7 +37,6 @@ from hf_dgm_training import (
     save_labelled_grids,
     write_json,
 )
-from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 
 
 DEFAULT_REFINE_STEPS = 300
@@ -112,8 +112,10 @@ def main(argv=None):
     device, output_dir, model = load_model_for_inference(args, "samples", model_types=("maf", "iaf"))
     reference = statistics = None
     if args.data_dir is not None or args.dataset_name is not None:
-        reference = load_reference_images(model.config.image_size, model.config.num_channels, args.data_dir,
-                                          args.dataset_name, args.category, token=args.hub_token)
+        # The processor saved with the model: the data are preprocessed as the training images were.
+        processor = MAFImageProcessor.from_model(args.model_name_or_path, model.config, token=args.hub_token)
+        reference = load_reference_images(processor, args.data_dir, args.dataset_name, args.category,
+                                          token=args.hub_token)
         statistics = reference_statistics(model, reference)
     refinement = refinement_arguments(args)
     report = {"model": args.model_name_or_path, "model_type": model.config.model_type,

@@ -68,15 +68,15 @@ class ReferenceImages(NamedTuple):
     test_good: torch.Tensor  # (M, C, H, W) in [0, 1]: held-out normal images
 
 
-def load_reference_images(image_size: int, num_channels: int = 3, data_dir=None, dataset_name=None,
-                          category="capsule", token=None, cache_dir=None) -> ReferenceImages:
+def load_reference_images(image_processor, data_dir=None, dataset_name=None, category="capsule", token=None,
+                          cache_dir=None) -> ReferenceImages:
     """Training images (train/good) and test-good images of an anomaly data set (`load_anomaly_dataset`: a local
-    folder or a Hub id) at `image_size` with `num_channels`, in [0, 1]."""
+    folder or a Hub id), through `image_processor` (the model's `MAFImageProcessor`, as in training), in [0, 1]."""
     from ..data import GOOD, AnomalyDataError, load_anomaly_dataset, load_split_as_tensors
 
     dataset = load_anomaly_dataset(data_dir, dataset_name, category=category, token=token, cache_dir=cache_dir)
-    train = load_split_as_tensors(dataset["train"], image_size, num_channels).pixel_values
-    test = load_split_as_tensors(dataset["test"], image_size, num_channels)
+    train = load_split_as_tensors(dataset["train"], image_processor=image_processor).pixel_values
+    test = load_split_as_tensors(dataset["test"], image_processor=image_processor)
     good = torch.tensor([defect == GOOD for defect in test.defect_types])
     if len(train) < 2 or not bool(good.any()):
         raise AnomalyDataError(f"Sample measures need at least 2 training images and 1 test/good image; got "
