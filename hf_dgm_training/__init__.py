@@ -50,6 +50,7 @@ from .outputs import (
     plot_curves,
     read_metrics,
     save_image_grid,
+    save_labelled_grids,
     save_small_grid,
     setup_accelerator,
     write_json,

@@ -144,13 +144,10 @@ def plot_curves(
     figure.savefig(path)
 
 
-def save_image_grid(images, path: str, nrow: int, padding: int = 2) -> None:
-    """Writes images as one PNG grid, `nrow` images per row (like torchvision's `make_grid`).
-
-    `images` is a float tensor (N, C, H, W) with values in [0, 1] and C in {1, 3}, or a list of PIL images.
-    """
+def _grid_pixels(images, nrow: int, padding: int = 2):
+    """(rows, columns, C) uint8 array of images in a grid, `nrow` images per row (like torchvision's `make_grid`).
+    `images` is a float tensor (N, C, H, W) with values in [0, 1] and C in {1, 3}, or a list of PIL images."""
     import numpy as np
-    from PIL import Image
 
     if isinstance(images, (list, tuple)):
         if not images:
@@ -171,9 +168,60 @@ def save_image_grid(images, path: str, nrow: int, padding: int = 2) -> None:
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
         grid[:, top : top + height, left : left + width] = batch[index]
-    pixels = (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+def save_image_grid(images, path: str, nrow: int, padding: int = 2) -> None:
+    """Writes images as one PNG grid, `nrow` images per row (like torchvision's `make_grid`).
+
+    `images` is a float tensor (N, C, H, W) with values in [0, 1] and C in {1, 3}, or a list of PIL images.
+    """
+    from PIL import Image
+
+    pixels = _grid_pixels(images, nrow, padding)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels).save(path, format="PNG")
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path, format="PNG")
+
+
+def save_labelled_grids(panels: list, path: str, nrow: int, panels_per_row: int | None = None) -> None:
+    """Writes several image grids into one PNG, each under its own title, e.g. exact and refined samples side by side.
+
+    `panels` is a list of `(title, images)` with images as for `save_image_grid` (`nrow` images per grid row);
+    `panels_per_row` grids go side by side (default: all of them), further grids go below.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("save_labelled_grids got no panels.")
+    grids = [(str(title), _grid_pixels(images, nrow)) for title, images in panels]
+    columns = min(panels_per_row or len(grids), len(grids))
+    rows = math.ceil(len(grids) / columns)
+    dpi, title_inches = 100, 0.45
+    height = max(grid.shape[0] for _, grid in grids)
+    width = max(grid.shape[1] for _, grid in grids)
+    panel_width = max(width / dpi, 3.0)  # at least room for a title line when the images are tiny
+    panel_height = panel_width * height / width + title_inches
+    figure = Figure(figsize=(columns * panel_width, rows * panel_height), dpi=dpi)
+    FigureCanvasAgg(figure)  # no pyplot: no global backend state
+    for index, (title, grid) in enumerate(grids):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        axes.imshow(grid[:, :, 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                    interpolation="nearest")
+        axes.set_title(title, fontsize=8, wrap=True)
+        axes.set_axis_off()
+    figure.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        figure.savefig(temp_path, format="png")
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
 
 
 def write_model_card(output_dir: str, *, model_name: str, metadata: dict, body: str) -> str:

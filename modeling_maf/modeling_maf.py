@@ -10,6 +10,8 @@ This file imports only torch, transformers and its configuration module, so a Hu
 loads with ``trust_remote_code=True`` without this package installed.
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -35,6 +37,7 @@ from .anomaly_scores import (
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
+from .refinement_maf import annealed_langevin, check_refinement_arguments
 
 
 logger = logging.get_logger(__name__)
@@ -349,6 +352,10 @@ class FlowBatchNorm(nn.Module):
         log_det = (self.log_gamma - 0.5 * torch.log(var + self.eps)).expand_as(inputs)
         return outputs, log_det
 
+    def running_log_det(self) -> torch.Tensor:
+        """Per-dimension log-determinant of the map with running statistics (eval mode), shape (D,)."""
+        return self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
+
     def inverse(self, outputs: torch.Tensor):
         var = self.running_var + self.eps
         return (outputs - self.beta) * torch.exp(-self.log_gamma) * var.sqrt() + self.running_mean
@@ -459,6 +466,10 @@ class MAFModel(MAFPreTrainedModel):
 
     # True for IAF: the MADE reads the noise side, so density is the sequential direction.
     conditioner_on_noise = False
+    # Refinement step (`sample(..., refine_steps=K)`): logit units, about 0.6 of an 8-bit level near mid-grey.
+    default_refine_step_size = 0.01
+    # Refinement pays 0.5 nats for every value that strays this far (logits) outside the logits of [0, 1] pixels.
+    refine_wall_width = 0.01
 
     def __init__(self, config: MAFConfig):
         super().__init__(config)
@@ -543,12 +554,11 @@ class MAFModel(MAFPreTrainedModel):
         return noise, -log_scale
 
     def _block_generate(self, block, noise_side):
-        """One block, noise side -> data side."""
+        """One block, noise side -> data side. Returns (data, per-dimension log|d data / d noise|)."""
         if self.conditioner_on_noise:
             shift, log_scale = block(noise_side)
-            return noise_side * torch.exp(log_scale) + shift
-        data, _ = block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)))
-        return data
+            return noise_side * torch.exp(log_scale) + shift, log_scale
+        return block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)))
 
     def _flow_density(self, logits):
         """logits (batch, D) -> (latents, per-dimension sum of log-dets), everything float32."""
@@ -591,7 +601,12 @@ class MAFModel(MAFPreTrainedModel):
         """Latents (batch, D) -> images (batch, C, H, W) in [0, 1]; the exact inverse of `encode`."""
         if latents.ndim != 2 or latents.shape[1] != self.config.num_features:
             raise ValueError(f"latents must have shape (batch, {self.config.num_features}), got {tuple(latents.shape)}.")
+        return self._logits_to_pixels(self._flow_generate(latents, show_progress)[0])
+
+    def _flow_generate(self, latents, show_progress=False):
+        """latents (batch, D) -> (logits, per-dimension log|d logits / d latents|), everything float32."""
         hidden = latents.to(self._compute_dtype)
+        log_det = torch.zeros_like(hidden)
         indices = range(len(self.blocks) - 1, -1, -1)
         if show_progress:
             from tqdm.auto import tqdm
@@ -600,22 +615,91 @@ class MAFModel(MAFPreTrainedModel):
         for index in indices:
             if self.norms is not None:
                 hidden = self.norms[index].inverse(hidden)
-            hidden = self._block_generate(self.blocks[index], hidden)
-        return self._logits_to_pixels(hidden)
+                log_det = log_det - self.norms[index].running_log_det()
+            hidden, block_log_det = self._block_generate(self.blocks[index], hidden)
+            log_det = log_det + block_log_det
+        return hidden, log_det
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None, temperature: float = 1.0,
-               show_progress: bool = False) -> torch.Tensor:
+               show_progress: bool = False, refine_steps: int = 0, refine_step_size: float | None = None,
+               refine_temperature: float = 1.0, refine_batch_size: int = 16) -> torch.Tensor:
         """Draw `num_samples` images (num_samples, C, H, W) in [0, 1]; latents ~ N(0, temperature^2 I).
-        `generator` may live on the CPU or on the model's device."""
+        `generator` may live on the CPU or on the model's device.
+
+        With `refine_steps=0` (the default) the images are exact draws from the model. With `refine_steps > 0` each
+        draw is then moved towards higher density by annealed Langevin dynamics (see `refinement_maf.py` and
+        docs/maf.md): the results look more like the data but are **density-guided, not draws from the model**.
+        Each step costs one forward and backward pass of the one-pass direction: MAF refines the logit image (its
+        density direction), IAF its latents (its sampling direction; its density is the sequential one). Each value
+        moves by about `refine_step_size` per step, in logit units for MAF and latent units for IAF (default: the
+        class's `default_refine_step_size`). The noise temperature falls linearly from `refine_temperature` (1: the
+        model's own density) to 0 at the last step (0 throughout: gradient ascent, which collapses the samples onto
+        a mode). Samples are refined `refine_batch_size` at a time, which bounds memory; the generator also draws the
+        refinement noise, so a seeded generator reproduces the result for the same `refine_batch_size` (and the same
+        seed with `refine_steps=0` gives the starting points).
+        """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if refine_step_size is None:
+            refine_step_size = self.default_refine_step_size
+        check_refinement_arguments(refine_steps, refine_step_size, refine_temperature, refine_batch_size)
         device = self.device
         noise_device = generator.device if generator is not None else device
         latents = torch.randn(num_samples, self.config.num_features, generator=generator, device=noise_device)
-        return self.decode(latents.to(device) * temperature, show_progress=show_progress)
+        latents = latents.to(device) * temperature
+        if refine_steps == 0:
+            return self.decode(latents, show_progress=show_progress)
+        # MAF refines the logit image (its density direction is one pass), IAF its latents (its sampling direction).
+        if self.conditioner_on_noise:
+            start = latents.to(self._compute_dtype)
+        else:
+            start = self._flow_generate(latents, show_progress)[0]
+        # The logits of pixel values 0 and 1, as Python numbers: nothing crosses to the host inside the loop.
+        pixel_range = self._pixels_to_logits(torch.tensor([[0.0, 1.0]]), random_dequantization=False)[0]
+        log_density = functools.partial(self._refinement_log_density, pixel_range=pixel_range.flatten().tolist())
+        with self._frozen():
+            refined = annealed_langevin(start, log_density, steps=refine_steps, step_size=refine_step_size,
+                                        temperature=refine_temperature, batch_size=refine_batch_size,
+                                        generator=generator, show_progress=show_progress)
+        logits = self._flow_generate(refined)[0] if self.conditioner_on_noise else refined
+        return self._logits_to_pixels(logits)
+
+    @contextlib.contextmanager
+    def _frozen(self):
+        """Eval mode (running statistics) and parameters without requires_grad, so that a gradient with respect to
+        the inputs forms nothing else (no weight gradients, nothing handed to an optimizer's gradient sink); the
+        model is left as it was."""
+        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        was_training = self.training
+        self.eval()
+        try:
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+            yield
+        finally:
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            self.train(was_training)
+
+    def _refinement_log_density(self, variable, temperature, pixel_range):
+        """What `annealed_langevin` ascends, per row. MAF: variable = logits v, log p(v) (constants dropped).
+        IAF: variable = latents z, log p(v(z)) + temperature * log|dv/dz|: the log-density of p(v)^(1 / temperature)
+        carried to z, times temperature (the time unit of a Langevin step); at temperature 1 it is N(0, I).
+        Both minus a quadratic wall that keeps v within `pixel_range` (the logits of pixel values 0 and 1): outside,
+        the flow's density was never trained and can grow without bound (towards saturated images)."""
+        if self.conditioner_on_noise:
+            logits, log_det = self._flow_generate(variable)
+            log_density = -0.5 * variable.square().sum(dim=1) - (1 - temperature) * log_det.sum(dim=1)
+        else:
+            logits = variable
+            latents, log_det = self._flow_density(logits)
+            log_density = (log_det - 0.5 * latents.square()).sum(dim=1)
+        low, high = pixel_range
+        outside = F.relu(low - logits) + F.relu(logits - high)
+        return log_density - 0.5 * (outside / self.refine_wall_width).square().sum(dim=1)
 
     def num_sequential_passes(self) -> list[int]:
         """MADE evaluations per block in the sequential direction (MAF sampling, IAF density)."""
@@ -732,6 +816,8 @@ class IAFModel(MAFModel):
 
     config_class = IAFConfig
     conditioner_on_noise = True
+    # Refinement moves the latents, whose scale is 1 by construction: larger steps than in logit units.
+    default_refine_step_size = 0.05
 
 
 __all__ = ["AnomalyPrediction", "MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock",

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up, then train a MAF on an MVTec AD category, sample 5 images, and write the anomaly report.
+# The main job: set up, then train a MAF on an MVTec AD category, sample 5 images (exact and refined), and write the
+# anomaly report.
 #
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # seed spec (GPU): 128x128, 100 epochs
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule --preset cpu    # 64x64 preset: a minute or two on 2 CPU cores
@@ -61,11 +62,13 @@ sys.exit(0 if ok else 1)'
 fi
 
 "$PYTHON" "$REPO/scripts/train_maf.py" "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR" "${PRESET_ARGS[@]}" "${TRAIN_ARGS[@]}"
-"$PYTHON" "$REPO/scripts/sample_maf.py" --model_name_or_path "$OUTPUT_DIR" --num_samples 5 --temperature 1.0 0.7
-DETECT_DATA=()
+DATA_ONLY=()  # the data flags without --download, which only training acts on
 for ((i = 0; i < ${#DATA_ARGS[@]}; i++)); do
-  [ "${DATA_ARGS[$i]}" = --download ] || DETECT_DATA+=("${DATA_ARGS[$i]}")
+  [ "${DATA_ARGS[$i]}" = --download ] || DATA_ONLY+=("${DATA_ARGS[$i]}")
 done
-"$PYTHON" "$REPO/scripts/detect_anomalies.py" --model_name_or_path "$OUTPUT_DIR" "${DETECT_DATA[@]}"
+# Exact and refined (density-guided) samples side by side, with their measures against the training data.
+"$PYTHON" "$REPO/scripts/sample_maf.py" --model_name_or_path "$OUTPUT_DIR" --num_samples 5 --temperature 1.0 0.7 \
+  "${DATA_ONLY[@]}"
+"$PYTHON" "$REPO/scripts/detect_anomalies.py" --model_name_or_path "$OUTPUT_DIR" "${DATA_ONLY[@]}"
 echo
 echo "Done. Model: $OUTPUT_DIR; samples: $OUTPUT_DIR/samples; anomaly report and figures: $OUTPUT_DIR/anomaly"

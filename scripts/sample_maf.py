@@ -1,10 +1,23 @@
 #!/usr/bin/env python
-"""Generate images with a trained MAF or IAF (local folder or Hub id).
+"""Generate images with a trained MAF or IAF (local folder or Hub id): exact samples, and refined ones next to them.
 
-    python scripts/sample_maf.py --model_name_or_path runs/maf --num_samples 5 --temperature 1.0 0.7
+    python scripts/sample_maf.py --model_name_or_path runs/maf --num_samples 5 --temperature 1.0 0.7 \\
+        --data_dir data/mvtec_capsule
 
-Writes sample_t<T>_<i>.png for each image, samples_t<T>.png (a grid) and samples.json (seconds in total and per
-image for each temperature, sequential MADE evaluations per block, device) in --output_dir.
+Exact samples are draws from the model. An image flow's draws can look like coloured static even when the model
+has learnt the data well: its typical set is not where the data lie (docs/maf.md explains why). Refined samples
+start from the same draws and take --refine_steps steps of annealed Langevin dynamics towards higher density
+(MAFModel.sample's refine_* arguments): they look like the data but are density-guided, NOT draws from the model,
+and the figures say so. --refine_steps 0 writes exact samples only.
+
+Writes to --output_dir, for each temperature T: sample_t<T>_<i>.png and samples_t<T>.png (exact, one grid),
+refined_t<T>_<i>.png and refined_t<T>.png (refined), exact_vs_refined_t<T>.png (both grids side by side, labelled),
+and samples.json: seconds in total and per image for exact and refined samples (refined seconds include the exact
+pass they start from), sequential MADE evaluations per block, device, and the measures of
+modeling_maf.metrics.sample_quality on the 8-bit images: bits/dim under the model, roughness (mean |Laplacian| in
+8-bit levels) and diversity (mean pairwise L2). With --data_dir or --dataset_name (the data the model was trained
+on) also roughness and diversity relative to the training images and the distance to the nearest training image
+relative to that of the test-good images (refined samples must not be copies of training images).
 """
 
 import argparse
@@ -13,15 +26,20 @@ import time
 
 import torch
 
-import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
+from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from hf_dgm_training import (
     add_debug_arg,
     device_description,
     load_model_for_inference,
     run_main,
     save_image_grid,
+    save_labelled_grids,
     write_json,
 )
+
+
+DEFAULT_REFINE_STEPS = 300
 
 
 def parse_args(argv=None):
@@ -31,42 +49,104 @@ def parse_args(argv=None):
     parser.add_argument("--num_samples", type=int, default=5, help="Images to generate per temperature.")
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                         help="Standard deviation(s) of the base noise; below 1 trades diversity for cleaner images.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the base noise.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the base noise and of the refinement noise.")
+    parser.add_argument("--refine_steps", type=int, default=DEFAULT_REFINE_STEPS,
+                        help="Steps of density-guided refinement (annealed Langevin dynamics on log p) applied to the "
+                             "exact samples; each costs about one forward and backward pass of the model (MAF) or of "
+                             "its one-pass direction (IAF). 0: exact samples only.")
+    parser.add_argument("--refine_step_size", type=float, default=None,
+                        help="How far each value moves per refinement step, about (logit units for a MAF, latent "
+                             "units for an IAF; default: the model's, see MAFModel.sample).")
+    parser.add_argument("--refine_temperature", type=float, default=None,
+                        help="Noise temperature at the first refinement step, falling linearly to 0 at the last: 1 "
+                             "samples the model's own density, 0 is gradient ascent, which collapses the samples onto "
+                             "one mode (default: the model's, see MAFModel.sample).")
+    parser.add_argument("--refine_batch_size", type=int, default=None,
+                        help="Samples refined at a time, which bounds memory (default: the model's).")
+    parser.add_argument("--data_dir", default=None,
+                        help="The data folder the model was trained on (train/good and test/<good or defect>): adds "
+                             "the measures relative to its training and test-good images.")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset id (image + label) instead of --data_dir.")
+    parser.add_argument("--category", default="capsule", help="MVTec AD category, when --data_dir holds <category>/.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
-    parser.add_argument("--hub_token", default=None, help="Token for a private Hub model.")
+    parser.add_argument("--hub_token", default=None, help="Token for a private Hub model or dataset.")
     parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: all in one row).")
     add_debug_arg(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.refine_steps < 0:
+        parser.error(f"--refine_steps must be >= 0, got {args.refine_steps}.")
+    return args
 
 
-def synchronize(device):
+def refinement_arguments(args) -> dict:
+    names = ("refine_step_size", "refine_temperature", "refine_batch_size")
+    chosen = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {"refine_steps": args.refine_steps, **chosen}
+
+
+def generate(model, args, temperature, **refinement):
+    """Samples from --seed on the model's device, and the seconds they took (device-synchronised)."""
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    images = model.sample(args.num_samples, generator=generator, temperature=temperature, show_progress=True,
+                          **refinement)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images.cpu(), time.perf_counter() - started
+
+
+def write_images(images, output_dir, grid_name, image_name, nrow):
+    """<grid_name>.png (all images) and <image_name>_<i>.png (each); returns the grid's path."""
+    grid = os.path.join(output_dir, f"{grid_name}.png")
+    save_image_grid(images, grid, nrow=nrow)
+    for index, image in enumerate(images):
+        save_image_grid(image[None], os.path.join(output_dir, f"{image_name}_{index}.png"), nrow=1, padding=0)
+    return grid
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, output_dir, model = load_model_for_inference(args, "samples", model_types=("maf", "iaf"))
+    reference = statistics = None
+    if args.data_dir is not None or args.dataset_name is not None:
+        # The processor saved with the model: the data are preprocessed as the training images were.
+        processor = MAFImageProcessor.from_model(args.model_name_or_path, model.config, token=args.hub_token)
+        reference = load_reference_images(processor, args.data_dir, args.dataset_name, args.category,
+                                          token=args.hub_token)
+        statistics = reference_statistics(model, reference)
+    refinement = refinement_arguments(args)
     report = {"model": args.model_name_or_path, "model_type": model.config.model_type,
               "device": device_description(device),
               "num_samples": args.num_samples, "sequential_passes_per_block": model.num_sequential_passes()
-              if model.config.model_type == "maf" else [1] * model.config.num_blocks, "runs": []}
+              if model.config.model_type == "maf" else [1] * model.config.num_blocks,
+              "refinement": refinement,
+              "reference": statistics if statistics is not None else
+              "data-relative measures omitted: pass --data_dir or --dataset_name (the data the model was trained on)",
+              "runs": []}
+    nrow = args.nrow or args.num_samples
     for temperature in args.temperature:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        synchronize(device)
-        started = time.perf_counter()
-        images = model.sample(args.num_samples, generator=generator, temperature=temperature, show_progress=True)
-        synchronize(device)
-        seconds = time.perf_counter() - started
-        images = images.cpu()
         tag = f"t{temperature:g}"
-        grid = os.path.join(output_dir, f"samples_{tag}.png")
-        save_image_grid(images, grid, nrow=args.nrow or args.num_samples)
-        for index, image in enumerate(images):
-            save_image_grid(image[None], os.path.join(output_dir, f"sample_{tag}_{index}.png"), nrow=1, padding=0)
-        report["runs"].append({"temperature": temperature, "seconds_total": seconds,
-                               "seconds_per_image": seconds / args.num_samples, "grid": grid})
-        print(f"temperature {temperature:g}: {args.num_samples} images in {seconds:.3f} s -> {grid}")
+        images, seconds = generate(model, args, temperature)
+        grid = write_images(images, output_dir, f"samples_{tag}", f"sample_{tag}", nrow)
+        run = {"temperature": temperature, "seconds_total": seconds, "seconds_per_image": seconds / args.num_samples,
+               "grid": grid, "measures": sample_quality(model, images, reference, statistics)}
+        print(f"temperature {temperature:g}: {args.num_samples} exact images in {seconds:.3f} s -> {grid}")
+        if args.refine_steps > 0:
+            refined, refined_seconds = generate(model, args, temperature, **refinement)
+            refined_grid = write_images(refined, output_dir, f"refined_{tag}", f"refined_{tag}", nrow)
+            comparison = os.path.join(output_dir, f"exact_vs_refined_{tag}.png")
+            save_labelled_grids([(f"exact samples: draws from the model (T = {temperature:g})", images),
+                                 (f"refined: density-guided ({args.refine_steps} Langevin steps on log p), "
+                                  "not draws from the model", refined)], comparison, nrow=nrow)
+            run["refined"] = {"seconds_total": refined_seconds, "seconds_per_image": refined_seconds / args.num_samples,
+                              "grid": refined_grid, "comparison": comparison,
+                              "measures": sample_quality(model, refined, reference, statistics)}
+            print(f"temperature {temperature:g}: {args.num_samples} refined images in {refined_seconds:.3f} s "
+                  f"-> {comparison}")
+        report["runs"].append(run)
     write_json(os.path.join(output_dir, "samples.json"), report)
     return report
 
