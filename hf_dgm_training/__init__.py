@@ -8,6 +8,7 @@
 - `cuda_graphs`: a whole training step replayed as one CUDA graph.
 - `cyclegan_step`: CycleGAN's training step and the options of its fast path.
 - `outputs`: metrics, JSON, plots, image grids, model cards.
+- `sampler`: a shuffle that depends only on (seed, epoch), so a resumed run sees the same batches.
 - `model_selection`: the best epoch's weights by a validation metric, and early stopping.
 - `inference`: the prologue of the inference scripts (device, output folder, model).
 - `image_pool`: CycleGAN's image history buffer.
@@ -42,11 +43,13 @@ from .image_pool import ImagePool
 from .images import check_dataset_images, iter_dataset_images, open_image
 from .trainer import TrainingLoop, TrainingTask
 from .model_selection import BestModelKeeper
+from .sampler import EpochSeededSampler
 from .inference import load_model_for_inference, resolve_device
 from .loading import load_pretrained, looks_local, resolve_model_path
 from .outputs import (
     MetricsLogger,
     device_description,
+    metrics_series,
     plot_curves,
     read_metrics,
     save_image_grid,

@@ -254,6 +254,12 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def metrics_series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of `key` over the metrics lines that have it (for `plot_curves`)."""
+    rows = [record for record in records if record.get(key) is not None]
+    return [record["step"] for record in rows], [record[key] for record in rows]
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
     """Drops the lines logged after `last_step`: a run resumed from that step logs them again."""
     if not os.path.isfile(path):

@@ -1,15 +1,13 @@
 #!/usr/bin/env python
-"""Train a Masked Autoregressive Flow (or IAF) on the normal images of an MVTec AD category.
-
-Defaults are the seed specification: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs,
-Adam at lr 1e-4, on capsule train/good.
+"""Train a Masked Autoregressive Flow (or IAF) on the normal images of an MVTec AD category. Defaults are the seed
+specification: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs, Adam at lr 1e-4.
 
     accelerate launch scripts/train_maf.py --data_dir data/mvtec_capsule --output_dir runs/maf --mixed_precision bf16
     python scripts/train_maf.py --data_dir data/mvtec_capsule --image_size 32 --num_train_epochs 2 --hidden_sizes 64 64
 
-Writes to --output_dir: metrics.jsonl (every step and every epoch), checkpoints/step_N (accelerate state, atomic),
-the final model (model.safetensors + config.json + modeling code + README.md model card), nll_curve.png and
-train_results.json (wall time, throughput, final bits/dim, skipped steps).
+Writes to --output_dir: metrics.jsonl (every step and epoch), checkpoints/step_N (accelerate state, atomic), the
+model of the best validation epoch, calibrated on the validation images (model.safetensors, config.json, modeling
+code, image processor, README.md card), nll_curve.png and train_results.json.
 """
 
 import argparse
@@ -22,6 +20,7 @@ from accelerate.logging import get_logger
 from hf_dgm_training import (
     BestModelKeeper,
     CUDAGraphStep,
+    EpochSeededSampler,
     TrainingLoop,
     TrainingTask,
     UsageError,
@@ -30,6 +29,7 @@ from hf_dgm_training import (
     config_overrides_from_args,
     finish_common_args,
     load_pretrained,
+    metrics_series,
     plot_curves,
     run_main,
     setup_accelerator,
@@ -67,12 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=None,
                         help="Clip the global gradient norm to this value (off by default, as in the seed spec).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
-                        help="'masked_adam' (modeling_maf.optimization_maf.MaskedAdam): Adam that forms each MADE "
-                             "weight gradient inside its update, for connected tiles only, and never writes the dense "
-                             "gradient; with several processes it all-gathers the small per-layer factors instead of "
-                             "all-reducing the gradients; it clips (--max_grad_norm) over every parameter itself. "
-                             "'adam': torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path "
-                             "(on a CPU its torch path is slower than torch.optim.Adam).")
+                        help="'masked_adam': modeling_maf.optimization_maf.MaskedAdam, Adam that forms each MADE weight "
+                             "gradient inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
+                             "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = finish_common_args(parser, parser.parse_args(argv))
     if not 0 < args.target_fpr < 1:
@@ -107,42 +104,18 @@ def load_data(args):
     train, validation = split_validation(dataset["train"], args.validation_split_percentage, seed=args.seed)
     train = load_split_as_tensors(train, image_processor=processor)
     validation = load_split_as_tensors(validation, image_processor=processor) if len(validation) else None
-    test_good = None
-    if "test" in dataset:
-        test = load_split_as_tensors(dataset["test"], image_processor=processor)
-        good = test.labels == 0
-        test_good = test.pixel_values[good] if bool(good.any()) else None
+    test = load_split_as_tensors(dataset["test"], image_processor=processor) if "test" in dataset else None
+    test_good = test.pixel_values[test.labels == 0] if test is not None and bool((test.labels == 0).any()) else None
     return processor, train, validation, test_good
-
-
-class EpochSeededSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees exactly the batches it would have.
-
-    The epoch is set with `use_epoch`, not `set_epoch`: accelerate calls `set_epoch` with the number of times the
-    (prepared) loader was iterated, which restarts at 0 for the loader that skips the batches already done."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def use_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self):
-        return self.size
 
 
 @torch.no_grad()
 def mean_bits_per_dim(model, pixel_values, batch_size=32):
-    """Deterministic (eval-mode) bits/dim averaged over images."""
-    was_training = model.training
+    """Deterministic (eval-mode) bits/dim averaged over images; the model goes back to training mode."""
     model.eval()
-    values = [model(chunk).bits_per_dim for chunk in pixel_values.split(batch_size)]
-    model.train(was_training)
-    return float(torch.cat(values).mean())
+    values = torch.cat([model(chunk).bits_per_dim for chunk in pixel_values.split(batch_size)])
+    model.train()
+    return float(values.mean())
 
 
 class FlowTask(TrainingTask):
@@ -248,16 +221,12 @@ def calibrate(model, validation, args) -> dict | None:
 
 
 def plot_nll_curve(records, path):
-    def series(key):
-        rows = [record for record in records if record.get(key) is not None]
-        return [record["step"] for record in rows], [record[key] for record in rows]
-
-    curves = {"train bits/dim (per step)": series("train/bits_per_dim"),
-              "train bits/dim (epoch mean)": series("epoch/train/bits_per_dim")}
-    for key, name in (("epoch/validation_bits_per_dim", "validation"), ("epoch/test_good_bits_per_dim", "test-good")):
-        if series(key)[0]:
-            curves[f"{name} bits/dim (eval)"] = series(key)
-    plot_curves(curves, path, title="MAF negative log-likelihood", ylabel="bits / dim")
+    curves = {label: metrics_series(records, key) for label, key in (
+        ("train bits/dim (per step)", "train/bits_per_dim"), ("train bits/dim (epoch mean)", "epoch/train/bits_per_dim"),
+        ("validation bits/dim (eval)", "epoch/validation_bits_per_dim"),
+        ("test-good bits/dim (eval)", "epoch/test_good_bits_per_dim"))}
+    plot_curves({label: series for label, series in curves.items() if series[0]}, path,
+                title="MAF negative log-likelihood", ylabel="bits / dim")
 
 
 def calibration_rows(calibration) -> str:
