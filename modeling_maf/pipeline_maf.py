@@ -40,11 +40,13 @@ def jet_colors(values: np.ndarray) -> np.ndarray:
 def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
     """The per-pixel map (H, W) in jet colours, resized to the image (bilinear) and blended over it with `alpha`.
 
-    Colours are scaled per image, from the map's minimum (blue) to its maximum (red), as in the figures of
-    scripts/detect_anomalies.py: they show where in the image the score comes from, not whether it is anomalous."""
+    Colours are scaled per image, from the map's 1st percentile (blue) to its 99th (red): a few extreme pixels do not
+    wash out the rest. They show where in the image the score comes from, not whether the image is anomalous."""
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    scaled = (anomaly_map - low) / (high - low) if high > low else np.zeros_like(anomaly_map)
+    low, high = (float(value) for value in np.percentile(anomaly_map, [1.0, 99.0]))
+    if high <= low:
+        low, high = float(anomaly_map.min()), float(anomaly_map.max())
+    scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(anomaly_map)
     scaled = np.asarray(Image.fromarray(scaled, mode="F").resize(image.size, resample=Image.BILINEAR))
     colours = Image.fromarray(jet_colors(scaled), mode="RGB")
     return Image.blend(image.convert("RGB"), colours, alpha)

@@ -108,6 +108,12 @@ def test_heatmap_colours_follow_the_map():
     assert heatmap[0, 3, 0] > heatmap[0, 3, 2] and heatmap[1, 0, 2] > heatmap[1, 0, 0]  # red hot, blue cold
     flat = np.asarray(heatmap_overlay(image, np.full((2, 2), 3.0), alpha=1.0))  # a constant map: all cold
     assert (flat == jet_colors(np.zeros(1))[0]).all()
+    # One extreme pixel does not wash out the others: the scale runs from the 1st to the 99th percentile.
+    anomaly_map = np.tile(np.linspace(0.0, 1.0, 20, dtype=np.float32), (20, 1))
+    anomaly_map[0, 0] = 1e6
+    colours = np.asarray(heatmap_overlay(Image.new("RGB", (20, 20)), anomaly_map, alpha=1.0)).astype(int)
+    assert colours[5, 10].tolist() != colours[5, 0].tolist() != colours[5, 19].tolist()
+    assert colours[5, 19, 0] > 100 and colours[5, 0, 2] > 100  # still red at the right, blue at the left
 
 
 def test_anomaly_detection_with_an_iaf_and_a_model_object():
