@@ -61,6 +61,11 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def looks_like_a_path(name: str) -> bool:
+    """A Hub repo id is `name` or `namespace/name`; anything else (absolute, ./, ../, ~, deeper) is a folder path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def load_pipeline(task: str, name: str | None, default: str, how_to_get_one: str, device: str):
     """(pipeline, None) or (None, a message for the page) for a folder or Hub repo id."""
     if not name:
@@ -68,10 +73,12 @@ def load_pipeline(task: str, name: str | None, default: str, how_to_get_one: str
             return None, (f"No model for this tab: {default} does not exist. {how_to_get_one}, or pass a folder or "
                           "Hub repo id to app.py (see `python app.py --help`).")
         name = default
+    if not os.path.isdir(name) and looks_like_a_path(name):
+        return None, f"No model for this tab: the folder {name} does not exist. {how_to_get_one}."
     try:
         return pipeline(task, model=name, trust_remote_code=True, device=device), None
     except Exception as error:  # any failure becomes a message in the page, the other tabs still work
-        where = "folder" if os.path.isdir(name) else "Hub repo id (no folder of that name exists here)"
+        where = "folder" if os.path.isdir(name) else "Hub repo id: no folder of that name exists here"
         return None, f"Could not load the {task} pipeline from {name!r} ({where}): {type(error).__name__}: {error}"
 
 
@@ -106,7 +113,7 @@ def format_score(result: dict) -> str:
 
 def format_verdict(result: dict) -> str:
     if result["is_anomalous"] is None:
-        return f"not calibrated: {result['message']}"
+        return f"no verdict: {result['message']}"
     relation = ">" if result["is_anomalous"] else "≤"
     word = "ANOMALOUS" if result["is_anomalous"] else "normal"
     return f"{word} (score {result['score']:.2f} {relation} threshold {result['threshold']:.2f})"
@@ -116,9 +123,14 @@ def describe_maf(detector) -> str:
     model = detector.model
     config = model.config
     size = f"{config.image_size}×{config.image_size}×{config.num_channels}"
-    calibrated = getattr(model, "is_calibrated", False)
-    calibration = "calibrated" if calibrated else "not calibrated (scores only)"
-    return f"Model: `{model.name_or_path}` ({type(model).__name__}, {size}, {config.num_blocks} blocks, {calibration})"
+    calibration = getattr(config, "anomaly_calibration", None)
+    if calibration:
+        threshold = calibration["thresholds"][calibration["method"]]
+        state = (f"calibrated: score `{calibration['method']}`, threshold {threshold:.2f} at a "
+                 f"{calibration['target_fpr']:.0%} false-positive rate on {calibration['num_images']} good images")
+    else:
+        state = "not calibrated: the score is the image's negative log-likelihood (nats), with no verdict"
+    return f"Model: `{model.name_or_path}` ({type(model).__name__}, {size}, {config.num_blocks} blocks; {state})"
 
 
 def describe_cyclegan(translator) -> str:
@@ -134,9 +146,8 @@ def build_demo(detector, maf_message, translator, cyclegan_message, maf_examples
             if detector is None:
                 gr.Markdown(f"**{maf_message}**", elem_id="maf-missing")
             else:
-                gr.Markdown(describe_maf(detector) + ". The score is the anomaly score of the image (negative "
-                            "log-likelihood in nats unless the model was calibrated with another method); the heatmap "
-                            "shows where in the image it comes from.")
+                gr.Markdown(describe_maf(detector) + ". Higher scores are more anomalous; the heatmap shows where "
+                            "in the image the score comes from (colours scaled per image).")
                 with gr.Row():
                     with gr.Column():
                         image = gr.Image(type="pil", label="Image", height=IMAGE_HEIGHT, elem_id="anomaly-input")

@@ -4,13 +4,13 @@
 >>> from transformers import pipeline
 >>> detector = pipeline("anomaly-detection", model="runs/maf", trust_remote_code=True)
 >>> result = detector("capsule.png")
->>> result["score"], result["is_anomalous"], result["threshold"]
+>>> result["score"], result["is_anomalous"], result["threshold"], result["method"]
 >>> result["heatmap"].save("heatmap.png")
 ```
 
-This file imports only torch, numpy, PIL and transformers: modeling_maf.py imports it, so `save_pretrained` copies it
-next to the model and `config.json` names it under `custom_pipelines`; a Hub repo then gives this pipeline with
-`trust_remote_code=True` without the hf-dgm package installed.
+This file imports only torch, numpy, PIL, transformers and its sibling anomaly_scores.py: modeling_maf.py imports it,
+so `save_pretrained` copies it next to the model and `config.json` names it under `custom_pipelines`; a Hub repo
+then gives this pipeline with `trust_remote_code=True` without the hf-dgm package installed.
 """
 
 import numpy as np
@@ -18,16 +18,8 @@ import torch
 from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
-from transformers.utils import logging
 
-
-logger = logging.get_logger(__name__)
-
-UNCALIBRATED_MESSAGE = (
-    "This model has no calibration, so is_anomalous and threshold are None (the score alone is meaningful: higher is "
-    "more anomalous). Calibrate it on images of good parts and save it: `model.calibrate(good_pixel_values)` "
-    "(pixel values (N, C, H, W) in [0, 1]), then `model.save_pretrained(folder)`; the threshold travels with the model."
-)
+from .anomaly_scores import NOT_CALIBRATED
 
 
 def jet_colors(values: np.ndarray) -> np.ndarray:
@@ -54,8 +46,8 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
 
 class AnomalyDetectionPipeline(Pipeline):
     r"""
-    Scores images with a MAF or IAF trained on good images: the score is the image's negative log-likelihood (nats,
-    higher = more anomalous) or the score method the model was calibrated with.
+    Scores images with a MAF or IAF trained on good images (`MAFModel.predict_anomalies`): the model's calibrated
+    score and threshold, or, for a model that is not calibrated, the image's negative log-likelihood (nats) alone.
 
     Call arguments:
         images: an image (PIL image, path, URL or base64 string) or a list of them.
@@ -64,10 +56,11 @@ class AnomalyDetectionPipeline(Pipeline):
 
     Returns:
         for each image a dict with
-        - `score` (`float`): the anomaly score,
+        - `score` (`float`): the anomaly score, higher = more anomalous,
         - `is_anomalous` (`bool` or `None`): score above the calibrated threshold; `None` for an uncalibrated model,
         - `threshold` (`float` or `None`): the calibrated threshold; `None` for an uncalibrated model,
-        - `heatmap` (`PIL.Image`): the per-pixel score map in colour over the input image, at the input's size,
+        - `heatmap` (`PIL.Image`): the score's per-pixel map in colour over the input image, at the input's size,
+        - `method` (`str`): the score's name (`modeling_maf.anomaly_scores.ANOMALY_SCORES`; "nll" uncalibrated),
         - `message` (`str` or `None`): for an uncalibrated model, how to calibrate it; `None` otherwise.
 
     Images are converted to the model's channels (RGB, or gray for one channel), resized to `config.image_size` with
@@ -107,24 +100,27 @@ class AnomalyDetectionPipeline(Pipeline):
         return {"pixel_values": self._pixel_values(image), "image": [image]}
 
     def _forward(self, model_inputs):
-        pixel_values = model_inputs["pixel_values"]
-        scores = self.model.anomaly_scores(pixel_values)
-        maps = self.model.anomaly_maps(pixel_values)
-        return {"scores": scores, "maps": maps, "image": model_inputs["image"]}
+        prediction = self.model.predict_anomalies(model_inputs["pixel_values"])
+        batch_size = prediction.scores.shape[0]
+        threshold = None if prediction.threshold is None else torch.full((batch_size,), prediction.threshold,
+                                                                         dtype=torch.float64)
+        # Every entry has one element per image, so that batched outputs split back into images.
+        return {"scores": prediction.scores, "maps": prediction.maps, "is_anomalous": prediction.is_anomalous,
+                "threshold": threshold, "method": [prediction.method] * batch_size, "image": model_inputs["image"]}
 
     def postprocess(self, model_outputs, heatmap_alpha=0.5):
-        image = model_outputs["image"]
-        image = image[0] if isinstance(image, list) else image
-        score = float(model_outputs["scores"].reshape(-1)[0])
+        image, method = (value[0] if isinstance(value, list) else value
+                         for value in (model_outputs["image"], model_outputs["method"]))
         anomaly_map = model_outputs["maps"].reshape(model_outputs["maps"].shape[-2:]).float().cpu().numpy()
-        logger.warning_once(UNCALIBRATED_MESSAGE)
+        calibrated = model_outputs["is_anomalous"] is not None
         return {
-            "score": score,
-            "is_anomalous": None,
-            "threshold": None,
+            "score": float(model_outputs["scores"].reshape(-1)[0]),
+            "is_anomalous": bool(model_outputs["is_anomalous"].reshape(-1)[0]) if calibrated else None,
+            "threshold": float(model_outputs["threshold"].reshape(-1)[0]) if calibrated else None,
             "heatmap": heatmap_overlay(image, anomaly_map, alpha=heatmap_alpha),
-            "message": UNCALIBRATED_MESSAGE,
+            "method": method,
+            "message": None if calibrated else NOT_CALIBRATED,
         }
 
 
-__all__ = ["AnomalyDetectionPipeline", "heatmap_overlay", "jet_colors", "UNCALIBRATED_MESSAGE"]
+__all__ = ["AnomalyDetectionPipeline", "heatmap_overlay", "jet_colors"]

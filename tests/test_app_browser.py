@@ -99,27 +99,35 @@ def stop(process):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny MAF (16x16 RGB) and a tiny CycleGAN (32x32), trained by the scripts on synthetic data."""
+    """A tiny MAF (16x16 RGB) and a tiny CycleGAN (32x32), trained by the scripts on synthetic data; the MAF also
+    calibrated by detect_anomalies.py on other good images (its threshold travels in the saved folder)."""
     root = tmp_path_factory.mktemp("demo")
     category = make_mvtec_category(str(root / "capsule"), size=16, num_train=12, num_test_good=2,
                                    defects=(("crack", 2), ("poke", 1)))
-    maf_dir = root / "maf"
+    held_out = make_mvtec_category(str(root / "held-out"), size=16, num_train=8, seed=1)
+    maf_dir, calibrated_dir = root / "maf", root / "maf-calibrated"
     run_script("train_maf.py", "--data_dir", category, "--output_dir", maf_dir, "--image_size", 16,
                "--hidden_sizes", 32, 32, "--num_blocks", 2, "--per_device_train_batch_size", 4,
                "--num_train_epochs", 2)
+    run_script("detect_anomalies.py", "--model_name_or_path", maf_dir, "--data_dir", category,
+               "--output_dir", root / "report", "--calibration_data", os.path.join(held_out, "train", "good"),
+               "--target_fpr", 0.25, "--save_calibrated_model", calibrated_dir)
     unpaired = make_unpaired_folder(str(root / "unpaired"), size=32)
     cyclegan_dir = root / "cyclegan"
     run_script("train_cyclegan.py", "--data_dir", unpaired, "--output_dir", cyclegan_dir, "--image_size", 32,
                "--num_residual_blocks", 1, "--generator_filters", 8, "--discriminator_filters", 8,
                "--pool_size", 3, "--num_grid_images", 2, "--num_train_epochs", 1)
-    return {"category": category, "maf": maf_dir, "unpaired": unpaired, "cyclegan": cyclegan_dir, "root": root}
+    return {"category": category, "maf": maf_dir, "maf_calibrated": calibrated_dir, "unpaired": unpaired,
+            "cyclegan": cyclegan_dir}
 
 
 @pytest.fixture(scope="module")
 def app_url(trained, tmp_path_factory):
+    """The app on the calibrated MAF and the CycleGAN, with examples for both."""
     process, url, log_path = start_app(
-        tmp_path_factory.mktemp("app"), "app", "--maf_model", trained["maf"], "--cyclegan_model", trained["cyclegan"],
-        "--maf_examples", trained["category"], "--cyclegan_examples", trained["unpaired"])
+        tmp_path_factory.mktemp("app"), "app", "--maf_model", trained["maf_calibrated"],
+        "--cyclegan_model", trained["cyclegan"], "--maf_examples", trained["category"],
+        "--cyclegan_examples", trained["unpaired"])
     yield url
     stop(process)
 
@@ -192,9 +200,11 @@ def test_anomaly_tab_shows_the_pipelines_score_verdict_and_heatmap(page, trained
 
     from app import example_images, format_score, format_verdict
 
-    detector = pipeline("anomaly-detection", model=str(trained["maf"]), trust_remote_code=True, device="cpu")
+    detector = pipeline("anomaly-detection", model=str(trained["maf_calibrated"]), trust_remote_code=True,
+                        device="cpu")
     defective = os.path.join(trained["category"], "test", "crack", "000.png")
     expected = detector(defective)
+    assert expected["threshold"] is not None  # the calibration came with the folder
 
     open_tab(page, "Anomaly detection")
     upload(page, "anomaly-input", defective)
@@ -202,8 +212,8 @@ def test_anomaly_tab_shows_the_pipelines_score_verdict_and_heatmap(page, trained
     verdict = page.locator("#anomaly-verdict textarea").input_value()
     assert score == format_score(expected) and float(score) == pytest.approx(expected["score"], abs=0.005)
     assert verdict == format_verdict(expected)
-    if expected["is_anomalous"] is None:
-        assert verdict.startswith("not calibrated") and "calibrate" in verdict
+    assert verdict.startswith("ANOMALOUS" if expected["is_anomalous"] else "normal")
+    assert f"threshold {expected['threshold']:.2f}" in verdict
     page.wait_for_selector("#anomaly-heatmap img", timeout=TIMEOUT_MS)
     heatmap = fetch_image(page, "#anomaly-heatmap img")
     assert heatmap.size == Image.open(defective).size
@@ -215,13 +225,15 @@ def test_anomaly_tab_shows_the_pipelines_score_verdict_and_heatmap(page, trained
     good = os.path.join(trained["category"], "test", "good", "000.png")
     page.locator("#anomaly-examples button.gallery-item").nth(examples.index(good)).click()
     new_score = wait_for_text(page, "#anomaly-score textarea", previous=score)
-    assert new_score == format_score(detector(good))
+    expected_good = detector(good)
+    assert new_score == format_score(expected_good)
+    assert page.locator("#anomaly-verdict textarea").input_value() == format_verdict(expected_good)
 
 
 def test_sampling_tab_draws_the_models_samples(page, trained, tmp_path):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(trained["maf"]), trust_remote_code=True).eval()
+    model = AutoModel.from_pretrained(str(trained["maf_calibrated"]), trust_remote_code=True).eval()
     expected = model.sample(4, generator=torch.Generator().manual_seed(0), temperature=0.7)  # the tab's defaults
     expected = (expected * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -264,20 +276,30 @@ def test_translation_tab_shows_the_pipelines_translation_in_both_directions(page
     assert np.array_equal(np.asarray(back), np.asarray(translator(horse, direction="b_to_a")))
 
 
-def test_missing_models_are_explained_in_the_page(browser, tmp_path, monkeypatch):
-    # No MAF given (and no runs/maf where the app runs); a CycleGAN folder that does not exist.
-    monkeypatch.delenv("HF_DGM_MAF_MODEL", raising=False)
-    process, url, log_path = start_app(tmp_path, "empty", "--cyclegan_model", tmp_path / "no-such-cyclegan")
+def test_uncalibrated_model_and_missing_model_are_explained_in_the_page(browser, trained, tmp_path):
+    """The uncalibrated MAF gives scores and says how to calibrate; a CycleGAN folder that does not exist leaves its
+    tab with the reason."""
+    from transformers import pipeline
+
+    from app import format_verdict
+
+    process, url, log_path = start_app(tmp_path, "partial", "--maf_model", trained["maf"],
+                                       "--cyclegan_model", tmp_path / "no-such-cyclegan")
     try:
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
         page.goto(url)
-        message = page.locator("#maf-missing").inner_text(timeout=TIMEOUT_MS)
-        assert "runs/maf does not exist" in message and "scripts/run_maf_pipeline.sh" in message
-        open_tab(page, "MAF sampling")
-        assert page.locator("#sampling-missing").inner_text(timeout=TIMEOUT_MS) == message
+        good = os.path.join(trained["category"], "test", "good", "000.png")
+        upload(page, "anomaly-input", good)
+        wait_for_text(page, "#anomaly-score textarea")
+        verdict = page.locator("#anomaly-verdict textarea").input_value()
+        expected = pipeline("anomaly-detection", model=str(trained["maf"]), trust_remote_code=True, device="cpu")(good)
+        assert expected["is_anomalous"] is None and verdict == format_verdict(expected)
+        assert verdict.startswith("no verdict") and "model.calibrate(good_pixel_values)" in verdict
         open_tab(page, "CycleGAN translation")
         message = page.locator("#cyclegan-missing").inner_text(timeout=TIMEOUT_MS)
-        assert "Could not load" in message and "no-such-cyclegan" in message
+        assert message == (f"No model for this tab: the folder {tmp_path / 'no-such-cyclegan'} does not exist. "
+                           "Train one with python scripts/train_cyclegan.py --data_dir <trainA/trainB folder> "
+                           "--output_dir runs/h2z.")  # the command in code style: the page shows no backticks
         save_screenshot(page, "demo_missing_model.png", tmp_path)
         page.close()
     finally:

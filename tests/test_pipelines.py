@@ -22,7 +22,8 @@ from transformers import pipeline
 from modeling_cyclegan import CycleGANModel, ImageTranslationPipeline
 from modeling_maf import AnomalyDetectionPipeline, IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.data import images_to_tensor
-from modeling_maf.pipeline_maf import UNCALIBRATED_MESSAGE, heatmap_overlay, jet_colors
+from modeling_maf.anomaly_scores import NOT_CALIBRATED
+from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors
 
 from test_hub_models import randomize, tiny_cyclegan
 
@@ -46,6 +47,18 @@ def as_array(image):
 def maf_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("maf") / "model"
     model = tiny_flow()
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def calibrated_maf_folder(tmp_path_factory):
+    """A MAF calibrated on 12 'good' images (random ones: the test compares the pipeline with the model, whatever
+    the verdicts), at a target false-positive rate that makes some of them anomalous."""
+    folder = tmp_path_factory.mktemp("maf-calibrated") / "model"
+    model = tiny_flow(seed=1)
+    good = images_to_tensor([make_image(100 + index) for index in range(12)], model.config.image_size)
+    model.calibrate(good, target_fpr=0.25)
     model.save_pretrained(folder)
     return folder, model
 
@@ -75,22 +88,33 @@ def test_save_pretrained_names_the_pipeline_in_config_and_copies_its_file(reques
     assert type(built).__module__.startswith("transformers_modules")  # the folder's copy, not this package's
 
 
-def test_anomaly_detection_gives_the_models_scores_and_a_heatmap_over_the_input(maf_folder):
-    folder, model = maf_folder
+@pytest.mark.parametrize("fixture", ["maf_folder", "calibrated_maf_folder"])
+def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_input(request, fixture):
+    folder, model = request.getfixturevalue(fixture)
     detector = pipeline("anomaly-detection", model=str(folder), trust_remote_code=True, device="cpu")
-    images = [make_image(0), make_image(1, size=(9, 9), mode="L"), make_image(2, size=(6, 6), mode="RGBA")]
+    images = [make_image(0), make_image(1, size=(9, 9), mode="L"), make_image(2, size=(6, 6), mode="RGBA"),
+              make_image(100), make_image(101)]
     results = detector(images)
     pixel_values = images_to_tensor(images, model.config.image_size)  # the training data's preprocessing
-    expected_scores = model.anomaly_scores(pixel_values)
-    expected_maps = model.anomaly_maps(pixel_values)
-    assert len(results) == 3
-    for image, result, score, anomaly_map in zip(images, results, expected_scores, expected_maps):
-        assert set(result) == {"score", "is_anomalous", "threshold", "heatmap", "message"}
-        assert result["score"] == pytest.approx(float(score), rel=1e-6)
-        assert result["is_anomalous"] is None and result["threshold"] is None
-        assert result["message"] == UNCALIBRATED_MESSAGE and "calibrate" in result["message"]
+    expected = model.predict_anomalies(pixel_values)
+    calibrated = fixture == "calibrated_maf_folder"
+    assert model.is_calibrated == calibrated and len(results) == len(images)
+    for index, (image, result) in enumerate(zip(images, results)):
+        assert set(result) == {"score", "is_anomalous", "threshold", "heatmap", "method", "message"}
+        assert result["score"] == pytest.approx(float(expected.scores[index]), rel=1e-6)
+        assert result["method"] == expected.method == (model.config.anomaly_calibration["method"] if calibrated
+                                                       else "nll")
+        if calibrated:
+            assert result["is_anomalous"] is bool(expected.is_anomalous[index])
+            assert result["threshold"] == expected.threshold and result["message"] is None
+        else:
+            assert result["is_anomalous"] is None and result["threshold"] is None
+            assert result["message"] == NOT_CALIBRATED and "calibrate" in result["message"]
         assert result["heatmap"].size == image.size and result["heatmap"].mode == "RGB"
-        assert np.array_equal(np.asarray(result["heatmap"]), np.asarray(heatmap_overlay(image, anomaly_map.numpy())))
+        heatmap = heatmap_overlay(image, expected.maps[index].numpy())
+        assert np.array_equal(np.asarray(result["heatmap"]), np.asarray(heatmap))
+    if calibrated:  # the verdicts follow the threshold
+        assert [result["is_anomalous"] for result in results] == [r["score"] > r["threshold"] for r in results]
     # One image in, one dict out; the heatmap opacity is a call argument (0: the image itself).
     single = detector(images[0], heatmap_alpha=0.0)
     assert single["score"] == results[0]["score"]
@@ -122,7 +146,8 @@ def test_anomaly_detection_with_an_iaf_and_a_model_object():
     assert isinstance(detector, AnomalyDetectionPipeline)
     image = make_image(4)
     expected = model.anomaly_scores(images_to_tensor([image], model.config.image_size))
-    assert detector(image)["score"] == pytest.approx(float(expected[0]), rel=1e-6)
+    result = detector(image)
+    assert result["score"] == pytest.approx(float(expected[0]), rel=1e-6) and result["message"] == NOT_CALIBRATED
 
 
 def test_image_translation_gives_the_models_translation(cyclegan_folder):
@@ -172,7 +197,8 @@ CHILD_SCRIPT = textwrap.dedent(
         if job["task"] == "anomaly-detection":
             output = built(image)
             output["heatmap"].save(job["output"])
-            results[job["name"]] = {key: output[key] for key in ("score", "is_anomalous", "threshold", "message")}
+            results[job["name"]] = {key: output[key] for key in
+                                    ("score", "is_anomalous", "threshold", "method", "message")}
         else:
             built(image, direction="b_to_a").save(job["output"])
             results[job["name"]] = type(built).__name__
@@ -182,12 +208,12 @@ CHILD_SCRIPT = textwrap.dedent(
 
 
 def test_fresh_process_without_the_package_builds_both_pipelines_from_folders_and_hub_repos(
-    hub_server, maf_folder, cyclegan_folder, tmp_path
+    hub_server, calibrated_maf_folder, cyclegan_folder, tmp_path
 ):
     image_path = tmp_path / "input.png"
     image = make_image(7)
     image.save(image_path)
-    maf_dir, maf = maf_folder
+    maf_dir, maf = calibrated_maf_folder  # the calibration travels with the model
     cyclegan_dir, cyclegan = cyclegan_folder
     maf_repo, cyclegan_repo = hub_server.repo_id("maf-pipeline"), hub_server.repo_id("cyclegan-pipeline")
     maf.push_to_hub(maf_repo)
@@ -214,14 +240,15 @@ def test_fresh_process_without_the_package_builds_both_pipelines_from_folders_an
     assert (child_home / "modules" / "transformers_modules").is_dir()  # the code came with the models
 
     pixel_values = images_to_tensor([image], maf.config.image_size)
-    expected_score = float(maf.anomaly_scores(pixel_values)[0])
-    expected_heatmap = heatmap_overlay(image, maf.anomaly_maps(pixel_values)[0].numpy())
+    expected = maf.predict_anomalies(pixel_values)
+    expected_heatmap = heatmap_overlay(image, expected.maps[0].numpy())
     expected_translation = cyclegan.translate(image, direction="b_to_a")[0]
     for where in ("folder", "hub"):
         maf_output = outputs[f"maf-{where}"]
-        assert maf_output["score"] == pytest.approx(expected_score, rel=1e-6), where
-        assert maf_output["is_anomalous"] is None and maf_output["threshold"] is None
-        assert maf_output["message"] == UNCALIBRATED_MESSAGE
+        assert maf_output["score"] == pytest.approx(float(expected.scores[0]), rel=1e-6), where
+        assert maf_output["is_anomalous"] is bool(expected.is_anomalous[0])
+        assert maf_output["threshold"] == expected.threshold and maf_output["method"] == expected.method
+        assert maf_output["message"] is None
         assert np.array_equal(as_array(Image.open(tmp_path / f"heatmap-{where}.png")), as_array(expected_heatmap))
         assert outputs[f"cyclegan-{where}"] == "ImageTranslationPipeline"
         translation = Image.open(tmp_path / f"translation-{where}.png")
