@@ -135,9 +135,10 @@ def app_url(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
-        # No sandbox: CI runs as root. Every host name but loopback resolves to nothing.
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"])
+        # No sandbox: CI runs as root; /tmp instead of a possibly small /dev/shm; every host name but loopback
+        # resolves to nothing.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"])
         yield browser
         browser.close()
 
