@@ -41,14 +41,14 @@ def parse_args(argv=None):
                         help="MAF/IAF folder or Hub repo id for the anomaly-detection and sampling tabs (environment: "
                              f"HF_DGM_MAF_MODEL; when neither is set, {DEFAULT_MAF_MODEL} if it exists).")
     parser.add_argument("--cyclegan_model", default=env("HF_DGM_CYCLEGAN_MODEL"),
-                        help="CycleGAN folder or Hub repo id for the translation tab (environment: HF_DGM_CYCLEGAN_MODEL;"
-                             f" when neither is set, {DEFAULT_CYCLEGAN_MODEL} if it exists).")
+                        help="CycleGAN folder or Hub repo id for the translation tab (environment: "
+                             f"HF_DGM_CYCLEGAN_MODEL; when neither is set, {DEFAULT_CYCLEGAN_MODEL} if it exists).")
     parser.add_argument("--maf_examples", default=env("HF_DGM_MAF_EXAMPLES"),
                         help="Example images for the anomaly tab: a folder of images, or an MVTec category folder (the "
                              "first image of every test/<type> folder is used). Environment: HF_DGM_MAF_EXAMPLES.")
     parser.add_argument("--cyclegan_examples", default=env("HF_DGM_CYCLEGAN_EXAMPLES"),
-                        help="Example images for the translation tab: a folder of images, or an unpaired dataset folder "
-                             "(testA, testB). Environment: HF_DGM_CYCLEGAN_EXAMPLES.")
+                        help="Example images for the translation tab: a folder of images, or an unpaired dataset "
+                             "folder (testA, testB). Environment: HF_DGM_CYCLEGAN_EXAMPLES.")
     parser.add_argument("--max_examples", type=int, default=8, help="At most this many example images per tab.")
     parser.add_argument("--server_name", default=env("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="Address to listen on (0.0.0.0 to reach the demo from other machines).")
@@ -135,7 +135,8 @@ def describe_maf(detector) -> str:
 
 def describe_cyclegan(translator) -> str:
     model = translator.model
-    return f"Model: `{model.name_or_path}` ({type(model).__name__}, {model.config.image_size}×{model.config.image_size})"
+    size = model.config.image_size
+    return f"Model: `{model.name_or_path}` ({type(model).__name__}, {size}×{size})"
 
 
 # -------------------------------------------------------------------------------------------- the demo

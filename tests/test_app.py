@@ -23,7 +23,8 @@ def test_a_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
 def test_a_missing_folder_is_not_looked_up_on_the_hub(tmp_path):
     name = str(tmp_path / "nothing")
     detector, message = load_pipeline("image-translation", name, "runs/h2z", "Train one with `y`", "cpu")
-    assert detector is None and message == f"No model for this tab: the folder {name} does not exist. Train one with `y`."
+    assert detector is None
+    assert message == f"No model for this tab: the folder {name} does not exist. Train one with `y`."
     assert looks_like_a_path("./runs/maf") and looks_like_a_path("a/b/c") and looks_like_a_path("~/maf")
     assert not looks_like_a_path("user/maf-capsule") and not looks_like_a_path("maf-capsule")
 
@@ -32,7 +33,8 @@ def test_a_folder_that_is_not_a_model_gives_the_loading_error(tmp_path):
     (tmp_path / "empty").mkdir()
     detector, message = load_pipeline("anomaly-detection", str(tmp_path / "empty"), "runs/maf", "z", "cpu")
     assert detector is None
-    assert message.startswith(f"Could not load the anomaly-detection pipeline from {str(tmp_path / 'empty')!r} (folder):")
+    name = str(tmp_path / "empty")
+    assert message.startswith(f"Could not load the anomaly-detection pipeline from {name!r} (folder):")
 
 
 def test_example_images_of_a_dataset_folder(tmp_path):
