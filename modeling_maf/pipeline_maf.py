@@ -8,9 +8,10 @@
 >>> result["heatmap"].save("heatmap.png")
 ```
 
-This file imports only torch, numpy, PIL, transformers and its sibling anomaly_scores.py: modeling_maf.py imports it,
-so `save_pretrained` copies it next to the model and `config.json` names it under `custom_pipelines`; a Hub repo
-then gives this pipeline with `trust_remote_code=True` without the hf-dgm package installed.
+This file imports only torch, numpy, PIL, transformers and its siblings (anomaly scores, image processor):
+modeling_maf.py imports it, so `save_pretrained` copies it next to the model and `config.json` names it under
+`custom_pipelines`; a Hub repo then gives this pipeline with `trust_remote_code=True` without the hf-dgm package
+installed.
 """
 
 import numpy as np
@@ -20,6 +21,7 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .anomaly_scores import NOT_CALIBRATED
+from .image_processing_maf import MAFImageProcessor
 
 
 def jet_colors(values: np.ndarray) -> np.ndarray:
@@ -63,12 +65,17 @@ class AnomalyDetectionPipeline(Pipeline):
         - `method` (`str`): the score's name (`modeling_maf.anomaly_scores.ANOMALY_SCORES`; "nll" uncalibrated),
         - `message` (`str` or `None`): for an uncalibrated model, how to calibrate it; `None` otherwise.
 
-    Images are converted to the model's channels (RGB, or gray for one channel), resized to `config.image_size` with
-    PIL's bilinear filter and divided by 255, as the training data (modeling_maf.data); a folder with its own image
-    processor (`preprocessor_config.json`) uses that instead.
+    Images are preprocessed by the model folder's [`MAFImageProcessor`] (`preprocessor_config.json`, saved with every
+    model) or, for a folder without one, by the processor of the model's config: the model's channels (RGB or gray),
+    `config.image_size`, values in [0, 1], as the training data.
     """
 
-    _load_image_processor = None  # the folder's image processor when it has one
+    _load_image_processor = None  # the folder's image processor when it has one (see __init__ otherwise)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.image_processor is None:
+            self.image_processor = MAFImageProcessor.from_model_config(self.model.config)
 
     def _sanitize_parameters(self, heatmap_alpha=None, timeout=None):
         preprocess_params, postprocess_params = {}, {}
@@ -83,21 +90,10 @@ class AnomalyDetectionPipeline(Pipeline):
     def __call__(self, images, **kwargs):
         return super().__call__(images, **kwargs)
 
-    def _pixel_values(self, image: Image.Image) -> torch.Tensor:
-        if self.image_processor is not None:
-            return self.image_processor(image, return_tensors="pt")["pixel_values"]
-        config = self.model.config
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            rgba = image.convert("RGBA")  # transparency over black, as the training data
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-        image = image.convert("L" if config.num_channels == 1 else "RGB")
-        image = image.resize((config.image_size, config.image_size), resample=Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8).reshape(config.image_size, config.image_size, -1)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255.0
-
     def preprocess(self, image, timeout=None):
         image = load_image(image, timeout=timeout)
-        return {"pixel_values": self._pixel_values(image), "image": [image]}
+        pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "image": [image]}
 
     def _forward(self, model_inputs):
         prediction = self.model.predict_anomalies(model_inputs["pixel_values"])

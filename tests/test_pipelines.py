@@ -94,7 +94,7 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
     images = [make_image(0), make_image(1, size=(9, 9), mode="L"), make_image(2, size=(6, 6), mode="RGBA"),
               make_image(100), make_image(101)]
     results = detector(images)
-    pixel_values = images_to_tensor(images, model.config.image_size)  # the training data's preprocessing
+    pixel_values = images_to_tensor(images, model.config.image_size)  # the training data's tensors
     expected = model.predict_anomalies(pixel_values)
     calibrated = fixture == "calibrated_maf_folder"
     assert model.is_calibrated == calibrated and len(results) == len(images)
@@ -114,6 +114,13 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
         assert np.array_equal(np.asarray(result["heatmap"]), np.asarray(heatmap))
     if calibrated:  # the verdicts follow the threshold
         assert [result["is_anomalous"] for result in results] == [r["score"] > r["threshold"] for r in results]
+    assert type(detector.image_processor).__name__ == "MAFImageProcessor"  # the folder's, through remote code
+    batched = detector(images, batch_size=2)  # the image processor makes batching possible
+    for result, alone in zip(batched, results):
+        assert result["score"] == pytest.approx(alone["score"], rel=1e-5)
+        assert (result["is_anomalous"], result["threshold"], result["method"], result["message"]) == \
+            (alone["is_anomalous"], alone["threshold"], alone["method"], alone["message"])
+        assert result["heatmap"].size == alone["heatmap"].size
     # One image in, one dict out; the heatmap opacity is a call argument (0: the image itself).
     single = detector(images[0], heatmap_alpha=0.0)
     assert single["score"] == results[0]["score"]
