@@ -175,8 +175,11 @@ def build_demo(detector, maf_message, translator, cyclegan_message, maf_examples
             else:
                 model = detector.model
                 refine = "refine_steps" in inspect.signature(model.sample).parameters
-                gr.Markdown(describe_maf(detector) + ". Samples are drawn on the CPU or the --device; latents are "
-                            "N(0, temperature²).")
+                refinement = (" Refinement steps above 0 then move them towards higher density (MAFModel.sample's "
+                              "refine_steps): density-guided images, no longer exact draws from the model."
+                              if refine else "")
+                gr.Markdown(describe_maf(detector) + ". Samples are drawn on the CPU or the --device from latents "
+                            "N(0, temperature²)." + refinement)
                 with gr.Row():
                     with gr.Column():
                         num_samples = gr.Slider(1, 8, value=4, step=1, label="Number of samples",

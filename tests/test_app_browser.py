@@ -231,27 +231,47 @@ def test_anomaly_tab_shows_the_pipelines_score_verdict_and_heatmap(page, trained
     assert page.locator("#anomaly-verdict textarea").input_value() == format_verdict(expected_good)
 
 
-def test_sampling_tab_draws_the_models_samples(page, trained, tmp_path):
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(trained["maf_calibrated"]), trust_remote_code=True).eval()
-    expected = model.sample(4, generator=torch.Generator().manual_seed(0), temperature=0.7)  # the tab's defaults
-    expected = (expected * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-    open_tab(page, "MAF sampling")
-    page.locator("#sampling-button").click()
-    page.wait_for_function("() => document.querySelectorAll('#sampling-gallery img').length >= 4",
-                           timeout=TIMEOUT_MS)
+def shown_gallery(page, previous=()):
+    """The images of the sampling gallery (once they differ from `previous`), fetched as arrays."""
+    page.wait_for_function(
+        "previous => { const sources = [...document.querySelectorAll('#sampling-gallery img')].map(i => i.src);"
+        " return sources.length >= 4 && !sources.some(source => previous.includes(source)); }",
+        arg=list(previous), timeout=TIMEOUT_MS)
     sources = page.locator("#sampling-gallery img").evaluate_all("images => images.map(image => image.src)")
     shown = []
     for source in dict.fromkeys(sources):  # a gallery may show an image twice (thumbnail and preview)
         with urllib.request.urlopen(source, timeout=30) as response:
             shown.append(np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB")))
+    return shown, sources
+
+
+def test_sampling_tab_draws_the_models_samples_exact_and_refined(page, trained, tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(trained["maf_calibrated"]), trust_remote_code=True).eval()
+
+    def expected(**refinement):  # the tab's defaults: 4 samples, seed 0, temperature 0.7
+        images = model.sample(4, generator=torch.Generator().manual_seed(0), temperature=0.7, **refinement)
+        return (images * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    open_tab(page, "MAF sampling")
+    page.locator("#sampling-button").click()
+    shown, sources = shown_gallery(page)
     assert len(shown) == 4
-    for image, reference in zip(shown, expected):
+    for image, reference in zip(shown, expected()):
         assert image.shape == (16, 16, 3)
         assert np.array_equal(image, reference)
     save_screenshot(page, "demo_sampling.png", tmp_path)
+
+    # Refinement (MAFModel.sample's refine_steps) from the slider: density-guided, not the exact draws.
+    page.locator("#sampling-refine input[type=number]").fill("3")
+    page.locator("#sampling-refine input[type=number]").press("Enter")
+    page.locator("#sampling-button").click()
+    refined, _ = shown_gallery(page, previous=sources)
+    references = expected(refine_steps=3)
+    assert len(refined) == 4 and not all(np.array_equal(a, b) for a, b in zip(refined, shown))
+    for image, reference in zip(refined, references):
+        assert np.array_equal(image, reference)
 
 
 def test_translation_tab_shows_the_pipelines_translation_in_both_directions(page, trained, tmp_path):
