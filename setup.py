@@ -30,6 +30,10 @@ setup(
     ],
     extras_require={
         # triton: MaskedAdam's kernel runs on CPU in the tests through Triton's interpreter (TRITON_INTERPRET=1).
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "triton>=3.2; platform_system == 'Linux'"],
+        # playwright: the browser test of the demo drives the system's Chromium (apt-get install chromium).
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "triton>=3.2; platform_system == 'Linux'",
+                "playwright>=1.40"],
+        # The Gradio demo (app.py); a Hugging Face Space installs requirements.txt instead.
+        "demo": ["gradio>=5.0"],
     },
 )

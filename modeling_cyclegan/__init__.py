@@ -1,6 +1,7 @@
 """hf-dgm: CycleGAN (Zhu et al. 2017) as a transformers model, with its image processor."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_cyclegan import CycleGANConfig
 from .image_processing_cyclegan import CycleGANImageProcessor
@@ -13,6 +14,7 @@ from .modeling_cyclegan import (
     CycleGANPreTrainedModel,
     gan_loss,
 )
+from .pipeline_cyclegan import ImageTranslationPipeline
 
 
 AutoConfig.register("cyclegan", CycleGANConfig, exist_ok=True)
@@ -26,6 +28,10 @@ except TypeError:
 CycleGANConfig.register_for_auto_class()
 CycleGANModel.register_for_auto_class("AutoModel")
 CycleGANImageProcessor.register_for_auto_class("AutoImageProcessor")
+# pipeline("image-translation", model=<CycleGANModel>) in this process; saved folders and Hub repos name the pipeline
+# in config.json themselves (CycleGANPreTrainedModel.save_pretrained).
+PIPELINE_REGISTRY.register_pipeline("image-translation", pipeline_class=ImageTranslationPipeline, pt_model=AutoModel,
+                                    type="image")
 
 __all__ = [
     "CycleGANConfig",
@@ -35,6 +41,7 @@ __all__ = [
     "CycleGANGenerator",
     "CycleGANDiscriminator",
     "CycleGANImageProcessor",
+    "ImageTranslationPipeline",
     "gan_loss",
     "LOSS_NAMES",
 ]

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_cyclegan import CycleGANConfig
 from .image_processing_cyclegan import CycleGANImageProcessor
+from .pipeline_cyclegan import ImageTranslationPipeline
 
 
 # Loss names logged every step, in the reference's order and spelling.
@@ -233,6 +234,20 @@ class CycleGANPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values_a"
     input_modalities = ("image",)
     supports_gradient_checkpointing = False
+    # The transformers pipelines that travel with the model (see `save_pretrained`).
+    pipelines = {"image-translation": ImageTranslationPipeline}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`), with the pipelines of `pipelines` named in
+        config.json under `custom_pipelines`, as transformers' `Pipeline.save_pretrained` names them; their file is
+        a relative import of this one, so it is copied with it. `pipeline(task, model=<folder or repo>,
+        trust_remote_code=True)` then builds them without this package installed."""
+        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
+        for task, pipeline_class in self.pipelines.items():
+            module = pipeline_class.__module__.rsplit(".", 1)[-1]
+            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+        self.config.custom_pipelines = custom_pipelines
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,10 +1,12 @@
 """hf-dgm: Masked Autoregressive Flow (MAF) and Inverse Autoregressive Flow (IAF) as transformers models."""
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import MAFImageProcessor
 from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .pipeline_maf import AnomalyDetectionPipeline
 
 AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
@@ -22,6 +24,10 @@ IAFConfig.register_for_auto_class()
 MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
 MAFImageProcessor.register_for_auto_class("AutoImageProcessor")
+# pipeline("anomaly-detection", model=<MAFModel or IAFModel>) in this process; saved folders and Hub repos name the
+# pipeline in config.json themselves (MAFPreTrainedModel.save_pretrained).
+PIPELINE_REGISTRY.register_pipeline("anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel,
+                                    type="image")
 
-__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput", "MAFPreTrainedModel",
-           "MAFImageProcessor"]
+__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
+           "MAFPreTrainedModel", "MAFImageProcessor", "AnomalyDetectionPipeline"]

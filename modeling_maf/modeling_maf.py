@@ -6,8 +6,9 @@ from the noise side (sampling in one pass, density sequential). The sequential d
 ``r + 1`` MADE evaluations per block, where ``r`` is the number of distinct degrees of the last hidden layer
 (see ``MADEBlock.solve_sequential`` and docs/maf.md), instead of one evaluation per dimension.
 
-This file imports only torch, transformers and its configuration module, so a Hub repo made by ``save_pretrained``
-loads with ``trust_remote_code=True`` without this package installed.
+This file imports only torch, transformers and its sibling files (configuration, anomaly scores, image processor,
+sample refinement, the ``anomaly-detection`` pipeline), so a Hub repo made by ``save_pretrained`` loads with
+``trust_remote_code=True`` without this package installed, pipeline included.
 """
 
 import contextlib
@@ -37,6 +38,7 @@ from .anomaly_scores import (
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
+from .pipeline_maf import AnomalyDetectionPipeline
 from .refinement_maf import annealed_langevin, check_refinement_arguments
 
 
@@ -382,6 +384,8 @@ class MAFPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MADEBlock"]
     # Checkpoints saved before anomaly calibration existed load as uncalibrated models.
     _keys_to_ignore_on_load_missing = [r"anomaly_statistics\."]
+    # The transformers pipelines that travel with the model (see `save_pretrained`).
+    pipelines = {"anomaly-detection": AnomalyDetectionPipeline}
 
     def __init__(self, config: MAFConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
@@ -396,9 +400,19 @@ class MAFPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """`PreTrainedModel.save_pretrained`, and the model's `MAFImageProcessor` next to it (its config's size and
-        channels) unless the folder already holds one that fits the model, so `AutoImageProcessor` works on every
-        saved or pushed model. (Models of other than 1 or 3 channels have no image processor.)"""
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`), with
+        - the model's `MAFImageProcessor` next to it (its config's size and channels) unless the folder already holds
+          one that fits the model, so `AutoImageProcessor` works on every saved or pushed model (models of other than
+          1 or 3 channels have no image processor);
+        - the pipelines of `pipelines` named in config.json under `custom_pipelines`, as transformers'
+          `Pipeline.save_pretrained` names them; their file is a relative import of this one, so it is copied with
+          it, and `pipeline(task, model=<folder or repo>, trust_remote_code=True)` builds them without this package.
+        """
+        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
+        for task, pipeline_class in self.pipelines.items():
+            module = pipeline_class.__module__.rsplit(".", 1)[-1]
+            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+        self.config.custom_pipelines = custom_pipelines
         if is_main_process and self.config.num_channels in (1, 3):
             path = os.path.join(save_directory, IMAGE_PROCESSOR_FILE)
             wanted = MAFImageProcessor.from_model_config(self.config)
