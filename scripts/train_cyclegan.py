@@ -285,9 +285,10 @@ Cycle-Consistent Adversarial Networks"), trained with `hf-dgm`'s `scripts/train_
 ## Use
 
 ```python
-from modeling_cyclegan import CycleGANModel  # or AutoModel.from_pretrained(repo, trust_remote_code=True)
-model = CycleGANModel.from_pretrained("{results['repo_id']}", with_discriminators=False)
-translated = model.translate(pil_images, direction="a_to_b")  # list of PIL images
+from transformers import pipeline
+
+translator = pipeline("image-translation", model="{results['repo_id']}", trust_remote_code=True)
+translator("horse.jpg").save("zebra.png"); translator("zebra.jpg", direction="b_to_a").save("horse.png")
 ```
 
 ## Training

@@ -251,12 +251,12 @@ with [hf-dgm](https://github.com/hf-dgm/hf-dgm). Its negative log-likelihood is 
 ## Usage
 
 ```python
-import torch
-from transformers import AutoModel
+from transformers import AutoModel, pipeline
 
+detector = pipeline("anomaly-detection", model="{repo}", trust_remote_code=True)
+result = detector("capsule.png")   # score, is_anomalous, threshold, method, heatmap (PIL), message
 model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
-images = model.sample(5, generator=torch.Generator().manual_seed(0))     # (5, C, H, W) in [0, 1]
-prediction = model.predict_anomalies(images)   # scores, maps, is_anomalous at the calibrated threshold
+images = model.sample(5, refine_steps=300)   # (5, C, H, W) in [0, 1]; refine_steps=0: exact draws
 ```
 
 ## Training
