@@ -24,6 +24,7 @@ from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFM
 from modeling_maf.modeling_maf import MaskedLinear
 
 from synthetic_data import make_mvtec_category
+from child_process import WITHOUT_HF_DGM
 
 
 def randomize(model, seed=0, std=0.1):
@@ -124,19 +125,9 @@ def test_pinned_revision_loads_that_revision(hub_server, tmp_path, name):
 
 # The child process: no hf-dgm importable. `-I` drops the working directory, PYTHONPATH and user site; the
 # editable install's finder is removed by the script itself.
-CHILD_SCRIPT = textwrap.dedent(
+CHILD_SCRIPT = WITHOUT_HF_DGM + textwrap.dedent(
     """
     import json, sys, warnings
-    # The editable install of hf-dgm is an import finder: drop it, so only the code downloaded from the Hub is there.
-    sys.meta_path[:] = [finder for finder in sys.meta_path
-                        if "__editable__" not in getattr(finder, "__module__", "") + type(finder).__module__]
-    for module in ("modeling_maf", "modeling_cyclegan"):
-        try:
-            __import__(module)
-        except ImportError:
-            pass
-        else:
-            sys.exit(f"{module} is importable in the child process; the test would prove nothing")
 
     import numpy as np
     import torch
