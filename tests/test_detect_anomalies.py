@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import detect_anomalies
+from hf_dgm_training import UsageError
 from modeling_maf import MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES
 from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
@@ -118,5 +119,5 @@ def test_uncalibrated_model_reports_what_it_can_and_says_how_to_calibrate(tmp_pa
     # nll is the sum of the per-pixel NLL map, as the model computes it.
     nll = np.array([r["nll"] for r in report["per_image"]])
     assert np.all(np.isfinite(nll))
-    with pytest.raises(SystemExit, match="--score standardized-map needs a calibrated model"):
+    with pytest.raises(UsageError, match="--score standardized-map needs a calibrated model"):
         detect("--model_name_or_path", tmp_path / "model", "--data_dir", data, "--score", "standardized-map")
