@@ -9,7 +9,7 @@ import pytest
 import detect_anomalies
 from hf_dgm_training import UsageError
 from modeling_maf import MAFModel
-from modeling_maf.anomaly_scores import ANOMALY_SCORES
+from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE
 from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
 
 from synthetic_data import make_mvtec_category
@@ -43,9 +43,9 @@ def test_some_masks_calibrated_on_the_recorded_validation_files(tmp_path, capsys
                     "--target_fpr", 0.3, "--save_calibrated_model", tmp_path / "calibrated")
     output = capsys.readouterr().out
     assert "the 4 validation files recorded in train_results.json" in output
-    assert report["score"] == "positive-z-sum" and set(report["scores"]) == set(ANOMALY_SCORES)
+    assert report["score"] == DEFAULT_CALIBRATED_SCORE and set(report["scores"]) == set(ANOMALY_SCORES)
     assert report["calibration"]["num_images"] == 4 and report["target_fpr"] == 0.3
-    assert report["decision_threshold"] == report["calibration"]["thresholds"]["positive-z-sum"]
+    assert report["decision_threshold"] == report["calibration"]["thresholds"][DEFAULT_CALIBRATED_SCORE]
     assert report["decision_threshold_fpr"] == 0.25  # floor(0.3 * 4) = 1 of the 4 calibration images
     assert 0 <= report["image_auroc"] <= 1 and set(report["auroc_per_defect"]) == {"crack", "poke"}
     # Pixel metrics over the 6 images with masks (3 good + 3 crack); the 2 poke images have none.
@@ -68,7 +68,7 @@ def test_some_masks_calibrated_on_the_recorded_validation_files(tmp_path, capsys
     prediction = calibrated.predict_anomalies(test.pixel_values)
     by_file = {r["file"]: r for r in rows}
     assert [by_file[f]["predicted"] for f in test.files] == prediction.is_anomalous.tolist()
-    assert [by_file[f]["positive-z-sum"] for f in test.files] == prediction.scores.double().tolist()
+    assert [by_file[f][DEFAULT_CALIBRATED_SCORE] for f in test.files] == prediction.scores.double().tolist()
 
 
 def test_plain_grayscale_layout_with_a_merged_defect_folder_and_a_calibrated_model(tmp_path, capsys):
