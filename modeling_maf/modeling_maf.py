@@ -482,6 +482,9 @@ class MAFModel(MAFPreTrainedModel):
     conditioner_on_noise = False
     # Refinement step (`sample(..., refine_steps=K)`): logit units, about 0.6 of an 8-bit level near mid-grey.
     default_refine_step_size = 0.01
+    # Refinement's first noise temperature: 0 (preconditioned ascent from each sample's own draw) left the MAF's
+    # samples data-like and apart where 1 left them noisy (docs/RESULTS.md §6).
+    default_refine_temperature = 0.0
     # Refinement pays 0.5 nats for every value that strays this far (logits) outside the logits of [0, 1] pixels.
     refine_wall_width = 0.01
 
@@ -637,7 +640,7 @@ class MAFModel(MAFPreTrainedModel):
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator | None = None, temperature: float = 1.0,
                show_progress: bool = False, refine_steps: int = 0, refine_step_size: float | None = None,
-               refine_temperature: float = 1.0, refine_batch_size: int = 16) -> torch.Tensor:
+               refine_temperature: float | None = None, refine_batch_size: int = 16) -> torch.Tensor:
         """Draw `num_samples` images (num_samples, C, H, W) in [0, 1]; latents ~ N(0, temperature^2 I).
         `generator` may live on the CPU or on the model's device.
 
@@ -648,8 +651,9 @@ class MAFModel(MAFPreTrainedModel):
         density direction), IAF its latents (its sampling direction; its density is the sequential one). Each value
         moves by about `refine_step_size` per step, in logit units for MAF and latent units for IAF (default: the
         class's `default_refine_step_size`). The noise temperature falls linearly from `refine_temperature` (1: the
-        model's own density) to 0 at the last step (0 throughout: gradient ascent, which collapses the samples onto
-        a mode). Samples are refined `refine_batch_size` at a time, which bounds memory; the generator also draws the
+        model's own density) to 0 at the last step; 0 throughout is preconditioned gradient ascent, which keeps the
+        samples apart for a few hundred steps because each starts from its own draw, and collapses them onto a mode
+        if run long (default: the class's `default_refine_temperature`). Samples are refined `refine_batch_size` at a time, which bounds memory; the generator also draws the
         refinement noise, so a seeded generator reproduces the result for the same `refine_batch_size` (and the same
         seed with `refine_steps=0` gives the starting points).
         """
@@ -659,6 +663,8 @@ class MAFModel(MAFPreTrainedModel):
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if refine_step_size is None:
             refine_step_size = self.default_refine_step_size
+        if refine_temperature is None:
+            refine_temperature = self.default_refine_temperature
         check_refinement_arguments(refine_steps, refine_step_size, refine_temperature, refine_batch_size)
         device = self.device
         noise_device = generator.device if generator is not None else device
@@ -832,6 +838,7 @@ class IAFModel(MAFModel):
     conditioner_on_noise = True
     # Refinement moves the latents, whose scale is 1 by construction: larger steps than in logit units.
     default_refine_step_size = 0.05
+    default_refine_temperature = 1.0
 
 
 __all__ = ["AnomalyPrediction", "MAFModelOutput", "MAFPreTrainedModel", "MAFModel", "IAFModel", "MADE", "MADEBlock",

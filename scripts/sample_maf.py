@@ -59,8 +59,8 @@ def parse_args(argv=None):
                              "units for an IAF; default: the model's, see MAFModel.sample).")
     parser.add_argument("--refine_temperature", type=float, default=None,
                         help="Noise temperature at the first refinement step, falling linearly to 0 at the last: 1 "
-                             "samples the model's own density, 0 is gradient ascent, which collapses the samples onto "
-                             "one mode (default: the model's, see MAFModel.sample).")
+                             "samples the model's own density, 0 is preconditioned gradient ascent from each draw "
+                             "(default: the model's, see MAFModel.sample).")
     parser.add_argument("--refine_batch_size", type=int, default=None,
                         help="Samples refined at a time, which bounds memory (default: the model's).")
     parser.add_argument("--data_dir", default=None,
