@@ -189,7 +189,8 @@ def build_demo(detector, maf_message, translator, cyclegan_message, maf_examples
                                                 elem_id="sampling-temperature")
                         inputs = [num_samples, seed, temperature]
                         if refine:
-                            inputs.append(gr.Slider(0, 50, value=0, step=1, label="Refinement steps (refine_steps)",
+                            inputs.append(gr.Slider(0, 1000, value=0, step=10, label="Refinement steps (refine_steps; "
+                                                    "300 gives data-like samples, docs/maf.md §7)",
                                                     elem_id="sampling-refine"))
                         sample_button = gr.Button("Sample", variant="primary", elem_id="sampling-button")
                     gallery = gr.Gallery(label="Samples", format="png", columns=4, height=IMAGE_HEIGHT,
