@@ -9,8 +9,6 @@
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -24,7 +22,7 @@ from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFM
 from modeling_maf.modeling_maf import MaskedLinear
 
 from synthetic_data import make_mvtec_category
-from child_process import WITHOUT_HF_DGM
+from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def randomize(model, seed=0, std=0.1):
@@ -203,17 +201,7 @@ def test_fresh_process_without_the_package_loads_with_trust_remote_code(hub_serv
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
 
     child_home = tmp_path / "child-hf-home"  # empty cache: everything comes from the Hub repo
-    script = f"JOBS = {str(tmp_path / 'jobs.json')!r}\n"
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script + CHILD_SCRIPT],
-        cwd=tmp_path,
-        env=hub_server.subprocess_env(HF_HOME=str(child_home), PYTHONPATH=None),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    reported = json.loads(result.stdout.strip().splitlines()[-1])
+    reported = run_without_hf_dgm(CHILD_SCRIPT, tmp_path / "jobs.json", hub_server, child_home)
     assert sorted(reported["classes"].values()) == ["CycleGANModel", "IAFModel", "MAFModel", "MAFModel"]
     assert [len(found) for found in reported["mask_warnings"].values()] == [0, 0, 0, 1]
     assert f"had {perturbed_count} nonzero weight(s)" in reported["mask_warnings"][perturbed_repo][0]

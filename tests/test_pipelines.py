@@ -9,8 +9,6 @@
 """
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,7 +23,7 @@ from modeling_maf.data import images_to_tensor
 from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors
 
 from test_hub_models import randomize, tiny_cyclegan
-from child_process import WITHOUT_HF_DGM
+from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def tiny_flow(model_class=MAFModel, config_class=MAFConfig, seed=0):
@@ -225,16 +223,7 @@ def test_fresh_process_without_the_package_builds_both_pipelines_from_folders_an
                      "image": str(image_path), "output": str(tmp_path / f"translation-{where}.png")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     child_home = tmp_path / "child-hf-home"
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", f"JOBS = {str(tmp_path / 'jobs.json')!r}\n" + CHILD_SCRIPT],
-        cwd=tmp_path,
-        env=hub_server.subprocess_env(HF_HOME=str(child_home), PYTHONPATH=None),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    outputs = run_without_hf_dgm(CHILD_SCRIPT, tmp_path / "jobs.json", hub_server, child_home)
     assert (child_home / "modules" / "transformers_modules").is_dir()  # the code came with the models
 
     pixel_values = images_to_tensor([image], maf.config.image_size)
