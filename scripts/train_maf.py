@@ -64,8 +64,10 @@ def parse_args(argv=None):
                              "all epochs). Either way the final model is the epoch with the best validation bits/dim.")
     parser.add_argument("--target_fpr", type=float, default=0.05,
                         help="False-positive rate on the validation images at which the decision threshold is set.")
-    parser.add_argument("--max_grad_norm", type=float, default=None,
-                        help="Clip the global gradient norm to this value (off by default, as in the seed spec).")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+                        help="Clip the global gradient norm to this value; 0 turns clipping off (the seed spec's "
+                             "recipe). Clipping keeps the spec's Adam from the loss spikes that otherwise blow a run "
+                             "up to millions of bits/dim and leave its samples as static (docs/maf.md).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
                         help="'masked_adam': modeling_maf.optimization_maf.MaskedAdam, Adam that forms each MADE weight "
                              "gradient inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     args = finish_common_args(parser, parser.parse_args(argv))
     if not 0 < args.target_fpr < 1:
         parser.error(f"--target_fpr must be in (0, 1), got {args.target_fpr}.")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+    args.max_grad_norm = args.max_grad_norm or None
     if args.early_stopping_patience is not None and args.early_stopping_patience < 1:
         parser.error("--early_stopping_patience must be at least 1.")
     return args

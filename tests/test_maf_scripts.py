@@ -171,3 +171,16 @@ def test_non_finite_steps_are_skipped_and_the_weights_stay_finite(category, tmp_
     assert results["skipped_nonfinite_steps_total"] > 0
     weights = load_file(out / "model.safetensors")
     assert all(bool(tensor.isfinite().all()) for tensor in weights.values())
+
+
+def test_gradient_clipping_is_on_by_default_and_zero_turns_it_off(tmp_path):
+    """--max_grad_norm defaults to 1 (chosen by the spec clipping study, docs/RESULTS.md §7); 0 turns it off and a
+    negative value is refused with a one-line usage error."""
+    import train_maf
+
+    base = ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    assert train_maf.parse_args(base).max_grad_norm == 1.0
+    assert train_maf.parse_args(base + ["--max_grad_norm", "0"]).max_grad_norm is None
+    assert train_maf.parse_args(base + ["--max_grad_norm", "0.5"]).max_grad_norm == 0.5
+    with pytest.raises(SystemExit):
+        train_maf.parse_args(base + ["--max_grad_norm", "-1"])
