@@ -1,10 +1,10 @@
-"""Time the seed-spec MAF training step with MaskedAdam replayed as one CUDA graph (fp32, batch 8), without and with
-the non-finite guard train_maf.py uses (`found_inf`: MaskedAdam's check of the gradient factors and the kernel's skip
-of a flagged step), in one process. Every variant has its own model, optimizer and graph; their repeats take turns,
+"""Time the seed-spec MAF training step with MaskedAdam replayed as one CUDA graph (fp32, batch 8), in one process:
+`plain` (no guard), `found_inf` (the non-finite guard train_maf.py uses: MaskedAdam's check of the gradient factors
+and the kernel's skip of a flagged step) and `found_inf_clip` (that and clipping at norm 1, train_maf.py's default). Every variant has its own model, optimizer and graph; their repeats take turns,
 so a drift of the GPU's clocks touches all of them alike. Prints the median ms per step of repeats 3-N (N repeats of
 50 steps) per variant, and writes them to --output_json when given.
 
-    python benchmarks/time_maf_graph_step.py new                          # both variants: plain, found_inf
+    python benchmarks/time_maf_graph_step.py new                          # every variant
     PYTHONPATH=old_tree python benchmarks/time_maf_graph_step.py old      # the same of an older checkout
 
 Runs from an older checkout too (it then takes CUDAGraphStep from scripts/training_utils.py, which must be on the
@@ -28,14 +28,15 @@ except ImportError:  # a checkout from before the training package
     from training_utils import CUDAGraphStep
 
 
-VARIANTS = ("plain", "found_inf")
+VARIANTS = ("plain", "found_inf", "found_inf_clip")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("label", nargs="?", default="now", help="Name of the tree in the output (e.g. old, new).")
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="Comma-separated: 'plain' (no found_inf set) and/or 'found_inf' (train_maf's guard).")
+                        help="Comma-separated, of: plain (no found_inf set), found_inf (train_maf's non-finite guard), "
+                             "found_inf_clip (the guard and --max_grad_norm 1, train_maf's default step).")
     parser.add_argument("--repeats", type=int, default=8, help="Timed repeats per variant; the first two are dropped.")
     parser.add_argument("--steps", type=int, default=50, help="Steps per repeat.")
     parser.add_argument("--output_json", default=None, help="Write the results here.")
@@ -49,12 +50,13 @@ def parse_args(argv=None):
     return args
 
 
-def graph_step(guarded: bool):
+def graph_step(variant: str):
     """A spec MAF with MaskedAdam (capturable, fused) and its training step as a CUDAGraphStep."""
     torch.manual_seed(0)
     model = MAFModel(MAFConfig()).cuda()
-    optimizer = MaskedAdam(model, lr=1e-4, fused=True, capturable=True)
-    if guarded:
+    max_grad_norm = 1.0 if variant == "found_inf_clip" else None
+    optimizer = MaskedAdam(model, lr=1e-4, fused=True, capturable=True, max_grad_norm=max_grad_norm)
+    if variant != "plain":
         optimizer.found_inf = torch.zeros((), device="cuda")
 
     def step(pixel_values):
@@ -68,7 +70,7 @@ def graph_step(guarded: bool):
 
 def main(argv=None):
     args = parse_args(argv)
-    runners = {name: graph_step(guarded=name == "found_inf") for name in args.variants}
+    runners = {name: graph_step(name) for name in args.variants}
     batch = torch.rand(8, 3, 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     times = {name: [] for name in runners}
     for _ in range(args.repeats):
