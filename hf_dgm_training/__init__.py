@@ -41,7 +41,7 @@ from .errors import (
 from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
 from .image_pool import ImagePool
 from .images import check_dataset_images, iter_dataset_images, open_image
-from .trainer import TrainingLoop, TrainingTask
+from .trainer import PhaseTimer, TrainingLoop, TrainingTask, seconds_since_process_start
 from .model_selection import BestModelKeeper
 from .sampler import EpochSeededSampler
 from .inference import load_model_for_inference, resolve_device

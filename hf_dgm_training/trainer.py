@@ -12,7 +12,8 @@ the same way for every model:
 - losses stay on the device and are fetched every `--logging_steps` steps (one device sync);
 - checkpoints every N steps, every epoch, or every N seconds/minutes of training (`--checkpointing_steps`);
 - timing: train seconds (without checkpoints and evaluation), steady rate (without the first steps: compilation,
-  CUDA graph capture), seconds per epoch;
+  CUDA graph capture), seconds per epoch, and the wall seconds of the script's phases (`PhaseTimer`: imports, data,
+  model, ..., the loop, saving) from the process's start on;
 - `train_results.json` (the transformers name) with the loop's figures and the task's, written atomically.
 """
 
@@ -34,6 +35,48 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "train_results.json"
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (interpreter start-up and imports included), read from /proc as `ps`
+    reads it (10 ms resolution); None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as file:
+            fields = file.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        with open("/proc/uptime", encoding="ascii") as file:
+            uptime = float(file.read().split()[0])
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time after boot, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - started)
+
+
+class PhaseTimer:
+    """Wall seconds of a script's phases, for `train_results.json`: `lap(name)` adds the time since the previous lap
+    (or since the timer started) to phase `name`. The first phase, `first_phase`, is the time from the process's start
+    to the timer's (when the OS tells it): started first thing in `main`, that is the interpreter and the imports.
+    The phases add up to `total()`, the process's wall time so far."""
+
+    def __init__(self, first_phase: str = "imports"):
+        self.started = self._last = time.perf_counter()
+        before = seconds_since_process_start()
+        self.seconds: dict[str, float] = {} if before is None else {first_phase: before}
+
+    def lap(self, name: str) -> float:
+        """Ends the current phase as `name` (added to it when it ran before); returns its seconds this time. Waits for
+        the GPU first, so that work queued in a phase counts in it."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        return elapsed
+
+    def total(self) -> float:
+        """Seconds since the process started (since the timer started where that is not known)."""
+        return sum(self.seconds.values()) + time.perf_counter() - self._last
 
 
 class TrainingTask:
@@ -101,11 +144,17 @@ class LoopState:
 
 
 class TrainingLoop:
-    """Runs a `TrainingTask` under an `Accelerator` with the flags of `hf_dgm_training.arguments.add_common_args`."""
+    """Runs a `TrainingTask` under an `Accelerator` with the flags of `hf_dgm_training.arguments.add_common_args`.
 
-    def __init__(self, accelerator, args, task: TrainingTask):
+    `phases`: the script's `PhaseTimer`, started first thing in its `main` and lapped after each of its phases; the
+    loop laps "resume" and "training_loop", and `finish` laps the rest as "finish" and writes them all
+    (`phase_seconds`, adding up to `script_seconds`). Without one, the time before the loop is one phase,
+    "before_the_loop".
+    """
+
+    def __init__(self, accelerator, args, task: TrainingTask, phases: PhaseTimer | None = None):
         self.accelerator, self.args, self.task = accelerator, args, task
-        self.script_start = time.perf_counter()
+        self.phases = phases if phases is not None else PhaseTimer(first_phase="before_the_loop")
         self.checkpoints = CheckpointManager(accelerator, args.output_dir, args.checkpoints_total_limit)
         self.metrics_path = os.path.join(args.output_dir, METRICS_FILE)
         self.pusher = None
@@ -116,7 +165,7 @@ class TrainingLoop:
         self.steps_this_run = 0
         self.overhead_seconds = 0.0  # checkpoints and evaluation of this run
         self.run_train_seconds = 0.0
-        self.startup = None  # (train seconds, steps) of this run before the rate counts as steady
+        self.warmup = None  # (train seconds, steps) of this run before the rate counts as steady
         self.stopped_early = False
 
     # ------------------------------------------------------------------------------------------------ resume
@@ -136,6 +185,7 @@ class TrainingLoop:
                         f"{self.state.step_in_epoch} of it).")
         if self.accelerator.is_main_process:
             truncate_metrics(self.metrics_path, self.state.global_step)
+        self.phases.lap("resume")
         return self.state
 
     # ------------------------------------------------------------------------------------------------ run
@@ -167,7 +217,7 @@ class TrainingLoop:
                 if self.steps_this_run == task.warmup_steps:  # compilation and graph capture are behind us
                     self._flush()
                     self._tick()
-                    self.startup = (state.train_seconds - run_start_seconds, self.steps_this_run)
+                    self.warmup = (state.train_seconds - run_start_seconds, self.steps_this_run)
                 if state.global_step >= max_steps:
                     break
                 if state.step_in_epoch < task.steps_per_epoch and self._checkpoint_due(at_epoch_end=False):
@@ -193,6 +243,7 @@ class TrainingLoop:
         self._metrics.close()
         self.run_train_seconds = state.train_seconds - run_start_seconds
         accelerator.wait_for_everyone()
+        self.phases.lap("training_loop")
         return state
 
     def _record_step(self, values, epoch: int, extras: dict) -> None:
@@ -290,8 +341,8 @@ class TrainingLoop:
         steps = self.steps_this_run
         rate = steps / self.run_train_seconds if self.run_train_seconds > 0 else None
         steady = None
-        if self.startup is not None and steps > self.startup[1] and self.run_train_seconds > self.startup[0]:
-            steady = (steps - self.startup[1]) / (self.run_train_seconds - self.startup[0])
+        if self.warmup is not None and steps > self.warmup[1] and self.run_train_seconds > self.warmup[0]:
+            steady = (steps - self.warmup[1]) / (self.run_train_seconds - self.warmup[0])
         total = task.steps_per_epoch * args.num_train_epochs
         return {
             "completed": state.global_step >= total,
@@ -306,7 +357,9 @@ class TrainingLoop:
             "train_seconds": state.train_seconds,
             "train_seconds_this_run": self.run_train_seconds,
             "checkpoint_and_evaluation_seconds": self.overhead_seconds,
-            "startup_seconds": self.startup[0] if self.startup else None,
+            # The first steps of this run (compilation, CUDA graph capture), inside train_seconds_this_run.
+            "warmup_seconds": self.warmup[0] if self.warmup else None,
+            "warmup_steps": self.warmup[1] if self.warmup else None,
             "epoch_seconds": state.epoch_seconds,
             "steps_per_second": rate,
             "images_per_second": rate * task.images_per_step if rate else None,
@@ -324,11 +377,14 @@ class TrainingLoop:
         """Every line of metrics.jsonl (one per step and per epoch, the last line of a step winning)."""
         return read_metrics(self.metrics_path)
 
-    def finish(self, results: dict) -> None:
-        """Writes train_results.json (with the script's total seconds) and pushes the output folder; main process."""
-        results = {**results, "script_seconds": time.perf_counter() - self.script_start}
+    def finish(self, results: dict) -> dict:
+        """Writes train_results.json (with the script's phases and total seconds) and pushes the output folder; main
+        process. Returns what it wrote."""
+        self.phases.lap("finish")
+        results = {**results, "phase_seconds": dict(self.phases.seconds), "script_seconds": self.phases.total()}
         write_json(os.path.join(self.args.output_dir, RESULTS_FILE), results)
         if self.pusher is not None:
             self.pusher.push_folder(self.args.output_dir, commit_message=f"Model after {self.state.global_step} steps",
                                     ignore_patterns=["checkpoints/*", "logs/*"])
             self.pusher.wait()
+        return results

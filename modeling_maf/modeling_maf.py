@@ -130,6 +130,9 @@ class MaskedLinear(nn.Linear):
     pickle) start without it.
     """
 
+    # Entries per chunk where a layer's connections are worked through without its whole mask.
+    chunk_entries = 1 << 24
+
     def __init__(self, in_degrees: torch.Tensor, out_degrees: torch.Tensor, strict: bool):
         super().__init__(len(in_degrees), len(out_degrees))
         self.in_degrees = in_degrees
@@ -156,6 +159,32 @@ class MaskedLinear(nn.Linear):
     def masked_weight(self) -> torch.Tensor:
         return self.weight * self.mask()
 
+    def fan_in(self) -> torch.Tensor:
+        """Connections of every output unit (int64, CPU), counted from the degrees without building the mask."""
+        sorted_in_degrees = torch.sort(self.in_degrees).values
+        return torch.searchsorted(sorted_in_degrees, self.out_degrees, right=not self.strict)
+
+    def _connection_chunks(self, device):
+        """(rows, their connections as a bool (rows, in_features) tensor on ``device``) over the weight's rows,
+        ``chunk_entries`` at a time: no mask of the whole layer is built (or cached)."""
+        out_degrees, in_degrees = self.out_degrees.to(device), self.in_degrees.to(device)
+        rows_per_chunk = max(1, self.chunk_entries // max(1, self.in_features))
+        for start in range(0, self.out_features, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            yield rows, self._connections(out_degrees[rows], in_degrees)
+
+    @torch.no_grad()
+    def reset_masked_uniform_(self) -> None:
+        """The MADE initialisation of a hidden layer: uniform in +-1/sqrt(fan-in), with the fan-in each unit really
+        has after masking (at least 1), and exactly zero on absent connections."""
+        weight = self.weight
+        scale = self.fan_in().clamp(min=1).to(weight.device, weight.dtype).rsqrt()
+        weight.uniform_(-1.0, 1.0)
+        for rows, connected in self._connection_chunks(weight.device):
+            # One pass: u * 1/sqrt(fan_in) where connected, u * 0 (a zero of u's sign) where not, which is bit for bit
+            # u * 1/sqrt(fan_in) * mask.
+            weight[rows].mul_(torch.where(connected, scale[rows, None], 0.0))
+
     @torch.no_grad()
     def zero_absent_connections(self) -> torch.Tensor:
         """Sets the weights of absent connections to zero. Returns how many of them were not zero (a device scalar).
@@ -165,16 +194,12 @@ class MaskedLinear(nn.Linear):
         weight = self.weight
         if weight.is_meta:
             return torch.zeros((), dtype=torch.int64)
-        out_degrees, in_degrees = self.out_degrees.to(weight.device), self.in_degrees.to(weight.device)
-        rows_per_chunk = max(1, (1 << 24) // max(1, self.in_features))
         stray = torch.zeros((), dtype=torch.int64, device=weight.device)
-        for start in range(0, self.out_features, rows_per_chunk):
-            rows = weight[start : start + rows_per_chunk]
-            out_chunk = out_degrees[start : start + rows_per_chunk, None]
-            absent = out_chunk <= in_degrees[None, :] if self.strict else out_chunk < in_degrees[None, :]
-            stray += torch.count_nonzero(rows)  # NaN counts as nonzero
-            rows.masked_fill_(absent, 0)
-            stray -= torch.count_nonzero(rows)
+        for rows, connected in self._connection_chunks(weight.device):
+            chunk = weight[rows]
+            stray += torch.count_nonzero(chunk)  # NaN counts as nonzero
+            chunk.masked_fill_(~connected, 0)
+            stray -= torch.count_nonzero(chunk)
         return stray
 
     def forward(self, hidden_states):
@@ -446,12 +471,10 @@ class MAFPreTrainedModel(PreTrainedModel):
         Tensors already loaded from a checkpoint carry `_is_hf_initialized` and are left untouched."""
         if isinstance(module, MaskedLinear):
             if not getattr(module.weight, "_is_hf_initialized", False):
-                mask = module.mask()
                 if module.strict:  # the output layer
                     module.weight.data.zero_()
                 else:
-                    fan_in = mask.sum(dim=1, keepdim=True).clamp(min=1).to(module.weight.dtype)
-                    module.weight.data.uniform_(-1.0, 1.0).mul_(fan_in.rsqrt()).mul_(mask)
+                    module.reset_masked_uniform_()
             if not getattr(module.bias, "_is_hf_initialized", False):
                 module.bias.data.zero_()
         elif isinstance(module, FlowBatchNorm):

@@ -72,8 +72,12 @@ if triton is not None:
                             BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, HAS_SKIP: tl.constexpr):
         """One (BLOCK_ROWS, BLOCK_COLS) tile of one MADE weight: gradient from the low-rank factors (times the scale
         at ``scale_ptr``: process averaging and clipping), then Adam, on the connected entries only (masked entries
-        are never read or written: they stay zero). With HAS_SKIP, nothing is written when the flag at ``skip_ptr``
-        is set."""
+        are never read or written: they stay zero). With HAS_SKIP, a set flag at ``skip_ptr`` ends every program
+        before it reads anything, so a skipped step writes nothing and a kept one runs exactly the code without it
+        (one scalar load more)."""
+        if HAS_SKIP:
+            if tl.load(skip_ptr) != 0.0:
+                return
         rows, cols, connected, grad = _tile_gradient(inputs_ptr, grad_output_ptr, out_degrees_ptr, in_degrees_ptr,
                                                      tiles_ptr, num_rows, num_cols, BATCH, STRICT, BLOCK_ROWS,
                                                      BLOCK_COLS)
@@ -90,13 +94,9 @@ if triton is not None:
         exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
         updated = param.to(tl.float32) - (lr / bias_correction1) * exp_avg / denom
-        write = connected
-        if HAS_SKIP:
-            keep_rows = tl.load(skip_ptr + rows * 0) == 0.0  # the flag, once per row: no extra tile in registers
-            write = connected & keep_rows[:, None]
-        tl.store(param_ptr + offsets, updated.to(param.dtype), mask=write)
-        tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=write)
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=write)
+        tl.store(param_ptr + offsets, updated.to(param.dtype), mask=connected)
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=connected)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=connected)
 
 
 # The kernel unrolls its loop over the gradient's rank (samples since the last step, over all processes); larger
@@ -467,8 +467,7 @@ def connected_fraction(model: torch.nn.Module) -> dict:
     total = connected = covered = 0
     for layer in (module for module in model.modules() if isinstance(module, MaskedLinear)):
         total += layer.weight.numel()
-        sorted_in = torch.sort(layer.in_degrees).values  # count connections per row without building the mask
-        connected += int(torch.searchsorted(sorted_in, layer.out_degrees, right=not layer.strict).sum())
+        connected += int(layer.fan_in().sum())  # counted from the degrees, without building the mask
         block_rows, block_cols, tiles = _layer_tiles(layer)
         covered += len(tiles) * block_rows * block_cols
     return {"connected": connected / total, "tiles": covered / total}

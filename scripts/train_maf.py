@@ -21,6 +21,7 @@ from hf_dgm_training import (
     BestModelKeeper,
     CUDAGraphStep,
     EpochSeededSampler,
+    PhaseTimer,
     TrainingLoop,
     TrainingTask,
     UsageError,
@@ -293,19 +294,24 @@ images = model.sample(5, refine_steps=300)   # (5, C, H, W) in [0, 1]; refine_st
 
 
 def main(argv=None):
+    phases = PhaseTimer()  # wall seconds per phase, from the process's start (interpreter, imports) on
     args = parse_args(argv)
     accelerator = setup_accelerator(args, project_name="train_maf")
+    phases.lap("setup")
 
     # Data and model
     processor, train, validation, test_good = load_data(args)
+    phases.lap("data")
     model = build_model(args, num_channels=train.pixel_values.shape[1], device=accelerator.device)
+    phases.lap("model")
     logger.info(f"{model.config.model_type.upper()} with {model.num_parameters():,} parameters; "
                 f"{len(train.files)} training and {len(validation.files) if validation else 0} validation images.",
                 main_process_only=True)
 
     # Train
     task = FlowTask(args, accelerator, model, train.pixel_values, validation and validation.pixel_values, test_good)
-    loop = TrainingLoop(accelerator, args, task)
+    phases.lap("optimizer_and_prepare")
+    loop = TrainingLoop(accelerator, args, task, phases)
     loop.resume()
     loop.run()
 
@@ -314,6 +320,7 @@ def main(argv=None):
         unwrapped = accelerator.unwrap_model(task.model)
         restored_best = task.best.restore()
         calibration = calibrate(unwrapped, validation, args)
+        phases.lap("best_epoch_and_calibration")
         records = loop.records()
         epoch_rows = [record for record in records if "epoch/train/bits_per_dim" in record]
         test_rows = [record for record in records if "epoch/test_good_bits_per_dim" in record]
@@ -345,9 +352,10 @@ def main(argv=None):
                 "library_name": "transformers", "license": "cc-by-nc-sa-4.0", "datasets": ["mvtec_ad"],
                 "tags": ["hf-dgm", "normalizing-flow", args.flow_type, "anomaly-detection", args.category],
                 "pipeline_tag": "unconditional-image-generation", "eval_results": eval_results})
-        loop.finish(results)
-        print(f"Training done: {loop.state.global_step} steps in {results['train_seconds']:.1f} s; model, metrics and "
-              f"nll_curve.png in {args.output_dir}")
+        phases.lap("save")
+        results = loop.finish(results)
+        print(f"Training done: {loop.state.global_step} steps in {results['train_seconds']:.1f} s of training, "
+              f"{results['script_seconds']:.1f} s in all; model, metrics and nll_curve.png in {args.output_dir}")
     accelerator.end_training()
 
 

@@ -375,6 +375,45 @@ def test_cuda_graph_step_disabled_runs_every_step_eagerly_after_a_reset():
     assert runner.describe() == {"cuda_graphs": False, "graph_replays": 0, "eager_steps": 3, "fallbacks": []}
 
 
+PROCESS_AGE = r"""
+import time
+time.sleep(0.5)  # before the helper is even imported: its clock must still see it
+from hf_dgm_training import PhaseTimer, seconds_since_process_start
+age = seconds_since_process_start()
+timer = PhaseTimer()
+time.sleep(0.2)
+timer.lap("work")
+time.sleep(0.1)
+print(age, timer.seconds["imports"], timer.seconds["work"], timer.total())
+"""
+
+
+def test_phase_timer_counts_from_the_process_start_and_adds_up(tmp_path):
+    """The first phase is the time from the process's start (interpreter, imports) to the timer; laps follow."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("the process start time comes from /proc (Linux)")
+    result = subprocess.run([sys.executable, "-c", PROCESS_AGE], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    age, imports, work, total = map(float, result.stdout.split())
+    assert 0.5 <= age <= imports < age + 0.1  # /proc counts in 10 ms ticks
+    assert 0.2 <= work < 0.3
+    assert total == pytest.approx(imports + work + 0.1, abs=0.05)
+
+
+def test_phase_timer_laps_add_to_a_phase_that_ran_before(monkeypatch):
+    clock = iter([10.0, 11.0, 13.0, 16.0, 20.0])
+    monkeypatch.setattr(hf_dgm_training.trainer.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(hf_dgm_training.trainer, "seconds_since_process_start", lambda: None)
+    timer = hf_dgm_training.PhaseTimer()  # 10: no process start known, so no first phase
+    assert timer.lap("a") == 1.0 and timer.lap("b") == 2.0 and timer.lap("a") == 3.0  # at 11, 13, 16
+    assert timer.seconds == {"a": 4.0, "b": 2.0}
+    assert timer.total() == 10.0  # at 20: since the timer started
+
+
 SHARED_TRAINING_FLAGS = {
     # flag: a value it accepts in both trainers
     "--data_dir": "data", "--dataset_name": "user/data", "--image_size": "32", "--dataloader_num_workers": "0",

@@ -237,6 +237,30 @@ def test_masked_weights_stay_zero_through_training():
             assert module.weight[module.mask()].abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunk_entries", [1 << 24, 7])
+def test_initialisation_is_the_masked_uniform_of_each_units_fan_in_and_caches_no_mask(monkeypatch, chunk_entries):
+    """Hidden weights: uniform(-1, 1) / sqrt(connections of the unit), times the mask, bit for bit (signed zeros
+    included) whether the rows go in one chunk or many; output layers zero; no whole-layer mask is left behind."""
+    monkeypatch.setattr(MaskedLinear, "chunk_entries", chunk_entries)
+    torch.manual_seed(0)
+    model = MAFModel(tiny_config(degree_assignment="random", permutation="random"))
+    layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
+    assert all(layer._masks == {} for layer in layers)  # building the model caches no mask
+    for layer in layers:
+        mask = layer.mask()
+        assert torch.equal(layer.fan_in(), mask.sum(dim=1))
+        if layer.strict:
+            assert torch.count_nonzero(layer.weight) == 0
+            continue
+        state = torch.get_rng_state()
+        layer.reset_masked_uniform_()
+        torch.set_rng_state(state)
+        fan_in = mask.sum(dim=1, keepdim=True).clamp(min=1).float()
+        expected = torch.empty_like(layer.weight).uniform_(-1.0, 1.0).mul_(fan_in.rsqrt()).mul_(mask)
+        assert torch.equal(layer.weight.detach().view(torch.int32), expected.view(torch.int32))
+        assert (layer.weight[~mask].view(torch.int32) != 0).any()  # negative zeros: the sign bits were compared
+
+
 @pytest.mark.parametrize("model_class,config_class", FLOWS)
 def test_save_load_round_trip_auto_classes_and_checkpoint_size(tmp_path, model_class, config_class):
     config = tiny_config(config_class, degree_assignment="random", permutation="random", normalization="batch_norm")

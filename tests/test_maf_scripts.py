@@ -48,6 +48,14 @@ def test_train_sample_detect_write_every_output(category, tmp_path):
     assert results["global_step"] == 6 and results["epochs_completed"] == 2  # ceil(10 / 4) = 3 steps per epoch
     assert results["fast_path"]["optimizer"] == "MaskedAdam" and results["skipped_nonfinite_steps_total"] == 0
     assert math.isfinite(results["final_train_bits_per_dim"]) and math.isfinite(results["test_good_bits_per_dim"])
+    # Where the script's wall time went: every phase in order, from the process's start on, adding up to the total.
+    phases = results["phase_seconds"]
+    assert list(phases) == ["imports", "setup", "data", "model", "optimizer_and_prepare", "resume", "training_loop",
+                            "best_epoch_and_calibration", "save", "finish"]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["imports"] > 0.1  # torch alone takes longer
+    assert sum(phases.values()) == pytest.approx(results["script_seconds"], abs=0.05)
+    assert results["train_seconds_this_run"] <= phases["training_loop"] < results["script_seconds"]
+    assert 0 < results["warmup_seconds"] <= results["train_seconds_this_run"] and 1 <= results["warmup_steps"] < 6
     lines = read_jsonl(out / "metrics.jsonl")
     step_rows = [r for r in lines if "train/nll" in r]
     assert [r["step"] for r in step_rows] == list(range(1, 7))

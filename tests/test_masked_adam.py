@@ -269,18 +269,26 @@ for ours_model, theirs_model in ((model, reference), (clipped, clipped_reference
 assert min(norms["torch"]) > 1.0, norms  # clipping was active
 for ours, theirs in zip(norms["triton"], norms["torch"]):
     assert abs(ours - theirs) <= 1e-4 * theirs, norms
-# A step flagged in found_inf writes nothing, also in the kernel.
-optimizer = MaskedAdam(model, lr=1e-3, backend="triton", fused=True)
-before = [p.detach().clone() for p in model.parameters()]
-optimizer.found_inf = torch.zeros(())
-model(data[0]).loss.backward()
-optimizer.step()
-optimizer.zero_grad()
-state = [s["exp_avg"].clone() for s in optimizer.state.values()]
+# The kernel with the non-finite guard: a clean step (flag 0) is bit for bit the step without the guard; a flagged
+# step (flag 1) writes nothing, in the kernel as in fused Adam, and the step counts stay.
+guarded, unguarded = copy.deepcopy(model), copy.deepcopy(model)
+optimizers = [MaskedAdam(net, lr=1e-3, backend="triton", fused=True) for net in (guarded, unguarded)]
+optimizers[0].found_inf = torch.zeros(())
+for net, optimizer in zip((guarded, unguarded), optimizers):
+    net(data[0]).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+for (name, ours), theirs in zip(guarded.named_parameters(), unguarded.parameters()):
+    assert torch.equal(ours, theirs), name
+optimizer = optimizers[0]
+weights = [p.detach().clone() for p in guarded.parameters()]
+state = [(s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for s in optimizer.state.values()]
 optimizer.found_inf.fill_(1.0)
-model(data[1]).loss.backward()
+guarded(data[1]).loss.backward()
 optimizer.step()
-assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(state, optimizer.state.values()))
+assert all(torch.equal(a, p) for a, p in zip(weights, guarded.parameters()))
+assert all(torch.equal(m, s["exp_avg"]) and torch.equal(v, s["exp_avg_sq"])
+           for (m, v), s in zip(state, optimizer.state.values()))
 assert all(float(s["step"]) == 1 for s in optimizer.state.values())
 print("ok", worst, norms)
 """
