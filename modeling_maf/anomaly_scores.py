@@ -1,8 +1,11 @@
-"""Anomaly scores of a flow, computed from its per-pixel negative log-likelihood maps, and their calibration.
+"""Anomaly scores of a flow, computed from its negative log-likelihood maps, and their calibration.
 
 A flow's NLL is a sum of per-dimension terms; summed over channels they give one map per image, (B, H, W), whose
-sum is the image's NLL. Every score turns these maps into the map it looks at and one number per image, higher =
-more anomalous:
+sum is the image's NLL (a patch flow: each pixel's NLL averaged over the patches that contain it). A score reads the
+NLL at one of two grids (`NLLMaps`): the pixel grid (those maps) or the patch grid, (B, Lh, Lw), the NLL of every
+patch the flow models at its location (a whole-image flow has one patch, the image, so its grid is (B, 1, 1)). A
+patch's NLL is not recoverable from the averaged pixel maps, so the model hands both through. Every score turns the
+maps of its grid into the map it looks at and one number per image, higher = more anomalous:
 
     nll                the image's NLL: the sum of its map (the seed's score).
     map-max            the maximum of the Gaussian-smoothed map: a small defect is diluted in a sum over all
@@ -13,10 +16,13 @@ more anomalous:
     standardized-topk  the mean of the top `top_k_fraction` pixels of that window-averaged z map.
     positive-z-sum     the sum of the positive z-scores: how much more surprising than usual the image is,
                        wherever that is.
+    patch-z-top3       (patch grid) each patch's NLL as a z-score against its location's statistics; the mean of
+                       the 3 highest. For a whole-image flow: the z-score of the image's NLL.
 
-The standardised scores need per-location statistics (`LocationStatistics`) of good images; `calibrate_scores`
-computes them and a decision threshold per score at a target false-positive rate. A new score is one function
-decorated with `@register_score(name)` in this file.
+The standardised scores need per-location statistics (`LocationStatistics`, one pair per grid) of good images;
+`calibrate_scores` computes them and a decision threshold per score at a target false-positive rate. A new score is
+one function decorated with `@register_score(name)` in this file (`grid=PATCH_GRID` to read the patch NLL). The
+model brings a patch-grid score's map to pixels by the same overlap averaging as its NLL maps.
 
 This file imports only torch: it travels with modeling_maf.py into Hub repos (`trust_remote_code=True`).
 """
@@ -31,6 +37,9 @@ from torch import nn
 
 
 NLL = "nll"
+PIXEL_GRID = "pixel"
+PATCH_GRID = "patch"
+PATCH_TOP_K = 3
 # The score of a calibrated model when none is named (chosen by measurement over 3 seeds, docs/RESULTS.md §5); an
 # uncalibrated model uses NLL too.
 DEFAULT_CALIBRATED_SCORE = NLL
@@ -69,23 +78,47 @@ class LocationStatistics(NamedTuple):
     std: torch.Tensor
 
 
+class NLLMaps(NamedTuple):
+    """The NLL of a batch at both grids the scores read: `pixel` (B, H, W), the per-pixel maps, and `patch`
+    (B, Lh, Lw), the NLL of every patch at its location ((B, 1, 1) for a whole-image flow: the image's NLL)."""
+
+    pixel: torch.Tensor
+    patch: torch.Tensor
+
+    def to(self, *args, **kwargs) -> "NLLMaps":
+        return NLLMaps(self.pixel.to(*args, **kwargs), self.patch.to(*args, **kwargs))
+
+    def cpu(self) -> "NLLMaps":
+        return self.to("cpu")
+
+    @classmethod
+    def cat(cls, parts) -> "NLLMaps":
+        """The maps of several batches, concatenated along the batch."""
+        parts = list(parts)
+        return cls(torch.cat([part.pixel for part in parts]), torch.cat([part.patch for part in parts]))
+
+
 class AnomalyScore(NamedTuple):
     name: str
-    function: Callable  # (nll_maps, parameters, statistics) -> (maps, scores)
+    function: Callable  # (nll_maps at its grid, parameters, statistics at its grid) -> (maps, scores)
     needs_statistics: bool
     description: str
+    grid: str = PIXEL_GRID
 
 
 ANOMALY_SCORES: dict[str, AnomalyScore] = {}
 
 
-def register_score(name: str, needs_statistics: bool = False):
-    """Register `function(nll_maps (B, H, W), parameters, statistics) -> (maps (B, H, W), scores (B,))` as a score;
-    its docstring's first line describes it in reports."""
+def register_score(name: str, needs_statistics: bool = False, grid: str = PIXEL_GRID):
+    """Register `function(nll_maps, parameters, statistics) -> (maps, scores (B,))` as a score; its docstring's first
+    line describes it in reports. `grid` is the NLL it reads: PIXEL_GRID (per-pixel maps (B, H, W)) or PATCH_GRID
+    (per-patch NLL (B, Lh, Lw)); its maps and statistics are at that grid."""
+    if grid not in (PIXEL_GRID, PATCH_GRID):
+        raise ValueError(f"grid must be {PIXEL_GRID!r} or {PATCH_GRID!r}, got {grid!r}.")
 
     def decorator(function):
         description = (function.__doc__ or name).strip().splitlines()[0]
-        ANOMALY_SCORES[name] = AnomalyScore(name, function, needs_statistics, description)
+        ANOMALY_SCORES[name] = AnomalyScore(name, function, needs_statistics, description, grid)
         return function
 
     return decorator
@@ -172,7 +205,34 @@ def positive_z_sum(nll_maps, parameters, statistics):
     return positive, positive.sum(dim=(1, 2))
 
 
+@register_score("patch-z-top3", needs_statistics=True, grid=PATCH_GRID)
+def patch_z_top3(nll_maps, parameters, statistics):
+    """Mean of the 3 highest per-location z-scores of the patches' NLL."""
+    z = standardize(nll_maps, statistics)
+    flat = z.flatten(1)
+    return z, flat.topk(min(PATCH_TOP_K, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
 # ----------------------------------------------------------------------------------------------- compute/calibrate
+
+
+def _at_grid(value, score: AnomalyScore, what: str):
+    """The part of `value` (NLLMaps, statistics per grid, or the bare pixel-grid value) that `score` reads."""
+    if isinstance(value, NLLMaps):
+        return getattr(value, score.grid)
+    if isinstance(value, dict):
+        if score.grid not in value:
+            raise ValueError(f"The score {score.name!r} needs {what} at the {score.grid} grid; got only {list(value)}.")
+        return value[score.grid]
+    if score.grid != PIXEL_GRID:
+        raise ValueError(f"The score {score.name!r} reads the per-patch NLL: pass NLLMaps (model.nll_maps(pixels)) "
+                         f"and {what} per grid, not per-pixel maps alone.")
+    return value
+
+
+def registered_scores() -> dict[str, AnomalyScore]:
+    """The registered scores by name (looked up at call time, so scores registered later count)."""
+    return ANOMALY_SCORES
 
 
 def check_score_name(name: str) -> AnomalyScore:
@@ -181,13 +241,17 @@ def check_score_name(name: str) -> AnomalyScore:
     return ANOMALY_SCORES[name]
 
 
-def compute_score(name: str, nll_maps: torch.Tensor, parameters: ScoreParameters,
-                  statistics: LocationStatistics | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maps (B, H, W), scores (B,)) of score `name` from per-pixel NLL maps (B, H, W)."""
+def compute_score(name: str, nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParameters,
+                  statistics: dict | LocationStatistics | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, scores (B,)) of score `name`, its maps at its grid. `nll_maps`: NLLMaps, or per-pixel maps (B, H, W)
+    alone for the pixel-grid scores; `statistics`: per grid name (as `calibrate_scores` returns them for NLLMaps),
+    or the pixel grid's alone."""
     score = check_score_name(name)
     if score.needs_statistics and statistics is None:
         raise ValueError(f"The score {name!r} needs per-location statistics of good images. {NOT_CALIBRATED}")
-    return score.function(nll_maps, parameters, statistics)
+    maps = _at_grid(nll_maps, score, "NLL maps")
+    return score.function(maps, parameters, _at_grid(statistics, score, "statistics") if score.needs_statistics
+                          else None)
 
 
 def location_statistics(nll_maps: torch.Tensor) -> LocationStatistics:
@@ -232,57 +296,75 @@ def threshold_at_fpr(good_scores: torch.Tensor, target_fpr: float) -> tuple[floa
     return threshold, float((scores > threshold).sum()) / count
 
 
-def calibrate_scores(nll_maps: torch.Tensor, parameters: ScoreParameters, target_fpr: float):
-    """Calibrate every registered score on the per-pixel NLL maps (N, H, W) of held-out good images.
+def calibrate_scores(nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParameters, target_fpr: float):
+    """Calibrate every registered score on the NLL maps of held-out good images: NLLMaps (every score), or per-pixel
+    maps (N, H, W) alone (the pixel-grid scores only).
 
-    Returns `(statistics, thresholds, fprs)`: the per-location statistics (float64), and per score name the threshold
-    at `target_fpr` and the fraction of these images it flags.
+    Returns `(statistics, thresholds, fprs)`: the per-location statistics (float64; per grid name for NLLMaps, else
+    the pixel grid's), and per score name the threshold at `target_fpr` and the fraction of these images it flags.
 
     The thresholds of the standardised scores come from leave-one-out scores: each image is standardised by the
     statistics of the other N - 1, so that it is scored as a new good image would be (an image standardised by
     statistics it contributed to looks more typical than it is, and the threshold would be too low).
     """
-    count = nll_maps.shape[0]
+    grids = nll_maps._asdict() if isinstance(nll_maps, NLLMaps) else {PIXEL_GRID: nll_maps}
+    count = grids[PIXEL_GRID].shape[0]
     if count < MIN_CALIBRATION_IMAGES:
         raise ValueError(
             f"Calibration needs at least {MIN_CALIBRATION_IMAGES} held-out good images, got {count}: pass more (e.g. a "
             "larger --validation_split_percentage)."
         )
-    statistics = location_statistics(nll_maps)
-    leave_one_out = _leave_one_out_statistics(nll_maps, _std_floor(nll_maps.double().std(dim=0, unbiased=True)))
+    statistics = {grid: location_statistics(maps) for grid, maps in grids.items()}
+    leave_one_out = {grid: _leave_one_out_statistics(maps, _std_floor(maps.double().std(dim=0, unbiased=True)))
+                     for grid, maps in grids.items()}
     thresholds, fprs = {}, {}
     for name, score in ANOMALY_SCORES.items():
+        if score.grid not in grids:
+            continue
+        maps = grids[score.grid]
         if score.needs_statistics:
-            _, scores = score.function(nll_maps.double(), parameters, leave_one_out)
+            _, scores = score.function(maps.double(), parameters, leave_one_out[score.grid])
         else:
-            _, scores = score.function(nll_maps, parameters, None)
+            _, scores = score.function(maps, parameters, None)
         thresholds[name], fprs[name] = threshold_at_fpr(scores, target_fpr)
-    return statistics, thresholds, fprs
+    return (statistics if isinstance(nll_maps, NLLMaps) else statistics[PIXEL_GRID]), thresholds, fprs
 
 
 class AnomalyStatistics(nn.Module):
     """The per-location statistics of a calibrated model, as persistent buffers (saved in model.safetensors):
-    `location_mean` and `location_std`, (H, W) each; zeros and ones until calibrated."""
+    `location_mean` and `location_std` at the pixel grid, (H, W) each, and `patch_location_mean` and
+    `patch_location_std` at the patch grid, (Lh, Lw) each; zeros and ones until calibrated."""
 
-    def __init__(self, height: int, width: int):
+    def __init__(self, height: int, width: int, grid_height: int = 1, grid_width: int = 1):
         super().__init__()
         self.register_buffer("location_mean", torch.zeros(height, width))
         self.register_buffer("location_std", torch.ones(height, width))
+        self.register_buffer("patch_location_mean", torch.zeros(grid_height, grid_width))
+        self.register_buffer("patch_location_std", torch.ones(grid_height, grid_width))
 
-    def reset_parameters(self):
-        with torch.no_grad():
-            self.location_mean.zero_()
-            self.location_std.fill_(1.0)
+    def _buffers_by_grid(self):
+        return {PIXEL_GRID: (self.location_mean, self.location_std),
+                PATCH_GRID: (self.patch_location_mean, self.patch_location_std)}
 
-    def store(self, statistics: LocationStatistics) -> LocationStatistics:
-        """Copy the statistics into the buffers (their dtype and device) and return them as stored."""
+    def reset_parameters(self, skip_loaded: bool = False):
+        """Zeros and ones; with `skip_loaded`, buffers loaded from a checkpoint (`_is_hf_initialized`) are kept."""
         with torch.no_grad():
-            self.location_mean.copy_(statistics.mean)
-            self.location_std.copy_(statistics.std)
+            for mean, std in self._buffers_by_grid().values():
+                for tensor, value in ((mean, 0.0), (std, 1.0)):
+                    if not (skip_loaded and getattr(tensor, "_is_hf_initialized", False)):
+                        tensor.fill_(value)
+
+    def store(self, statistics: dict) -> dict:
+        """Copy the statistics (per grid name) into the buffers (their dtype and device); return them as stored."""
+        with torch.no_grad():
+            for grid, (mean, std) in self._buffers_by_grid().items():
+                mean.copy_(statistics[grid].mean)
+                std.copy_(statistics[grid].std)
         return self.get()
 
-    def get(self) -> LocationStatistics:
-        return LocationStatistics(self.location_mean, self.location_std)
+    def get(self) -> dict:
+        """The statistics per grid name."""
+        return {grid: LocationStatistics(mean, std) for grid, (mean, std) in self._buffers_by_grid().items()}
 
 
 __all__ = [
@@ -290,6 +372,10 @@ __all__ = [
     "DEFAULT_CALIBRATED_SCORE",
     "NLL",
     "NOT_CALIBRATED",
+    "PATCH_GRID",
+    "PATCH_TOP_K",
+    "PIXEL_GRID",
+    "NLLMaps",
     "AnomalyScore",
     "AnomalyStatistics",
     "LocationStatistics",
@@ -301,6 +387,7 @@ __all__ = [
     "gaussian_smooth",
     "location_statistics",
     "register_score",
+    "registered_scores",
     "standardize",
     "threshold_at_fpr",
     "top_k_mean",

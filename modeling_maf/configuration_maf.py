@@ -10,7 +10,8 @@ NORMALIZATIONS = ("none", "batch_norm")
 
 class MAFConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`MAFModel`]: a stack of affine MADE blocks over flattened images.
+    Configuration of a [`MAFModel`]: a stack of affine MADE blocks over flattened images, or over the square patches
+    of the images (`patch_size`).
 
     The defaults are the seed specification: 128x128x3 images (D = 49,152 dimensions), MADE with two hidden
     layers of 512 units (Linear(D->512), Linear(512->512), Linear(512->2D), all masked) and 7 blocks.
@@ -45,6 +46,16 @@ class MAFConfig(PreTrainedConfig):
             alpha of the logit transform v = logit(alpha + (1 - 2 alpha) y); in [0, 0.5).
         num_bins (`int`, *optional*, defaults to 256):
             Number of intensity levels of the data (256 for 8-bit images): pixels are dequantised on this grid.
+        patch_size (`int`, *optional*):
+            None (the default): the flow models whole images (D = num_channels * image_size**2). An integer P: the flow
+            models the P x P patches of the images (D = num_channels * P**2), log p(patch | location): the model is a
+            density of patches, not of whole images. Every image is cut into all patches at `patch_stride`.
+        patch_stride (`int`, *optional*):
+            Step between neighbouring patches (default: patch_size // 2, at least 1); 1 <= stride <= patch_size and
+            (image_size - patch_size) % stride == 0, so that the patches cover every pixel.
+        condition_on_position (`bool`, *optional*, defaults to `True`):
+            With `patch_size`: every MADE adds a learned embedding of the patch's location to the pre-activation of
+            its first hidden layer, so the model is log p(patch | location). Ignored for whole-image flows.
         anomaly_calibration (`dict`, *optional*):
             Set by `MAFModel.calibrate` (None until then): the default anomaly score (`method`), the decision threshold
             of every score at `target_fpr` (`thresholds`) and the fraction of the calibration images each flags
@@ -69,6 +80,9 @@ class MAFConfig(PreTrainedConfig):
         log_scale_clamp: float = 3.0,
         logit_alpha: float = 0.05,
         num_bins: int = 256,
+        patch_size: int | None = None,
+        patch_stride: int | None = None,
+        condition_on_position: bool = True,
         anomaly_calibration: dict | None = None,
         **kwargs,
     ):
@@ -85,14 +99,36 @@ class MAFConfig(PreTrainedConfig):
         self.log_scale_clamp = log_scale_clamp
         self.logit_alpha = logit_alpha
         self.num_bins = num_bins
+        self.patch_size = patch_size
+        if patch_size is not None and patch_stride is None and isinstance(patch_size, int):
+            patch_stride = max(1, patch_size // 2)
+        self.patch_stride = patch_stride
+        self.condition_on_position = condition_on_position
         self.anomaly_calibration = anomaly_calibration
         self._validate_maf_fields()
         super().__init__(**kwargs)
 
     @property
+    def flow_size(self) -> int:
+        """Side of the square the flow models: `patch_size`, or `image_size` for a whole-image flow."""
+        return self.patch_size if self.patch_size is not None else self.image_size
+
+    @property
     def num_features(self) -> int:
-        """D, the number of dimensions the flow models (channels x height x width)."""
-        return self.num_channels * self.image_size * self.image_size
+        """D, the number of dimensions the flow models (channels x side x side of an image, or of a patch)."""
+        return self.num_channels * self.flow_size * self.flow_size
+
+    @property
+    def patch_grid_size(self) -> int:
+        """Patch locations per side (1 for a whole-image flow: its one patch is the image)."""
+        if self.patch_size is None:
+            return 1
+        return (self.image_size - self.patch_size) // self.patch_stride + 1
+
+    @property
+    def num_patch_locations(self) -> int:
+        """Patches per image, row-major over the patch grid (1 for a whole-image flow)."""
+        return self.patch_grid_size**2
 
     def _validate_maf_fields(self):
         from transformers.activations import ACT2FN
@@ -109,8 +145,10 @@ class MAFConfig(PreTrainedConfig):
             raise ValueError("`hidden_sizes` must list at least one hidden layer width, e.g. [512, 512].")
         for width in self.hidden_sizes:
             positive_int("hidden_sizes[i]", width)
-        if self.num_channels * self.image_size * self.image_size < 2:
-            raise ValueError("An autoregressive flow needs at least 2 dimensions (num_channels * image_size**2 >= 2).")
+        self._validate_patch_fields(positive_int)
+        if self.num_features < 2:
+            raise ValueError("An autoregressive flow needs at least 2 dimensions (num_channels * image_size**2 >= 2, "
+                             "num_channels * patch_size**2 with patches).")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is unknown; use one of {sorted(ACT2FN)}.")
         choices = {
@@ -132,6 +170,27 @@ class MAFConfig(PreTrainedConfig):
                              f"{type(self.anomaly_calibration).__name__}.")
         if not 0.0 < self.batch_norm_momentum <= 1.0:
             raise ValueError(f"`batch_norm_momentum` must be in (0, 1], got {self.batch_norm_momentum!r}.")
+
+
+    def _validate_patch_fields(self, positive_int):
+        if not isinstance(self.condition_on_position, bool):
+            raise ValueError(f"`condition_on_position` must be True or False, got {self.condition_on_position!r}.")
+        if self.patch_size is None:
+            if self.patch_stride is not None:
+                raise ValueError(f"`patch_stride` ({self.patch_stride!r}) needs a `patch_size`; set both or neither.")
+            return
+        positive_int("patch_size", self.patch_size)
+        positive_int("patch_stride", self.patch_stride)
+        size, patch, stride = self.image_size, self.patch_size, self.patch_stride
+        if patch > size:
+            raise ValueError(f"`patch_size` {patch} exceeds `image_size` {size}; use 1..{size} (or None: whole images).")
+        if stride > patch:
+            raise ValueError(f"`patch_stride` {stride} exceeds `patch_size` {patch}, so some pixels would be in no "
+                             f"patch; use 1..{patch}.")
+        if (size - patch) % stride:
+            fitting = [s for s in range(1, patch + 1) if (size - patch) % s == 0]
+            raise ValueError(f"`patch_stride` {stride} does not step patches of {patch} exactly across {size} pixels "
+                             f"((image_size - patch_size) % patch_stride must be 0); strides that fit: {fitting}.")
 
 
 class IAFConfig(MAFConfig):

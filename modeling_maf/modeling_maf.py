@@ -6,6 +6,11 @@ from the noise side (sampling in one pass, density sequential). The sequential d
 ``r + 1`` MADE evaluations per block, where ``r`` is the number of distinct degrees of the last hidden layer
 (see ``MADEBlock.solve_sequential`` and docs/maf.md), instead of one evaluation per dimension.
 
+With ``config.patch_size`` the flow models the square patches of the images, log p(patch | location): every image is
+cut into all patches at ``config.patch_stride`` (``torch.nn.functional.unfold``), and each MADE adds a learned
+embedding of the patch's location to its first hidden layer (``condition_on_position``). Per-pixel maps of a patch
+model average each pixel's terms over the patches that contain it (``fold``).
+
 This file imports only torch, transformers and its sibling files (configuration, anomaly scores, image processor,
 sample refinement, the ``anomaly-detection`` pipeline), so a Hub repo made by ``save_pretrained`` loads with
 ``trust_remote_code=True`` without this package installed, pipeline included.
@@ -30,11 +35,14 @@ from .anomaly_scores import (
     DEFAULT_CALIBRATED_SCORE,
     NLL,
     NOT_CALIBRATED,
+    PATCH_GRID,
     AnomalyStatistics,
+    NLLMaps,
     ScoreParameters,
     calibrate_scores,
     check_score_name,
     compute_score,
+    registered_scores,
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
@@ -52,13 +60,16 @@ class MAFModelOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`):
-            Mean negative log-likelihood of the batch, in nats (density over [0, num_bins)^D).
+            Mean negative log-likelihood of the batch, in nats (density over [0, num_bins)^D): per image, or for a
+            patch model per patch (the mean over every patch of every image), so that loss / (D ln 2) is bits/dim.
         log_prob (`torch.FloatTensor` of shape `(batch_size,)`):
             log p(x) of every image, in nats, over pixel space [0, num_bins)^D (dequantisation and logit included).
+            A patch model is a density of patches, not of whole images: its log_prob is the mean over the image's
+            patches of log p(patch | location).
         bits_per_dim (`torch.FloatTensor` of shape `(batch_size,)`):
-            -log_prob / (D ln 2), comparable with published bits/dim.
-        latents (`torch.FloatTensor` of shape `(batch_size, D)`):
-            The data mapped to the standard normal base distribution.
+            -log_prob / (D ln 2), comparable with published bits/dim (per patch dimension for a patch model).
+        latents (`torch.FloatTensor` of shape `(batch_size, D)`, or `(batch_size, num_patch_locations, D)`):
+            The data (every patch of it, for a patch model) mapped to the standard normal base distribution.
     """
 
     loss: torch.FloatTensor | None = None
@@ -274,13 +285,29 @@ class MADE(nn.Module):
         # Output rows [0, D) are the shifts and [D, 2D) the log-scales of positions 0..D-1.
         layers.append(MaskedLinear(previous, torch.cat([input_degrees, input_degrees]), strict=True))
         self.layers = nn.ModuleList(layers)
+        # log p(patch | location): a learned offset of the first hidden pre-activation per patch location. It reaches
+        # every output alike, so the masks (and the autoregressive property within a patch) are untouched.
+        num_locations = config.num_patch_locations if config.patch_size is not None else 1
+        self.position_embedding = (nn.Embedding(num_locations, config.hidden_sizes[0])
+                                   if config.condition_on_position and num_locations > 1 else None)
+
+    def position_offset(self, locations: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """The first hidden layer's offset for `locations` (N,) in `like`'s dtype; None without position
+        conditioning."""
+        if self.position_embedding is None:
+            return None
+        if locations is None:
+            raise ValueError("This MADE is conditioned on the patch location: pass `locations` (patch indices).")
+        return self.position_embedding(locations).to(like.dtype)
 
     def soft_clamp(self, raw_log_scale: torch.Tensor) -> torch.Tensor:
         return self.log_scale_clamp * torch.tanh(raw_log_scale / self.log_scale_clamp)
 
-    def forward(self, inputs: torch.Tensor):
-        hidden = inputs
-        for layer in self.layers[:-1]:
+    def forward(self, inputs: torch.Tensor, locations: torch.Tensor | None = None):
+        hidden = self.layers[0](inputs)
+        offset = self.position_offset(locations, hidden)
+        hidden = self.activation(hidden if offset is None else hidden + offset)
+        for layer in self.layers[1:-1]:
             hidden = self.activation(layer(hidden))
         # Affine parameters (and everything downstream) in float32, also under bf16 autocast.
         output = _at_least_float32(self.layers[-1](hidden))
@@ -306,15 +333,16 @@ class MADEBlock(nn.Module):
     def num_sequential_passes(self) -> int:
         return len(self.segments)
 
-    def forward(self, conditioner_inputs: torch.Tensor):
-        return self.made(conditioner_inputs)
+    def forward(self, conditioner_inputs: torch.Tensor, locations: torch.Tensor | None = None):
+        return self.made(conditioner_inputs, locations)
 
-    def solve_sequential(self, known: torch.Tensor, solve_segment):
+    def solve_sequential(self, known: torch.Tensor, solve_segment, locations: torch.Tensor | None = None):
         """Exact inverse of the autoregressive direction in ``len(self.segments)`` MADE evaluations.
 
         Finds w such that ``w_i = solve_segment(known_i, shift_i(w_<i), log_scale_i(w_<i))`` for every i, where
         ``shift, log_scale = MADE(w)``. The first layer's pre-activation is updated incrementally (each first-layer
         weight is read once), and only the output rows of the segment being solved are evaluated.
+        ``locations`` (batch,): the patch locations of a position-conditioned MADE.
         Returns ``(w, log_scale)``, both (batch, D) at pixel positions.
         """
         made = self.made
@@ -339,6 +367,9 @@ class MADEBlock(nn.Module):
 
         batch_size = known.shape[0]
         pre_activation = first.bias.expand(batch_size, -1)
+        offset = made.position_offset(locations, pre_activation)
+        if offset is not None:
+            pre_activation = pre_activation + offset
         solved, log_scales = [], []
         for rows_in, rows_out, bias_out, known_segment in zip(first_rows, output_rows, output_bias, known_segments):
             hidden = made.activation(pre_activation)
@@ -482,9 +513,11 @@ class MAFPreTrainedModel(PreTrainedModel):
                                   (module.running_var, 1.0)):
                 if not getattr(tensor, "_is_hf_initialized", False):
                     tensor.data.fill_(value)
+        elif isinstance(module, nn.Embedding):  # patch-location embeddings: zero, so training starts unconditioned
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight.data.zero_()
         elif isinstance(module, AnomalyStatistics):
-            if not getattr(module.location_mean, "_is_hf_initialized", False):
-                module.reset_parameters()
+            module.reset_parameters(skip_loaded=True)
 
 
 class MAFModel(MAFPreTrainedModel):
@@ -530,8 +563,14 @@ class MAFModel(MAFPreTrainedModel):
         self.blocks = nn.ModuleList(blocks)
         self.norms = nn.ModuleList(norms) if norms else None
         # Per-location NLL statistics of good images, set by `calibrate` (the rest of the calibration is in the config).
-        self.anomaly_statistics = AnomalyStatistics(config.image_size, config.image_size)
+        self.anomaly_statistics = AnomalyStatistics(config.image_size, config.image_size, config.patch_grid_size,
+                                                    config.patch_grid_size)
         self.post_init()
+
+    @property
+    def is_patch_model(self) -> bool:
+        """Whether the flow models patches (`config.patch_size`) rather than whole images."""
+        return self.config.patch_size is not None
 
     @property
     def _compute_dtype(self) -> torch.dtype:
@@ -561,6 +600,37 @@ class MAFModel(MAFPreTrainedModel):
                              "preprocess images with MAFImageProcessor (8-bit levels divided by 255; not normalised to "
                              "[-1, 1]).")
 
+    # ------------------------------------------------------------------------------------------- patches
+    def _patches(self, pixel_values):
+        """Images (B, C, H, W) -> every patch at the patch stride (B * L, C * P * P), channel-major like a flattened
+        image, and the patch locations (B * L,), row-major over the patch grid. A whole-image flow: the images
+        flattened, no locations."""
+        if not self.is_patch_model:
+            return pixel_values.flatten(1), None
+        config = self.config
+        columns = F.unfold(pixel_values, config.patch_size, stride=config.patch_stride)  # (B, C*P*P, L)
+        patches = columns.transpose(1, 2).reshape(-1, config.num_features)
+        locations = torch.arange(config.num_patch_locations, device=pixel_values.device).repeat(pixel_values.shape[0])
+        return patches, locations
+
+    def _fold_mean(self, values):
+        """Per-patch maps (B, L, P * P) -> per-pixel maps (B, H, W): each pixel the mean over the patches that
+        contain it."""
+        config = self.config
+        columns = values.transpose(1, 2)
+        fold = functools.partial(F.fold, output_size=(config.image_size, config.image_size),
+                                 kernel_size=config.patch_size, stride=config.patch_stride)
+        return (fold(columns) / fold(torch.ones_like(columns[:1])))[:, 0]
+
+    def patch_maps_to_pixels(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps at the patch grid (B, Lh, Lw) -> pixel maps (B, H, W): each pixel the mean over the patches that
+        contain it (a whole-image flow's one value fills its map)."""
+        config = self.config
+        if not self.is_patch_model:
+            return maps.reshape(-1, 1, 1).expand(-1, config.image_size, config.image_size)
+        values = maps.reshape(maps.shape[0], -1, 1).expand(-1, -1, config.patch_size**2)
+        return self._fold_mean(values)
+
     # ------------------------------------------------------------------------------------ pixels <-> logit
     def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
         """Dequantise on the data's grid, map to logit space; returns (v, per-dimension log|dv/dx|) for a density
@@ -582,29 +652,30 @@ class MAFModel(MAFPreTrainedModel):
         unit = (torch.sigmoid(_at_least_float32(logits)) - alpha) / (1 - 2 * alpha)
         pixels = (unit * bins - 0.5) / (bins - 1)
         config = self.config
-        return pixels.clamp(0.0, 1.0).view(-1, config.num_channels, config.image_size, config.image_size)
+        return pixels.clamp(0.0, 1.0).view(-1, config.num_channels, config.flow_size, config.flow_size)
 
     # ------------------------------------------------------------------------------------------ the flow
-    def _block_density(self, block, data_side):
+    def _block_density(self, block, data_side, locations=None):
         """One block, data side -> noise side. Returns (noise, per-dimension log-det)."""
         if not self.conditioner_on_noise:
-            shift, log_scale = block(data_side)
+            shift, log_scale = block(data_side, locations)
             return (data_side - shift) * torch.exp(-log_scale), -log_scale
-        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) / torch.exp(a))
+        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) / torch.exp(a), locations)
         return noise, -log_scale
 
-    def _block_generate(self, block, noise_side):
+    def _block_generate(self, block, noise_side, locations=None):
         """One block, noise side -> data side. Returns (data, per-dimension log|d data / d noise|)."""
         if self.conditioner_on_noise:
-            shift, log_scale = block(noise_side)
+            shift, log_scale = block(noise_side, locations)
             return noise_side * torch.exp(log_scale) + shift, log_scale
-        return block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)))
+        return block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)), locations)
 
-    def _flow_density(self, logits):
-        """logits (batch, D) -> (latents, per-dimension sum of log-dets), everything float32."""
+    def _flow_density(self, logits, locations=None):
+        """logits (batch, D) -> (latents, per-dimension sum of log-dets), everything float32. `locations` (batch,):
+        the patch locations of a patch model."""
         hidden, log_det = logits, torch.zeros_like(logits)
         for index, block in enumerate(self.blocks):
-            hidden, block_log_det = self._block_density(block, hidden)
+            hidden, block_log_det = self._block_density(block, hidden, locations)
             log_det = log_det + block_log_det
             if self.norms is not None:
                 hidden, norm_log_det = self.norms[index](hidden)
@@ -612,9 +683,12 @@ class MAFModel(MAFPreTrainedModel):
         return hidden, log_det
 
     def _per_dimension_log_prob(self, pixel_values, random_dequantization):
+        """Per-dimension log-density terms and latents, (batch, D) each; (batch * L, D) of every patch for a patch
+        model."""
         self._check_pixel_values(pixel_values)
-        logits, log_det = self._pixels_to_logits(pixel_values, random_dequantization)
-        latents, flow_log_det = self._flow_density(logits)
+        values, locations = self._patches(pixel_values)
+        logits, log_det = self._pixels_to_logits(values, random_dequantization)
+        latents, flow_log_det = self._flow_density(logits, locations)
         base = -0.5 * latents.square() - 0.5 * math.log(2 * math.pi)
         return base + flow_log_det + log_det, latents
 
@@ -622,28 +696,50 @@ class MAFModel(MAFPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
             Images with values in [0, 1], as [`MAFImageProcessor`] makes them. In training mode they are dequantised with
-            uniform noise; in eval mode with the bin centre, so the output is deterministic.
+            uniform noise; in eval mode with the bin centre, so the output is deterministic. A patch model cuts every
+            image into its `num_patch_locations` patches (a batch of B images is B * L examples of the flow).
         """
         per_dimension, latents = self._per_dimension_log_prob(pixel_values, random_dequantization=self.training)
         log_prob = per_dimension.sum(dim=1)
+        if self.is_patch_model:  # the mean over each image's patches; the loss is the mean over all patches
+            num_locations = self.config.num_patch_locations
+            log_prob = log_prob.view(-1, num_locations).mean(dim=1)
+            latents = latents.view(-1, num_locations, self.config.num_features)
         bits_per_dim = -log_prob / (self.config.num_features * math.log(2))
         output = MAFModelOutput(loss=-log_prob.mean(), log_prob=log_prob, bits_per_dim=bits_per_dim, latents=latents)
         return output if return_dict is not False else output.to_tuple()
 
     # ------------------------------------------------------------------------------------------ public API
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> latents (batch, D), with deterministic (bin-centre) dequantisation."""
+        """Images in [0, 1] -> latents (batch, D), with deterministic (bin-centre) dequantisation; a patch model:
+        the latents of every patch, (batch, num_patch_locations, D)."""
         self._check_pixel_values(pixel_values)
-        logits, _ = self._pixels_to_logits(pixel_values, random_dequantization=False)
-        return self._flow_density(logits)[0]
+        values, locations = self._patches(pixel_values)
+        logits, _ = self._pixels_to_logits(values, random_dequantization=False)
+        latents = self._flow_density(logits, locations)[0]
+        if self.is_patch_model:
+            return latents.view(pixel_values.shape[0], self.config.num_patch_locations, -1)
+        return latents
 
     def decode(self, latents: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
-        """Latents (batch, D) -> images (batch, C, H, W) in [0, 1]; the exact inverse of `encode`."""
-        if latents.ndim != 2 or latents.shape[1] != self.config.num_features:
-            raise ValueError(f"latents must have shape (batch, {self.config.num_features}), got {tuple(latents.shape)}.")
+        """Latents (batch, D) -> images (batch, C, H, W) in [0, 1]; the exact inverse of `encode`. A patch model
+        takes the latents of every patch, (batch, num_patch_locations, D), and averages overlapping patches."""
+        config = self.config
+        if self.is_patch_model:
+            expected = (config.num_patch_locations, config.num_features)
+            if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
+                raise ValueError(f"latents must have shape (batch, {expected[0]}, {expected[1]}) for this patch model "
+                                 f"(one row per patch location), got {tuple(latents.shape)}.")
+            locations = torch.arange(expected[0], device=latents.device).repeat(latents.shape[0])
+            patches = self._logits_to_pixels(self._flow_generate(latents.flatten(0, 1), show_progress, locations)[0])
+            values = patches.view(latents.shape[0], expected[0], config.num_channels, -1)
+            channels = [self._fold_mean(values[:, :, channel]) for channel in range(config.num_channels)]
+            return torch.stack(channels, dim=1)
+        if latents.ndim != 2 or latents.shape[1] != config.num_features:
+            raise ValueError(f"latents must have shape (batch, {config.num_features}), got {tuple(latents.shape)}.")
         return self._logits_to_pixels(self._flow_generate(latents, show_progress)[0])
 
-    def _flow_generate(self, latents, show_progress=False):
+    def _flow_generate(self, latents, show_progress=False, locations=None):
         """latents (batch, D) -> (logits, per-dimension log|d logits / d latents|), everything float32."""
         hidden = latents.to(self._compute_dtype)
         log_det = torch.zeros_like(hidden)
@@ -656,7 +752,7 @@ class MAFModel(MAFPreTrainedModel):
             if self.norms is not None:
                 hidden = self.norms[index].inverse(hidden)
                 log_det = log_det - self.norms[index].running_log_det()
-            hidden, block_log_det = self._block_generate(self.blocks[index], hidden)
+            hidden, block_log_det = self._block_generate(self.blocks[index], hidden, locations)
             log_det = log_det + block_log_det
         return hidden, log_det
 
@@ -665,7 +761,9 @@ class MAFModel(MAFPreTrainedModel):
                show_progress: bool = False, refine_steps: int = 0, refine_step_size: float | None = None,
                refine_temperature: float | None = None, refine_batch_size: int = 16) -> torch.Tensor:
         """Draw `num_samples` images (num_samples, C, H, W) in [0, 1]; latents ~ N(0, temperature^2 I).
-        `generator` may live on the CPU or on the model's device.
+        `generator` may live on the CPU or on the model's device. A patch model draws a mosaic of independent,
+        non-overlapping patches on a patch_size grid, each from log p(patch | its location): not a draw of a whole
+        image (needs patch_size % patch_stride == 0 and image_size % patch_size == 0).
 
         With `refine_steps=0` (the default) the images are exact draws from the model. With `refine_steps > 0` each
         draw is then moved towards higher density by annealed Langevin dynamics (see `refinement_maf.py` and
@@ -691,24 +789,55 @@ class MAFModel(MAFPreTrainedModel):
         check_refinement_arguments(refine_steps, refine_step_size, refine_temperature, refine_batch_size)
         device = self.device
         noise_device = generator.device if generator is not None else device
-        latents = torch.randn(num_samples, self.config.num_features, generator=generator, device=noise_device)
+        patches_per_image = (self.config.image_size // self.config.patch_size) ** 2 if self.is_patch_model else 1
+        latents = torch.randn(num_samples, patches_per_image * self.config.num_features, generator=generator,
+                              device=noise_device)
         latents = latents.to(device) * temperature
-        if refine_steps == 0:
+        if not self.is_patch_model and refine_steps == 0:
             return self.decode(latents, show_progress=show_progress)
+        locations = self._mosaic_locations(num_samples, device)
         # MAF refines the logit image (its density direction is one pass), IAF its latents (its sampling direction).
         if self.conditioner_on_noise:
             start = latents.to(self._compute_dtype)
         else:
-            start = self._flow_generate(latents, show_progress)[0]
-        # The logits of pixel values 0 and 1, as Python numbers: nothing crosses to the host inside the loop.
-        pixel_range = self._pixels_to_logits(torch.tensor([[0.0, 1.0]]), random_dequantization=False)[0]
-        log_density = functools.partial(self._refinement_log_density, pixel_range=pixel_range.flatten().tolist())
-        with self._frozen():
-            refined = annealed_langevin(start, log_density, steps=refine_steps, step_size=refine_step_size,
-                                        temperature=refine_temperature, batch_size=refine_batch_size,
-                                        generator=generator, show_progress=show_progress)
-        logits = self._flow_generate(refined)[0] if self.conditioner_on_noise else refined
-        return self._logits_to_pixels(logits)
+            start = self._flow_generate(latents.view(-1, self.config.num_features), show_progress, locations)[0]
+            start = start.view(num_samples, -1)
+        if refine_steps > 0:
+            # The logits of pixel values 0 and 1, as Python numbers: nothing crosses to the host inside the loop.
+            pixel_range = self._pixels_to_logits(torch.tensor([[0.0, 1.0]]), random_dequantization=False)[0]
+            log_density = functools.partial(self._refinement_log_density, pixel_range=pixel_range.flatten().tolist())
+            with self._frozen():
+                start = annealed_langevin(start, log_density, steps=refine_steps, step_size=refine_step_size,
+                                          temperature=refine_temperature, batch_size=refine_batch_size,
+                                          generator=generator, show_progress=show_progress)
+        rows = start.view(-1, self.config.num_features)
+        logits = self._flow_generate(rows, locations=locations)[0] if self.conditioner_on_noise else rows
+        return self._mosaic(self._logits_to_pixels(logits), num_samples)
+
+    def _mosaic_locations(self, num_samples: int, device) -> torch.Tensor | None:
+        """The patch locations of `num_samples` patch mosaics (num_samples * M,): the non-overlapping patches on a
+        patch_size grid, row-major; None for a whole-image flow."""
+        config = self.config
+        if not self.is_patch_model:
+            return None
+        size, patch, stride = config.image_size, config.patch_size, config.patch_stride
+        if patch % stride or size % patch:
+            raise ValueError(f"A patch model samples a mosaic of non-overlapping patches, which needs patch_size % "
+                             f"patch_stride == 0 and image_size % patch_size == 0; this model has image_size {size}, "
+                             f"patch_size {patch}, patch_stride {stride}.")
+        grid = torch.arange(size // patch, device=device) * (patch // stride)
+        per_image = (grid[:, None] * config.patch_grid_size + grid[None, :]).flatten()
+        return per_image.repeat(num_samples)
+
+    def _mosaic(self, patches: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """Patches (num_samples * M, C, P, P) of `_mosaic_locations` -> images (num_samples, C, H, W)."""
+        if not self.is_patch_model:
+            return patches
+        config = self.config
+        per_side = config.image_size // config.patch_size
+        tiles = patches.view(num_samples, per_side, per_side, config.num_channels, config.patch_size, config.patch_size)
+        return tiles.permute(0, 3, 1, 4, 2, 5).reshape(num_samples, config.num_channels, config.image_size,
+                                                       config.image_size)
 
     @contextlib.contextmanager
     def _frozen(self):
@@ -732,17 +861,22 @@ class MAFModel(MAFPreTrainedModel):
         IAF: variable = latents z, log p(v(z)) + temperature * log|dv/dz|: the log-density of p(v)^(1 / temperature)
         carried to z, times temperature (the time unit of a Langevin step); at temperature 1 it is N(0, I).
         Both minus a quadratic wall that keeps v within `pixel_range` (the logits of pixel values 0 and 1): outside,
-        the flow's density was never trained and can grow without bound (towards saturated images)."""
+        the flow's density was never trained and can grow without bound (towards saturated images).
+        A patch model's row is a mosaic (its patches side by side): the sum of its patches' log p(patch | location)."""
+        num_rows = variable.shape[0]
+        rows = variable.view(-1, self.config.num_features)
+        locations = self._mosaic_locations(num_rows, variable.device)
         if self.conditioner_on_noise:
-            logits, log_det = self._flow_generate(variable)
-            log_density = -0.5 * variable.square().sum(dim=1) - (1 - temperature) * log_det.sum(dim=1)
+            logits, log_det = self._flow_generate(rows, locations=locations)
+            log_density = -0.5 * rows.square().sum(dim=1) - (1 - temperature) * log_det.sum(dim=1)
         else:
-            logits = variable
-            latents, log_det = self._flow_density(logits)
+            logits = rows
+            latents, log_det = self._flow_density(logits, locations)
             log_density = (log_det - 0.5 * latents.square()).sum(dim=1)
         low, high = pixel_range
         outside = F.relu(low - logits) + F.relu(logits - high)
-        return log_density - 0.5 * (outside / self.refine_wall_width).square().sum(dim=1)
+        log_density = log_density - 0.5 * (outside / self.refine_wall_width).square().sum(dim=1)
+        return log_density.view(num_rows, -1).sum(dim=1)
 
     def num_sequential_passes(self) -> list[int]:
         """MADE evaluations per block in the sequential direction (MAF sampling, IAF density)."""
@@ -759,11 +893,24 @@ class MAFModel(MAFPreTrainedModel):
 
     # ------------------------------------------------------------------------------------ anomaly detection
     @torch.no_grad()
-    def _nll_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Per-pixel NLL (batch, H, W): the per-dimension NLL summed over channels; each map sums to the image's NLL."""
+    def nll_maps(self, pixel_values: torch.Tensor) -> NLLMaps:
+        """The NLL at both grids the anomaly scores read, from one deterministic pass of the flow:
+        `pixel` (batch, H, W), the per-dimension NLL summed over channels (a whole-image flow: each map sums to the
+        image's NLL; a patch model: each pixel's NLL averaged over the patches that contain it), and `patch`
+        (batch, Lh, Lw), the NLL of every patch at its location ((batch, 1, 1), the image's NLL, for a whole-image
+        flow)."""
         config = self.config
         per_dimension = -self._deterministic_per_dimension(pixel_values)
-        return per_dimension.view(-1, config.num_channels, config.image_size, config.image_size).sum(dim=1)
+        batch_size, grid = pixel_values.shape[0], config.patch_grid_size
+        per_patch = per_dimension.sum(dim=1).view(batch_size, grid, grid)
+        per_pixel = per_dimension.view(batch_size, -1, config.num_channels, config.flow_size**2).sum(dim=2)
+        if not self.is_patch_model:
+            return NLLMaps(per_pixel.view(batch_size, config.image_size, config.image_size), per_patch)
+        return NLLMaps(self._fold_mean(per_pixel), per_patch)
+
+    def _nll_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Per-pixel NLL maps (batch, H, W), the pixel grid of `nll_maps`."""
+        return self.nll_maps(pixel_values).pixel
 
     @property
     def is_calibrated(self) -> bool:
@@ -785,23 +932,45 @@ class MAFModel(MAFPreTrainedModel):
             return calibration["method"] if calibration is not None else NLL
         return check_score_name(method).name
 
-    def score_nll_maps(self, nll_maps: torch.Tensor, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(maps, scores)` of `method` from per-pixel NLL maps (`anomaly_maps(x, method="nll")`), with this model's
-        calibration: scores many ways from one pass of the flow."""
+    @property
+    def available_anomaly_scores(self) -> list[str]:
+        """The scores this model can compute now: those without statistics, and with a calibration those it has
+        thresholds (and statistics) for."""
+        calibration = self.config.anomaly_calibration
+        calibrated = calibration["thresholds"] if calibration is not None else {}
+        return [name for name, score in registered_scores().items()
+                if not score.needs_statistics or name in calibrated]
+
+    def score_nll_maps(self, nll_maps: NLLMaps | torch.Tensor, method: str | None = None) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+        """`(maps (batch, H, W), scores)` of `method` from the NLL maps of `nll_maps(x)` (per-pixel maps alone do for
+        the pixel-grid scores), with this model's calibration: scores many ways from one pass of the flow. The map
+        of a patch-grid score is brought to pixels by `patch_maps_to_pixels`."""
         method = self.resolve_anomaly_method(method)
-        statistics = self.anomaly_statistics.get() if self.is_calibrated else None
-        return compute_score(method, nll_maps, self.anomaly_score_parameters, statistics)
+        score = check_score_name(method)
+        statistics = None
+        if self.is_calibrated and score.needs_statistics:
+            if method not in self.config.anomaly_calibration["thresholds"]:
+                raise ValueError(f"This model was calibrated before the score {method!r} existed: call "
+                                 "model.calibrate(good_pixel_values) again to add it.")
+            statistics = self.anomaly_statistics.get()
+        maps, scores = compute_score(method, nll_maps, self.anomaly_score_parameters, statistics)
+        if score.grid == PATCH_GRID:
+            maps = self.patch_maps_to_pixels(maps)
+        return maps, scores
 
     def anomaly_scores(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """Per-image anomaly score (batch,), deterministic; higher = more anomalous. `method` is a name of
         `modeling_maf.anomaly_scores.ANOMALY_SCORES`; None = the calibrated default, or "nll" (the image's negative
-        log-likelihood in nats) for a model that is not calibrated."""
-        return self.score_nll_maps(self._nll_maps(pixel_values), method)[1]
+        log-likelihood in nats; for a patch model the sum of its per-pixel map) for a model that is not
+        calibrated."""
+        return self.score_nll_maps(self.nll_maps(pixel_values), method)[1]
 
     def anomaly_maps(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """The map (batch, H, W) that `method`'s score reduces. For "nll" (the default of a model that is not
-        calibrated): the per-pixel NLL, summed over channels, so that each map sums to the image's NLL."""
-        return self.score_nll_maps(self._nll_maps(pixel_values), method)[0]
+        calibrated): the per-pixel NLL, summed over channels, so that each map sums to the image's NLL (a patch
+        model: each pixel's NLL averaged over the patches that contain it)."""
+        return self.score_nll_maps(self.nll_maps(pixel_values), method)[0]
 
     def anomaly_threshold(self, method: str | None = None) -> float:
         """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
@@ -814,7 +983,7 @@ class MAFModel(MAFPreTrainedModel):
         that is not calibrated returns scores and maps with `is_anomalous` and `threshold` None, and says how to
         calibrate it."""
         method = self.resolve_anomaly_method(method)
-        maps, scores = self.score_nll_maps(self._nll_maps(pixel_values), method)
+        maps, scores = self.score_nll_maps(self.nll_maps(pixel_values), method)
         if not self.is_calibrated:
             logger.warning_once(NOT_CALIBRATED)
             return AnomalyPrediction(scores=scores, maps=maps, method=method)
@@ -837,7 +1006,7 @@ class MAFModel(MAFPreTrainedModel):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         parameters = parameters or ScoreParameters.for_image_size(self.config.image_size)
-        maps = torch.cat([self._nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size)])
+        maps = NLLMaps.cat(self.nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size))
         statistics, thresholds, fprs = calibrate_scores(maps, parameters, target_fpr)
         self.anomaly_statistics.store(statistics)
         self.config.anomaly_calibration = {
@@ -845,7 +1014,7 @@ class MAFModel(MAFPreTrainedModel):
             "target_fpr": float(target_fpr),
             "thresholds": thresholds,
             "calibration_fpr": fprs,
-            "num_images": int(maps.shape[0]),
+            "num_images": int(maps.pixel.shape[0]),
             **parameters.to_dict(),
         }
         return self.config.anomaly_calibration
