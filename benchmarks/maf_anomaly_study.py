@@ -9,7 +9,9 @@ train_results.json records, else those of --validation_files (a JSON list or one
 --validation_split_percentage split of train/good with --validation_seed (or the model's own `seed` from
 train_results.json). The per-pixel NLL maps of the validation and test images come from one pass of each model;
 every score of modeling_maf/anomaly_scores.py is then computed from them, for every --window_sizes entry of the
-scores that average over a window (a score the window does not change is listed once). Writes anomaly_study.json
+scores that average over a window (a score the window does not change is listed once). Patch models (patch_size in
+their config) work alike: their per-pixel maps average each pixel over its patches, and patch-z-top3 reads the
+per-patch NLL (its maps are brought to pixels for the pixel AUROC). Writes anomaly_study.json
 and anomaly_study.png to --output_dir and prints a table.
 """
 
@@ -25,7 +27,7 @@ from transformers import AutoModel
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
 from hf_dgm_training import device_description, resolve_device, write_json
-from modeling_maf.anomaly_scores import ANOMALY_SCORES, ScoreParameters, calibrate_scores, compute_score
+from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID, ScoreParameters, calibrate_scores, compute_score
 from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
 from modeling_maf.metrics.evaluation import counts_at_threshold, image_metrics_note, nll_maps_of, pixel_metrics
 from modeling_maf.metrics import roc_auc, roc_auc_per_group
@@ -86,6 +88,8 @@ def study_one_model(args, model_dir, dataset, device):
         statistics, thresholds, _ = calibrate_scores(good_maps, parameters, args.target_fpr)
         for name in ANOMALY_SCORES:
             maps, scores = compute_score(name, test_maps, parameters, statistics)
+            if ANOMALY_SCORES[name].grid == PATCH_GRID:
+                maps = model.patch_maps_to_pixels(maps)
             scores = scores.double().cpu().numpy()
             if name in seen and np.array_equal(seen[name], scores):
                 continue  # this score does not depend on the window
@@ -99,7 +103,8 @@ def study_one_model(args, model_dir, dataset, device):
     variants = {name: sum(1 for n, _, _ in entries if n == name) for name, _, _ in entries}
     results = {(name if variants[name] == 1 else f"{name} (window {window})"): result
                for name, window, result in entries}
-    return {"model_dir": model_dir, "num_validation_images": len(good), "validation_seed": seed,
+    return {"model_dir": model_dir, "patch_size": config.patch_size, "patch_stride": config.patch_stride,
+            "num_validation_images": len(good), "validation_seed": seed,
             "validation_files": list(validation["file"]), "scores": results}
 
 

@@ -8,8 +8,9 @@ Data: MVTec's layout (ground_truth/ masks for all, some or no defect types), the
 test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see modeling_maf/data.
 
 Scores (modeling_maf/anomaly_scores.py; all are reported, --score picks the headline one): nll, map-max, map-topk,
-and, for a calibrated model, standardized-map, standardized-topk and positive-z-sum (per-location z-scores against
-held-out good images). A calibrated model (MAFModel.calibrate, done by train_maf.py on its validation split) also
+and, for a calibrated model, standardized-map, standardized-topk, positive-z-sum (per-location z-scores against
+held-out good images) and patch-z-top3 (per-location z-scores of each patch's NLL; for patch models, patch_size in
+the config). A calibrated model (MAFModel.calibrate, done by train_maf.py on its validation split) also
 carries a decision threshold per score at a target false-positive rate: an image is anomalous when its score is
 above it. An uncalibrated model can be calibrated here with --calibration_data.
 
@@ -135,7 +136,10 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
     headline = metrics[method]
     calibration = model.config.anomaly_calibration
     nll = scored.scores["nll"]
-    bits = nll / (model.config.num_features * math.log(2))
+    # The sum of the per-pixel map over C * H * W dimensions (a patch model's map averages each pixel over its
+    # patches, so this is its mean per-pixel NLL, not the flow's dimension).
+    config = model.config
+    bits = nll / (config.num_channels * config.image_size**2 * math.log(2))
     predicted = scored.scores[method] > headline["threshold"] if model.is_calibrated else None
     return {
         "model": args.model_name_or_path,

@@ -127,6 +127,9 @@ def main(argv=None):
               "data-relative measures omitted: pass --data_dir or --dataset_name (the data the model was trained on)",
               "runs": []}
     nrow = args.nrow or args.num_samples
+    # A patch model's images are mosaics of independent patches, each drawn given its location.
+    mosaic = "; patch mosaic: independent patches" if getattr(model.config, "patch_size", None) else ""
+    report["patch_mosaic"] = bool(mosaic)
     for temperature in args.temperature:
         tag = f"t{temperature:g}"
         images, seconds = generate(model, args, temperature)
@@ -138,8 +141,8 @@ def main(argv=None):
             refined, refined_seconds = generate(model, args, temperature, **refinement)
             refined_grid = write_images(refined, output_dir, f"refined_{tag}", f"refined_{tag}", nrow)
             comparison = os.path.join(output_dir, f"exact_vs_refined_{tag}.png")
-            save_labelled_grids([(f"exact samples: draws from the model (T = {temperature:g})", images),
-                                 (f"refined: density-guided ({args.refine_steps} Langevin steps on log p), "
+            save_labelled_grids([(f"exact samples: draws from the model{mosaic} (T = {temperature:g})", images),
+                                 (f"refined: density-guided ({args.refine_steps} Langevin steps on log p{mosaic}), "
                                   "not draws from the model", refined)], comparison, nrow=nrow)
             run["refined"] = {"seconds_total": refined_seconds, "seconds_per_image": refined_seconds / args.num_samples,
                               "grid": refined_grid, "comparison": comparison,

@@ -4,6 +4,10 @@ specification: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 
 
     accelerate launch scripts/train_maf.py --data_dir data/mvtec_capsule --output_dir runs/maf --mixed_precision bf16
     python scripts/train_maf.py --data_dir data/mvtec_capsule --image_size 32 --num_train_epochs 2 --hidden_sizes 64 64
+    python scripts/train_maf.py --data_dir data/mvtec_capsule --patch_size 16 --patch_stride 8   # a patch MAF
+
+With --patch_size the flow models the patches of the images, log p(patch | location) (--condition_on_position
+false: log p(patch)); a batch of B images is B x (patches per image) examples, and bits/dim is per patch dimension.
 
 Writes to --output_dir: metrics.jsonl (every step and epoch), checkpoints/step_N (accelerate state, atomic), the
 model of the best validation epoch, calibrated on the validation images (model.safetensors, config.json, modeling
@@ -235,6 +239,27 @@ def plot_nll_curve(records, path):
                 title="MAF negative log-likelihood", ylabel="bits / dim")
 
 
+def patch_model_summary(config) -> dict | None:
+    """What train_results.json says about a patch model (None for a whole-image flow)."""
+    if config.patch_size is None:
+        return None
+    return {"patch_size": config.patch_size, "patch_stride": config.patch_stride,
+            "condition_on_position": config.condition_on_position, "patches_per_image": config.num_patch_locations,
+            "note": "a density of patches, log p(patch | location), not of whole images; bits/dim is per patch "
+                    "dimension and an image's log_prob is the mean over its patches"}
+
+
+def model_description(config) -> str:
+    """The model card's first sentence about what the flow models."""
+    size = f"{config.image_size}x{config.image_size}x{config.num_channels} images"
+    if config.patch_size is None:
+        return f"over {size}"
+    position = "conditioned on the patch location" if config.condition_on_position else "not conditioned on location"
+    return (f"over the {config.patch_size}x{config.patch_size} patches (stride {config.patch_stride}, "
+            f"{config.num_patch_locations} per image, {position}) of {size}: **a density of patches, not of whole "
+            "images** (bits/dim per patch dimension; samples are mosaics of independent patches)")
+
+
 def calibration_rows(calibration) -> str:
     if calibration is None:
         return "| anomaly calibration | none: `model.calibrate(good_images)` adds it |"
@@ -249,7 +274,7 @@ def model_card_body(args, config, results):
     test_good = results.get("test_good_bits_per_dim")
     return f"""# {config.model_type.upper()} on MVTec AD {args.category}
 
-A {'Masked' if config.model_type == 'maf' else 'Inverse'} Autoregressive Flow over {config.image_size}x{config.image_size}x{config.num_channels} images
+A {'Masked' if config.model_type == 'maf' else 'Inverse'} Autoregressive Flow {model_description(config)}
 ({config.num_blocks} MADE blocks, hidden sizes {config.hidden_sizes}, degrees `{config.degree_assignment}`,
 normalisation `{config.normalization}`), trained by maximum likelihood on the normal (`train/good`) images, made
 with [hf-dgm](https://github.com/hf-dgm/hf-dgm). Its negative log-likelihood is an anomaly score.
@@ -328,6 +353,7 @@ def main(argv=None):
             **loop.results(),
             "flow_type": args.flow_type,
             "parameters": unwrapped.num_parameters(),
+            "patch_model": patch_model_summary(unwrapped.config),
             "final_train_bits_per_dim": epoch_rows[-1]["epoch/train/bits_per_dim"] if epoch_rows else math.nan,
             "test_good_bits_per_dim": test_rows[task.best.best_epoch if restored_best else -1][
                 "epoch/test_good_bits_per_dim"] if test_rows else None,

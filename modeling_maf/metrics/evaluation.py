@@ -24,21 +24,20 @@ class ScoredImages(NamedTuple):
 
 
 @torch.no_grad()
-def nll_maps_of(model, pixel_values: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """Per-pixel NLL maps (N, H, W) on the CPU, from one pass of the flow in batches on `device`."""
-    return torch.cat([model.anomaly_maps(chunk.to(device), method="nll").cpu()
-                      for chunk in pixel_values.split(batch_size)])
+def nll_maps_of(model, pixel_values: torch.Tensor, batch_size: int, device):
+    """The NLL maps at both grids (`NLLMaps`: per-pixel (N, H, W), per-patch (N, Lh, Lw)) on the CPU, from one pass
+    of the flow in batches on `device`."""
+    from modeling_maf.anomaly_scores import NLLMaps
+
+    return NLLMaps.cat(model.nll_maps(chunk.to(device)).cpu() for chunk in pixel_values.split(batch_size))
 
 
-def score_all(model, nll_maps: torch.Tensor) -> ScoredImages:
-    """Every registered score the model can compute (the standardised ones need a calibrated model)."""
-    from modeling_maf.anomaly_scores import ANOMALY_SCORES
-
+def score_all(model, nll_maps) -> ScoredImages:
+    """Every registered score the model can compute (the standardised ones need a calibrated model), from its
+    `NLLMaps`; every map at the pixel grid."""
     maps, scores = {}, {}
     statistics_on = model.anomaly_statistics.location_mean.device
-    for name, score in ANOMALY_SCORES.items():
-        if score.needs_statistics and not model.is_calibrated:
-            continue
+    for name in model.available_anomaly_scores:
         score_maps, values = model.score_nll_maps(nll_maps.to(statistics_on), method=name)
         maps[name] = score_maps.float().cpu().numpy()
         scores[name] = values.double().cpu().numpy()
