@@ -7,8 +7,9 @@
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec --download              # fetch MVTec's capsule archive first
 #
 # Runs from any folder: relative paths (--data_dir, OUTPUT_DIR) are read from the folder it is started in.
-# Extra flags go to train_maf.py (e.g. --seed 1 --degree_assignment sequential). OUTPUT_DIR (default runs/maf)
-# chooses where everything goes.
+# Extra flags go to train_maf.py (e.g. --seed 1 --degree_assignment sequential; --patch_size 16 --patch_stride 8
+# [--condition_on_position false] for a patch MAF, whose samples are patch mosaics: they need patch_size divisible by
+# patch_stride and image_size by patch_size). OUTPUT_DIR (default runs/maf) chooses where everything goes.
 #
 # Setup: the first run creates a virtualenv (VENV, default .venv in the repository) with torch 2.13.0 and this
 # package (editable). Later runs skip pip while the stamp file in the virtualenv still matches setup.py (its hash)
