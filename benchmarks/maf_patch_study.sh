@@ -6,13 +6,14 @@
 #   bash benchmarks/maf_patch_study.sh runs/patch_study data/mvtec_capsule      # one GPU, ~7 minutes
 #
 # Default configuration (PATCH_ARGS): 128x128 images, 16x16 patches at stride 8 (225 per image), 5 MADE blocks of
-# 512-512, position-conditioned, batch 8 images (1800 patches) per step, Adam lr 1e-3, 40 epochs, bf16 autocast;
+# 512-512, position-conditioned, batch 8 images (1800 patches) per step, Adam lr 1e-3, EPOCHS epochs (default 100:
+# 2500 steps), bf16 autocast;
 # the model kept is the epoch of best validation bits/dim (10 % of train/good held out, seeded by the seed) and it is
 # calibrated on those validation images. Variants (VARIANTS, in order, each 3 seeds, each started only while
 # BUDGET_S seconds (default 400) are not expected to be exceeded, judged by the time the main configuration took):
 #   nopos   the same without position conditioning (--condition_on_position false): log p(patch)
 #   p8-64   64x64 images, 8x8 patches at stride 4 (225 per image)
-# SEEDS (default "0 1 2"), EXTRA (flags added to every training run, last, so they override: e.g.
+# SEEDS (default "0 1 2"), EPOCHS, EXTRA (flags added to every training run, last, so they override: e.g.
 # EXTRA="--image_size 16 --patch_size 8 --patch_stride 4 --hidden_sizes 16 16 --num_blocks 2 --num_train_epochs 1"
 # for a CPU smoke run) and DEVICE (for the anomaly study; default cuda when available) can be set.
 # Writes, under the output folder: <config>-s<seed>/ (the training outputs, model weights deleted after the study),
@@ -23,6 +24,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/patch_study}"
 DATA="${2:-${DATA:-data/mvtec_capsule}}"
 SEEDS="${SEEDS:-0 1 2}"
+EPOCHS="${EPOCHS:-100}"
 VARIANTS="${VARIANTS-nopos p8-64}"
 BUDGET_S="${BUDGET_S:-400}"
 EXTRA="${EXTRA:-}"
@@ -35,7 +37,7 @@ if [ ! -d "$DATA/train/good" ]; then
 fi
 mkdir -p "$OUT"
 PATCH_ARGS=(--image_size 128 --patch_size 16 --patch_stride 8 --num_blocks 5 --hidden_sizes 512 512
-            --learning_rate 1e-3 --per_device_train_batch_size 8 --num_train_epochs 40)
+            --learning_rate 1e-3 --per_device_train_batch_size 8 --num_train_epochs "$EPOCHS")
 declare -A VARIANT_ARGS=(
   [nopos]="--condition_on_position false"
   [p8-64]="--image_size 64 --patch_size 8 --patch_stride 4"
