@@ -6,8 +6,8 @@
 #   bash benchmarks/maf_patch_study.sh runs/patch_study data/mvtec_capsule      # one GPU, ~7 minutes
 #
 # Default configuration (PATCH_ARGS): 128x128 images, 16x16 patches at stride 8 (225 per image), 5 MADE blocks of
-# 512-512, position-conditioned, batch 8 images (1800 patches) per step, Adam lr 1e-3, EPOCHS epochs (default 100:
-# 2500 steps), bf16 autocast;
+# 512-512, position-conditioned, batch 8 images (1800 patches) per step, Adam lr 1e-3, EPOCHS epochs (default 250:
+# 6250 steps; the main job's patch detector), bf16 autocast;
 # the model kept is the epoch of best validation bits/dim (10 % of train/good held out, seeded by the seed) and it is
 # calibrated on those validation images. Variants (VARIANTS, in order, each 3 seeds, each started only while
 # BUDGET_S seconds (default 400) are not expected to be exceeded, judged by the time the main configuration took):
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/patch_study}"
 DATA="${2:-${DATA:-data/mvtec_capsule}}"
 SEEDS="${SEEDS:-0 1 2}"
-EPOCHS="${EPOCHS:-100}"
+EPOCHS="${EPOCHS:-250}"
 VARIANTS="${VARIANTS-nopos p8-64}"
 BUDGET_S="${BUDGET_S:-400}"
 EXTRA="${EXTRA:-}"

@@ -32,6 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
 from .anomaly_scores import (
+    DEFAULT_CALIBRATED_PATCH_SCORE,
     DEFAULT_CALIBRATED_SCORE,
     NLL,
     NOT_CALIBRATED,
@@ -573,6 +574,12 @@ class MAFModel(MAFPreTrainedModel):
         return self.config.patch_size is not None
 
     @property
+    def default_anomaly_score(self) -> str:
+        """The score `calibrate` makes the default when none is named, chosen by measurement: the image NLL for a
+        whole-image flow, `patch-z-top3` for a patch flow (docs/RESULTS.md §7.2, §9)."""
+        return DEFAULT_CALIBRATED_PATCH_SCORE if self.is_patch_model else DEFAULT_CALIBRATED_SCORE
+
+    @property
     def _compute_dtype(self) -> torch.dtype:
         """Densities are accumulated in float32 at least (float64 when the weights are float64)."""
         return torch.promote_types(self.dtype, torch.float32)
@@ -998,11 +1005,11 @@ class MAFModel(MAFPreTrainedModel):
 
         Stores the per-location NLL statistics (for the standardised scores) in `anomaly_statistics` and, in
         `config.anomaly_calibration`, the decision threshold of every score at `target_fpr` on these images
-        ("anomalous when score > threshold"), `method` as the default score (None = DEFAULT_CALIBRATED_SCORE) and the
+        ("anomalous when score > threshold"), `method` as the default score (None = `default_anomaly_score`) and the
         score sizes (`parameters`, default: `ScoreParameters.for_image_size`). `save_pretrained` then saves all of
         it. Returns `config.anomaly_calibration`.
         """
-        method = check_score_name(method or DEFAULT_CALIBRATED_SCORE).name
+        method = check_score_name(method or self.default_anomaly_score).name
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         parameters = parameters or ScoreParameters.for_image_size(self.config.image_size)

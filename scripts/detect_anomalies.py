@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
-from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE, NOT_CALIBRATED
+from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
 from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
 from modeling_maf.metrics.evaluation import (
     evaluate_scores,
@@ -119,7 +119,7 @@ def calibrate(args, model, dataset, device, processor) -> str:
     if args.calibration_data is None:
         return "the model" if model.is_calibrated else "none"
     pixels, source = calibration_pixels(args, dataset, processor)
-    model.calibrate(pixels.to(device), target_fpr=args.target_fpr, method=args.score or DEFAULT_CALIBRATED_SCORE,
+    model.calibrate(pixels.to(device), target_fpr=args.target_fpr, method=args.score,
                     batch_size=args.batch_size)
     print(f"Calibrated on {len(pixels)} good images ({source}).")
     if args.save_calibrated_model:

@@ -211,6 +211,16 @@ def test_calibrate_and_predict_with_the_patch_score_by_hand():
                       model.anomaly_statistics.get()[PATCH_GRID])
 
 
+def test_the_default_score_of_a_calibration_is_chosen_per_kind_of_flow():
+    """calibrate() without a method makes patch-z-top3 the default of a patch flow and nll that of a whole-image flow
+    (each chosen by measurement); a named method still wins."""
+    good = images(6, 7)
+    assert patch_model().default_anomaly_score == "patch-z-top3"
+    assert patch_model().calibrate(good)["method"] == "patch-z-top3"
+    assert patch_model(patch_size=None, patch_stride=None).calibrate(good)["method"] == "nll"
+    assert patch_model().calibrate(good, method="map-max")["method"] == "map-max"
+
+
 def test_whole_image_patch_score_is_the_z_score_of_the_nll():
     model = patch_model(patch_size=None, patch_stride=None)
     good = images(6, 7)
@@ -296,10 +306,11 @@ def test_train_sample_detect_a_patch_model_through_the_scripts(tmp_path):
     assert results["patch_model"]["patch_size"] == 4 and results["patch_model"]["patches_per_image"] == 9
     assert results["config"]["patch_size"] == 4 and 0 < results["final_train_bits_per_dim"] < 20
     assert "patch-z-top3" in results["anomaly_calibration"]["thresholds"]
+    assert results["anomaly_calibration"]["method"] == "patch-z-top3"  # a patch model's default score
     assert "a density of patches, not of whole images" in (out / "README.md").read_text()
     run("sample_maf.py", "--model_name_or_path", out, "--num_samples", 2, "--refine_steps", 3)
     assert json.loads((out / "samples" / "samples.json").read_text())["patch_mosaic"] is True
-    run("detect_anomalies.py", "--model_name_or_path", out, "--data_dir", data, "--score", "patch-z-top3")
+    run("detect_anomalies.py", "--model_name_or_path", out, "--data_dir", data)
     report = json.loads((out / "anomaly" / "anomaly_report.json").read_text())
     assert report["score"] == "patch-z-top3" and 0 <= report["image_auroc"] <= 1
     assert "patch-z-top3" in report["per_image"][0]

@@ -25,8 +25,8 @@ def run_pipeline(*args, cwd, **env):
 def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
     work = tmp_path / "work"
     make_mvtec_category(str(work / "data" / "capsule"), size=8, num_train=4)
-    result = run_pipeline("--data_dir", "data/capsule", *TINY, cwd=work, SKIP_SETUP="1", PYTHON=sys.executable,
-                          OUTPUT_DIR="out/maf")
+    result = run_pipeline("--data_dir", "data/capsule", *TINY, "--patch_detector", "off", cwd=work, SKIP_SETUP="1",
+                          PYTHON=sys.executable, OUTPUT_DIR="out/maf")
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "out" / "maf"
     assert (out / "model.safetensors").is_file()
@@ -34,6 +34,30 @@ def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
     report = json.loads((out / "anomaly" / "anomaly_report.json").read_text())
     assert report["num_test_images"] == 3
     assert not os.path.exists(os.path.join(ROOT, "out"))  # nothing written relative to the repository
+    assert not (out / "patch_detector").exists()
+
+
+def test_the_spec_preset_adds_the_patch_detector_and_passes_it_only_the_seed(tmp_path):
+    """--preset spec (the default) trains the patch detector after the whole-image model and writes its report,
+    scored by patch-z-top3; of the extra flags only --seed reaches it (PATCH_EXTRA shrinks it for the test)."""
+    make_mvtec_category(str(tmp_path / "capsule"), size=8, num_train=12, num_test_good=3, defects=(("crack", 3),))
+    patch_extra = ("--image_size 8 --patch_size 4 --patch_stride 2 --hidden_sizes 16 16 --num_blocks 1 "
+                   "--num_train_epochs 1 --mixed_precision no --validation_split_percentage 30")
+    result = run_pipeline("--data_dir", "capsule", *TINY, "--seed", "3", "--learning_rate", "0.5", cwd=tmp_path,
+                          SKIP_SETUP="1", PYTHON=sys.executable, OUTPUT_DIR="maf", PATCH_EXTRA=patch_extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    detector = tmp_path / "maf" / "patch_detector"
+    results = json.loads((detector / "train_results.json").read_text())
+    card = (detector / "README.md").read_text()
+    assert results["patch_model"]["patch_size"] == 4 and results["config"]["num_blocks"] == 1
+    assert "| seed | 3 |" in card and "| learning rate (Adam) | 0.001 |" in card  # not the extra --learning_rate
+    report = json.loads((detector / "anomaly" / "anomaly_report.json").read_text())
+    assert report["score"] == "patch-z-top3" and report["num_test_images"] == 6
+    assert "its anomaly report and figures" in result.stdout
+
+    refused = run_pipeline("--data_dir", "capsule", "--patch_detector", "maybe", cwd=tmp_path, SKIP_SETUP="1",
+                           PYTHON=sys.executable)
+    assert refused.returncode == 2 and "unknown --patch_detector maybe (on or off)" in refused.stderr
 
 
 def make_fake_venv(venv):
