@@ -41,7 +41,7 @@ PIXEL_GRID = "pixel"
 PATCH_GRID = "patch"
 PATCH_TOP_K = 3
 # The score of a calibrated model when none is named, chosen by measurement over 3 seeds: for a whole-image flow
-# the image NLL (docs/RESULTS.md §5, §7.2), for a patch flow the top-3 patch z-scores (§9). An uncalibrated model
+# the image NLL (docs/RESULTS.md §5, §7.2), for a patch flow the top-3 patch z-scores (§10). An uncalibrated model
 # uses NLL.
 DEFAULT_CALIBRATED_SCORE = NLL
 DEFAULT_CALIBRATED_PATCH_SCORE = "patch-z-top3"

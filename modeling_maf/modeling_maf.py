@@ -576,7 +576,7 @@ class MAFModel(MAFPreTrainedModel):
     @property
     def default_anomaly_score(self) -> str:
         """The score `calibrate` makes the default when none is named, chosen by measurement: the image NLL for a
-        whole-image flow, `patch-z-top3` for a patch flow (docs/RESULTS.md §7.2, §9)."""
+        whole-image flow, `patch-z-top3` for a patch flow (docs/RESULTS.md §7.2, §10)."""
         return DEFAULT_CALIBRATED_PATCH_SCORE if self.is_patch_model else DEFAULT_CALIBRATED_SCORE
 
     @property

@@ -13,8 +13,8 @@
 #
 # The patch detector (--patch_detector on|off; on for --preset spec, off for --preset cpu): a patch MAF (16x16
 # patches at stride 8 of the 128x128 images, given their location; 5 blocks of 512-512, lr 1e-3, 250 epochs, bf16),
-# scored by patch-z-top3. It detects defects better than the whole-image model (image AUROC 0.857 +- 0.026 against
-# 0.707 +- 0.012 over 3 seeds, docs/RESULTS.md §9) in about a minute on a GPU; on 2 CPU cores it would take hours.
+# scored by patch-z-top3. It detects defects far better than the whole-image model (docs/RESULTS.md §10) in about
+# a minute on a GPU; on a few CPU cores it would take hours, so the CPU preset leaves it out.
 # It goes to OUTPUT_DIR/patch_detector, its report to OUTPUT_DIR/patch_detector/anomaly. Of the extra flags only
 # --seed reaches its training (the others, --push_to_hub included, are the whole-image model's); PATCH_EXTRA adds
 # flags to its training, last, so they win (e.g. PATCH_EXTRA="--num_train_epochs 100").
@@ -52,7 +52,7 @@ case "${PATCH_DETECTOR:-default}" in
   default) if [ "$PRESET" = spec ]; then PATCH_DETECTOR=on; else PATCH_DETECTOR=off; fi ;;
   *) echo "unknown --patch_detector $PATCH_DETECTOR (on or off)" >&2; exit 2 ;;
 esac
-# The patch detector's configuration (docs/maf.md §8), measured in docs/RESULTS.md §9.
+# The patch detector's configuration (docs/maf.md §8), measured in docs/RESULTS.md §10.
 PATCH_ARGS=(--image_size 128 --patch_size 16 --patch_stride 8 --num_blocks 5 --hidden_sizes 512 512
             --learning_rate 1e-3 --num_train_epochs 250 --mixed_precision bf16)
 

@@ -71,8 +71,8 @@ def parse_args(argv=None):
                         help="False-positive rate on the validation images at which the decision threshold is set.")
     parser.add_argument("--max_grad_norm", type=float, default=1.0,
                         help="Clip the global gradient norm to this value; 0 turns clipping off (the seed spec's "
-                             "recipe). Clipping keeps the spec's Adam from the loss spikes that otherwise blow a run "
-                             "up to millions of bits/dim and leave its samples as static (docs/maf.md).")
+                             "recipe). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
+                             "mid-training and leave it with a worse fit and rougher samples (docs/maf.md).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
                         help="'masked_adam': modeling_maf.optimization_maf.MaskedAdam, Adam that forms each MADE weight "
                              "gradient inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
