@@ -130,6 +130,9 @@ def describe_maf(detector) -> str:
                  f"{calibration['target_fpr']:.0%} false-positive rate on {calibration['num_images']} good images")
     else:
         state = "not calibrated: the score is the image's negative log-likelihood (nats), with no verdict"
+    if getattr(config, "patch_size", None):
+        state += (f"; a density of {config.patch_size}×{config.patch_size} patches (stride {config.patch_stride}), "
+                  "whose samples are mosaics of independent patches")
     return f"Model: `{model.name_or_path}` ({type(model).__name__}, {size}, {config.num_blocks} blocks; {state})"
 
 

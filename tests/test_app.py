@@ -9,7 +9,8 @@ from synthetic_data import make_mvtec_category, make_unpaired_folder
 
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e .[demo])")
-from app import example_images, format_score, format_verdict, load_pipeline, looks_like_a_path  # noqa: E402
+from app import (  # noqa: E402
+    describe_maf, example_images, format_score, format_verdict, load_pipeline, looks_like_a_path)
 
 
 def test_a_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):
@@ -60,3 +61,14 @@ def test_verdict_texts():
         "normal (score 12.35 ≤ threshold 20.00)"
     assert format_verdict({"score": 1.0, "is_anomalous": None, "threshold": None, "message": "Calibrate."}) == \
         "no verdict: Calibrate."
+
+
+def test_the_model_line_says_when_the_model_is_a_patch_flow():
+    from types import SimpleNamespace
+
+    from modeling_maf import MAFConfig, MAFModel
+
+    tiny = dict(image_size=8, num_channels=1, hidden_sizes=[8], num_blocks=1)
+    patch = describe_maf(SimpleNamespace(model=MAFModel(MAFConfig(**tiny, patch_size=4, patch_stride=2))))
+    assert "a density of 4×4 patches (stride 2)" in patch and "mosaics of independent patches" in patch
+    assert "patches" not in describe_maf(SimpleNamespace(model=MAFModel(MAFConfig(**tiny))))
