@@ -103,7 +103,7 @@ def _convert_row(row: dict, index: int, class_names, split_name: str, what: str)
         mask = png_bytes(empty_mask(image.size))
     elif row.get("mask") is not None:
         mask_image = _open(row["mask"], f"the mask of row {index} ({name}) of {what}")
-        check_mask_size(mask_image, image, f"of row {index} ({name}) of {what}", f"of that row")
+        check_mask_size(mask_image, image, f"of row {index} ({name}) of {what}", "of that row")
         mask = png_bytes(binarize_mask(mask_image))
     return {
         "image": {"path": None, "bytes": image_bytes},
