@@ -617,17 +617,21 @@ class MAFModel(MAFPreTrainedModel):
         config = self.config
         columns = F.unfold(pixel_values, config.patch_size, stride=config.patch_stride)  # (B, C*P*P, L)
         patches = columns.transpose(1, 2).reshape(-1, config.num_features)
-        locations = torch.arange(config.num_patch_locations, device=pixel_values.device).repeat(pixel_values.shape[0])
-        return patches, locations
+        return patches, self._patch_locations(pixel_values.shape[0], pixel_values.device)
+
+    def _patch_locations(self, num_images: int, device) -> torch.Tensor:
+        """The location of every patch of `num_images` images (num_images * L,), row-major over the patch grid."""
+        return torch.arange(self.config.num_patch_locations, device=device).repeat(num_images)
 
     def _fold_mean(self, values):
-        """Per-patch maps (B, L, P * P) -> per-pixel maps (B, H, W): each pixel the mean over the patches that
-        contain it."""
+        """Per-patch values (B, L, K * P * P), K maps of P x P each (channel-major, as `unfold` cuts them) -> per-pixel
+        maps (B, K, H, W): each pixel the mean over the patches that contain it."""
         config = self.config
         columns = values.transpose(1, 2)
         fold = functools.partial(F.fold, output_size=(config.image_size, config.image_size),
                                  kernel_size=config.patch_size, stride=config.patch_stride)
-        return (fold(columns) / fold(torch.ones_like(columns[:1])))[:, 0]
+        counts = fold(torch.ones_like(columns[:1, : config.patch_size**2]))
+        return fold(columns) / counts
 
     def patch_maps_to_pixels(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps at the patch grid (B, Lh, Lw) -> pixel maps (B, H, W): each pixel the mean over the patches that
@@ -636,7 +640,7 @@ class MAFModel(MAFPreTrainedModel):
         if not self.is_patch_model:
             return maps.reshape(-1, 1, 1).expand(-1, config.image_size, config.image_size)
         values = maps.reshape(maps.shape[0], -1, 1).expand(-1, -1, config.patch_size**2)
-        return self._fold_mean(values)
+        return self._fold_mean(values)[:, 0]
 
     # ------------------------------------------------------------------------------------ pixels <-> logit
     def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
@@ -737,11 +741,9 @@ class MAFModel(MAFPreTrainedModel):
             if latents.ndim != 3 or tuple(latents.shape[1:]) != expected:
                 raise ValueError(f"latents must have shape (batch, {expected[0]}, {expected[1]}) for this patch model "
                                  f"(one row per patch location), got {tuple(latents.shape)}.")
-            locations = torch.arange(expected[0], device=latents.device).repeat(latents.shape[0])
+            locations = self._patch_locations(latents.shape[0], latents.device)
             patches = self._logits_to_pixels(self._flow_generate(latents.flatten(0, 1), show_progress, locations)[0])
-            values = patches.view(latents.shape[0], expected[0], config.num_channels, -1)
-            channels = [self._fold_mean(values[:, :, channel]) for channel in range(config.num_channels)]
-            return torch.stack(channels, dim=1)
+            return self._fold_mean(patches.view(latents.shape[0], expected[0], -1))
         if latents.ndim != 2 or latents.shape[1] != config.num_features:
             raise ValueError(f"latents must have shape (batch, {config.num_features}), got {tuple(latents.shape)}.")
         return self._logits_to_pixels(self._flow_generate(latents, show_progress)[0])
@@ -913,11 +915,7 @@ class MAFModel(MAFPreTrainedModel):
         per_pixel = per_dimension.view(batch_size, -1, config.num_channels, config.flow_size**2).sum(dim=2)
         if not self.is_patch_model:
             return NLLMaps(per_pixel.view(batch_size, config.image_size, config.image_size), per_patch)
-        return NLLMaps(self._fold_mean(per_pixel), per_patch)
-
-    def _nll_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Per-pixel NLL maps (batch, H, W), the pixel grid of `nll_maps`."""
-        return self.nll_maps(pixel_values).pixel
+        return NLLMaps(self._fold_mean(per_pixel)[:, 0], per_patch)
 
     @property
     def is_calibrated(self) -> bool:
