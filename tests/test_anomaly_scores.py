@@ -29,19 +29,13 @@ from modeling_maf.anomaly_scores import (
     register_score,
     threshold_at_fpr,
 )
-from modeling_maf.modeling_maf import MaskedLinear
+
+from tiny_models import randomize_flow
 
 
 def tiny_model(model_class=MAFModel, config_class=MAFConfig, seed=0, image_size=6, num_channels=2):
     config = config_class(image_size=image_size, num_channels=num_channels, hidden_sizes=[16, 16], num_blocks=2)
-    model = model_class(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MaskedLinear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.1 * module.mask())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
-    return model.eval()
+    return randomize_flow(model_class(config), seed, std=0.1).eval()
 
 
 def images(count, seed, image_size=6, num_channels=2):

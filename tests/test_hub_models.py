@@ -22,21 +22,12 @@ from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFM
 from modeling_maf.modeling_maf import MaskedLinear
 
 from synthetic_data import make_mvtec_category
+from tiny_models import randomize_flow
 from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def randomize(model, seed=0, std=0.1):
-    """Random weights (masked ones kept at zero): a fresh flow is the identity, which would compare trivially."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MaskedLinear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std * module.mask())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
-            elif not list(module.children()):
-                for parameter in module.parameters(recurse=False):
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return model
+    return randomize_flow(model, seed, std, other_std=std)
 
 
 def tiny_maf(model_class, config_class, seed=0):

@@ -16,19 +16,14 @@ from transformers import AutoModel
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 
+from tiny_models import randomize_flow
+
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]
 
 
 def tiny_flow(model_class=MAFModel, config_class=MAFConfig, seed=0):
     config = config_class(image_size=3, num_channels=1, hidden_sizes=[8, 6], num_blocks=2, degree_assignment="random")
-    model = model_class(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MaskedLinear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.3 * module.mask())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
-    return model
+    return randomize_flow(model_class(config), seed, std=0.3).eval()
 
 
 def perturbed_state_dict(model, seed=1):

@@ -18,6 +18,7 @@ from modeling_maf.modeling_maf import MaskedLinear
 from modeling_maf.optimization_maf import MaskedAdam
 
 from synthetic_data import make_mvtec_category
+from tiny_models import randomize_flow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]
@@ -27,15 +28,7 @@ PATCH = dict(image_size=8, num_channels=2, hidden_sizes=[16, 16], num_blocks=2, 
 def patch_model(model_class=MAFModel, config_class=MAFConfig, seed=0, std=0.1, **overrides):
     """A tiny patch flow with random weights on its connections and random location embeddings."""
     model = model_class(config_class(**{**PATCH, **overrides}))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MaskedLinear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std * module.mask())
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
-    return model.eval()
+    return randomize_flow(model, seed, std, other_std=1.0).eval()
 
 
 def images(count, seed, size=8, channels=2):

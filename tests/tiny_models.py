@@ -7,6 +7,22 @@ from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 
 
+def randomize_flow(model, seed=0, std=0.1, other_std=None):
+    """Random weights and biases on a flow's MADE connections (absent ones kept at zero; a fresh flow is the identity,
+    which would compare trivially), and, with `other_std`, on every other leaf module's parameters (location
+    embeddings, batch norms), drawn in module order from one seeded generator. Returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MaskedLinear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std * module.mask())
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
+            elif other_std is not None and not list(module.children()):
+                for parameter in module.parameters(recurse=False):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * other_std)
+    return model
+
+
 def save_tiny_maf(path, num_channels=3, seed=0):
     """A 8x8 MAF (2 blocks of 16-16) with random weights on its connections, saved to `path`; returns the model."""
     model = MAFModel(MAFConfig(image_size=8, num_channels=num_channels, hidden_sizes=[16, 16], num_blocks=2))
