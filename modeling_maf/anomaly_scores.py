@@ -232,11 +232,6 @@ def _at_grid(value, score: AnomalyScore, what: str):
     return value
 
 
-def registered_scores() -> dict[str, AnomalyScore]:
-    """The registered scores by name (looked up at call time, so scores registered later count)."""
-    return ANOMALY_SCORES
-
-
 def check_score_name(name: str) -> AnomalyScore:
     if name not in ANOMALY_SCORES:
         raise ValueError(f"Unknown anomaly score {name!r}; use one of {list(ANOMALY_SCORES)}.")
@@ -390,7 +385,6 @@ __all__ = [
     "gaussian_smooth",
     "location_statistics",
     "register_score",
-    "registered_scores",
     "standardize",
     "threshold_at_fpr",
     "top_k_mean",

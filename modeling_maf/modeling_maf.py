@@ -32,6 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
 from .anomaly_scores import (
+    ANOMALY_SCORES,
     DEFAULT_CALIBRATED_PATCH_SCORE,
     DEFAULT_CALIBRATED_SCORE,
     NLL,
@@ -43,7 +44,6 @@ from .anomaly_scores import (
     calibrate_scores,
     check_score_name,
     compute_score,
-    registered_scores,
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
@@ -943,7 +943,7 @@ class MAFModel(MAFPreTrainedModel):
         thresholds (and statistics) for."""
         calibration = self.config.anomaly_calibration
         calibrated = calibration["thresholds"] if calibration is not None else {}
-        return [name for name, score in registered_scores().items()
+        return [name for name, score in ANOMALY_SCORES.items()
                 if not score.needs_statistics or name in calibrated]
 
     def score_nll_maps(self, nll_maps: NLLMaps | torch.Tensor, method: str | None = None) -> tuple[torch.Tensor,
