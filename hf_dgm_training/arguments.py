@@ -231,11 +231,12 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
     parser.set_defaults(_config_override_fields=registry)
 
 
-def config_overrides_from_args(args: argparse.Namespace, config_class) -> dict:
+def config_overrides_from_args(args: argparse.Namespace, config_class, with_fields: dict | None = None) -> dict:
     """The config fields the user set on the command line, as keyword arguments for `config_class`.
 
-    The values are checked by building a `config_class` from them: a value the config refuses (e.g.
-    `--num_blocks 0`) raises `UsageError` naming the flags, before any data or model is loaded."""
+    The values are checked by building a `config_class` from them, together with `with_fields` (fields the script
+    sets from flags of its own, such as `--image_size`, which other fields are checked against): a value the config
+    refuses (e.g. `--num_blocks 0`) raises `UsageError` naming the flags. Only the overrides are returned."""
     registry = getattr(args, "_config_override_fields", None) or {}
     names = registry.get(config_class.__name__)
     if names is None:
@@ -246,12 +247,13 @@ def config_overrides_from_args(args: argparse.Namespace, config_class) -> dict:
         if value is not None:
             overrides[name] = list(value) if isinstance(value, (list, tuple)) else value
     if overrides:
+        fixed = {name: value for name, value in (with_fields or {}).items() if value is not None}
         try:
-            config_class(**overrides)
+            config_class(**fixed, **overrides)
         except ValueError as error:  # the config's own validation of its values
             flags = " ".join(
                 f"--{name} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
-                for name, value in overrides.items()
+                for name, value in {**fixed, **overrides}.items()
             )
             message = " ".join(str(error).split()).rstrip(".")
             raise UsageError(f"{message} (from the flags {flags}; see --help).") from error

@@ -92,7 +92,8 @@ def parse_args(argv=None):
 def build_model(args, num_channels: int, device):
     """A fresh model, built (and initialised) directly on `device`, or the one of --model_name_or_path."""
     config_class, model_class = FLOW_CLASSES[args.flow_type]
-    overrides = {"num_channels": num_channels, **config_overrides_from_args(args, MAFConfig)}
+    overrides = {"num_channels": num_channels,
+                 **config_overrides_from_args(args, MAFConfig, with_fields={"image_size": args.image_size})}
     if args.model_name_or_path:
         model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,), token=args.hub_token)
         if model.config.image_size != args.image_size:

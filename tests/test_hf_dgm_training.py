@@ -104,6 +104,22 @@ def test_config_overrides_the_config_refuses_are_a_usage_error():
         config_overrides_from_args(args, MAFConfig)
 
 
+def test_config_overrides_are_checked_with_the_fields_the_script_sets_itself():
+    """A patch size is checked against the script's --image_size, not the config's default image size."""
+    from hf_dgm_training import UsageError
+    from modeling_maf import MAFConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_override_args(parser, MAFConfig, skip=("image_size",))
+    args = parser.parse_args(["--patch_size", "5", "--patch_stride", "2"])
+    with pytest.raises(UsageError, match=r"across 16 pixels.*\(from the flags --image_size 16 --patch_size 5 "
+                                         r"--patch_stride 2; see --help\)\.$"):
+        config_overrides_from_args(args, MAFConfig, with_fields={"image_size": 16})
+    good = parser.parse_args(["--patch_size", "4", "--patch_stride", "2"])
+    assert config_overrides_from_args(good, MAFConfig, with_fields={"image_size": 16}) == {"patch_size": 4,
+                                                                                           "patch_stride": 2}
+
+
 def tiny_training_state(tmp_path, seed=0):
     torch.manual_seed(seed)
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
