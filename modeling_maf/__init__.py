@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .configuration_feature_maf import FeatureMAFConfig
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import MAFImageProcessor
+from .modeling_feature_maf import FeatureMAFModel, FeatureMAFOutput
 from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
 from .pipeline_maf import AnomalyDetectionPipeline
 
@@ -12,7 +14,9 @@ AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
 AutoModel.register(MAFConfig, MAFModel, exist_ok=True)
 AutoModel.register(IAFConfig, IAFModel, exist_ok=True)
-for _config_class in (MAFConfig, IAFConfig):
+AutoConfig.register("feature_maf", FeatureMAFConfig, exist_ok=True)
+AutoModel.register(FeatureMAFConfig, FeatureMAFModel, exist_ok=True)
+for _config_class in (MAFConfig, IAFConfig, FeatureMAFConfig):
     try:  # transformers versions that register a processor per backend ("pil", ...)
         AutoImageProcessor.register(_config_class, image_processor_classes={"pil": MAFImageProcessor}, exist_ok=True)
     except TypeError:
@@ -21,13 +25,15 @@ for _config_class in (MAFConfig, IAFConfig):
 # with AutoModel / AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True) without this package installed.
 MAFConfig.register_for_auto_class()
 IAFConfig.register_for_auto_class()
+FeatureMAFConfig.register_for_auto_class()
 MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
+FeatureMAFModel.register_for_auto_class("AutoModel")
 MAFImageProcessor.register_for_auto_class("AutoImageProcessor")
 # pipeline("anomaly-detection", model=<MAFModel or IAFModel>) in this process; saved folders and Hub repos name the
 # pipeline in config.json themselves (MAFPreTrainedModel.save_pretrained).
 PIPELINE_REGISTRY.register_pipeline("anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel,
                                     type="image")
 
-__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
+__all__ = ["FeatureMAFConfig", "FeatureMAFModel", "FeatureMAFOutput", "AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
            "MAFPreTrainedModel", "MAFImageProcessor", "AnomalyDetectionPipeline"]
