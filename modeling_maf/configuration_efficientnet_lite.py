@@ -167,7 +167,8 @@ class EfficientNetLiteConfig(BackboneConfigMixin, PreTrainedConfig):
         `"lite2"` works too); keyword arguments override fields (e.g. `out_features`)."""
         key = name if name.startswith("efficientnet-") else f"efficientnet-{name}"
         if key not in EFFICIENTNET_LITE_VARIANTS:
-            raise ValueError(f"Unknown EfficientNet-Lite variant {name!r}; use one of {list(EFFICIENTNET_LITE_VARIANTS)}.")
+            raise ValueError(f"Unknown EfficientNet-Lite variant {name!r}; use one of "
+                             f"{list(EFFICIENTNET_LITE_VARIANTS)}.")
         width, depth, resolution, dropout = EFFICIENTNET_LITE_VARIANTS[key]
         values = {"width_coefficient": width, "depth_coefficient": depth, "image_size": resolution,
                   "dropout_rate": dropout}
