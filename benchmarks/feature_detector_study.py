@@ -35,11 +35,26 @@ VARIANTS = {
     "s3+s4+s5@256": (["stage3", "stage4", "stage5"], 256),
     "s3+s5@320": (["stage3", "stage5"], 320),
     "s4+s6@320": (["stage4", "stage6"], 320),
+    "s4+s6@256": (["stage4", "stage6"], 256),
+    "s4+s5+s6@320": (["stage4", "stage5", "stage6"], 320),
+    "s3+s4+s5+s6@320": (["stage3", "stage4", "stage5", "stage6"], 320),
 }
 # A flow run: its settings, over which seeds. The first entry of every variant is its reference flow.
 SPEC = dict(steps=2000, batch=4096, blocks=6, hidden=512, normalization="batch_norm", position=True, lr=1e-3)
 CPU = dict(SPEC, steps=300, batch=1024, blocks=4, hidden=128)
+ROUND2 = dict(SPEC, steps=3000, normalization="none", evaluate_at=(250, 500, 1000, 2000, 3000))
 PLANS = {
+    "round2": {
+        "s4+s6@320": [(ROUND2, [0]), (dict(ROUND2, normalization="batch_norm"), [0]),
+                      (dict(ROUND2, hidden=256, blocks=4), [0]), (dict(ROUND2, noise=0.1), [0]),
+                      (dict(ROUND2, position=False), [0])],
+        "s3+s5@320": [(ROUND2, [0]), (dict(ROUND2, noise=0.1), [0])],
+        "s4+s5+s6@320": [(ROUND2, [0])],
+        "s4+s6@256": [(ROUND2, [0]), (dict(CPU, steps=600, evaluate_at=(150, 300, 600)), [0]),
+                      (dict(CPU, steps=600, normalization="none", evaluate_at=(150, 300, 600)), [0])],
+        "s3+s5@256": [(ROUND2, [0]), (dict(CPU, steps=600, normalization="none", evaluate_at=(150, 300, 600)), [0])],
+        "s3+s4+s5+s6@320": [(ROUND2, [0])],
+    },
     "full": {
         "s3+s5@256": [(SPEC, [0, 1, 2]), (dict(SPEC, steps=4000), [0]), (dict(SPEC, blocks=8), [0]),
                       (dict(SPEC, hidden=1024), [0]), (dict(SPEC, normalization="none"), [0]),
@@ -53,7 +68,7 @@ PLANS = {
 }
 
 
-KEYS = ("variant", "scorer", "aggregation", "steps", "batch", "blocks", "hidden", "normalization", "position")
+KEYS = ("variant", "scorer", "aggregation", "steps", "batch", "blocks", "hidden", "normalization", "position", "noise")
 
 
 def parse_args(argv=None):
@@ -111,27 +126,46 @@ def gaussian_maps(train, test, shrinkage=0.01):
     return distance.T.reshape(test.shape[0], h, w).float()
 
 
-def train_flow(model, features, steps, batch_size, learning_rate, seed):
-    """Adam on random batches of the training vectors, cosine-decayed learning rate; returns seconds."""
+def train_flow(model, features, steps, batch_size, learning_rate, seed, noise=0.0, evaluate_at=(), evaluate=None):
+    """Adam at a constant learning rate on random batches of the training vectors, the step replayed as a CUDA graph
+    on a GPU (hf_dgm_training.CUDAGraphStep); `evaluate(step)` runs after the steps in `evaluate_at`. `noise`: the
+    standard deviation of Gaussian noise added to the standardised training vectors. Returns (seconds, last loss)."""
+    from hf_dgm_training import CUDAGraphStep
+
     torch.manual_seed(seed)
     vectors, locations = model.vectors(features)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    on_cuda = vectors.is_cuda
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                 capturable=on_cuda)
     model.train()
-    generator = torch.Generator(device=vectors.device).manual_seed(seed)
-    torch.cuda.synchronize() if vectors.is_cuda else None
-    start = time.perf_counter()
-    for _ in range(steps):
-        index = torch.randint(0, vectors.shape[0], (batch_size,), device=vectors.device, generator=generator)
-        loss = -model.vector_log_prob(vectors[index], locations[index]).mean()
-        optimizer.zero_grad(set_to_none=True)
+
+    def step(index):
+        batch = vectors[index]
+        if noise:
+            batch = batch + noise * torch.randn_like(batch)
+        loss = -model.vector_log_prob(batch, locations[index]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
-    torch.cuda.synchronize() if vectors.is_cuda else None
+        return loss.detach()
+
+    runner = CUDAGraphStep(step, enabled=on_cuda, reset_fn=lambda: optimizer.zero_grad(set_to_none=False))
+    generator = torch.Generator(device=vectors.device).manual_seed(seed)
+    torch.cuda.synchronize() if on_cuda else None
+    start, evaluated = time.perf_counter(), 0.0
+    for number in range(1, steps + 1):
+        index = torch.randint(0, vectors.shape[0], (batch_size,), device=vectors.device, generator=generator)
+        loss = runner(index)
+        if number in evaluate_at and evaluate is not None:
+            torch.cuda.synchronize() if on_cuda else None
+            paused = time.perf_counter()
+            model.eval()
+            evaluate(number, float(loss))
+            model.train()
+            evaluated += time.perf_counter() - paused
+    torch.cuda.synchronize() if on_cuda else None
     model.eval()
-    return time.perf_counter() - start, float(loss.detach())
+    return time.perf_counter() - start - evaluated, float(loss)
 
 
 @torch.no_grad()
@@ -200,34 +234,50 @@ def main(argv=None):
                 model.backbone = extractor.backbone
                 model.to(device)
                 model.fit_feature_statistics(feats["train"])
-                seconds, last_loss = train_flow(model, feats["train"], spec["steps"], spec["batch"], spec["lr"], seed)
+                validation_vectors = model.vectors(feats["validation"])
+
+                def evaluate(step, loss, spec=spec, seed=seed, model=model):
+                    with torch.no_grad():
+                        validation_nll = -float(model.vector_log_prob(*validation_vectors).mean())
+                        maps = flow_maps(model, feats["test"])
+                    top, topk, pixel = image_and_pixel_scores(maps, image_size, sigma)
+                    for agg, scores in (("max", top), ("top1%", topk)):
+                        row = {"variant": variant, "scorer": "flow", "aggregation": agg,
+                               **{k: v for k, v in spec.items() if k != "evaluate_at"}, "steps": step, "seed": seed,
+                               "train_loss": loss, "validation_nll": validation_nll,
+                               **metrics(scores, pixel, labels, masks, has_masks)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+
+                evaluate_at = spec.get("evaluate_at", (spec["steps"],))
+                seconds, last_loss = train_flow(model, feats["train"], spec["steps"], spec["batch"], spec["lr"], seed,
+                                                noise=spec.get("noise", 0.0), evaluate_at=evaluate_at,
+                                                evaluate=evaluate)
                 t1 = time.perf_counter()
-                maps = flow_maps(model, feats["test"])
+                flow_maps(model, feats["test"])
                 torch.cuda.synchronize() if device.type == "cuda" else None
                 score_s = time.perf_counter() - t1
-                top, topk, pixel = image_and_pixel_scores(maps, image_size, sigma)
-                for agg, scores in (("max", top), ("top1%", topk)):
-                    row = {"variant": variant, "scorer": "flow", "aggregation": agg, **spec, "seed": seed,
-                           "train_s": round(seconds, 2), "final_loss": last_loss,
-                           "flow_images_per_s": len(feats["test"]) / score_s,
-                           "extract_images_per_s": n_images / extract_s,
-                           **metrics(scores, pixel, labels, masks, has_masks)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                timing = {"variant": variant, "timing": True, **{k: v for k, v in spec.items() if k != "evaluate_at"},
+                          "seed": seed, "train_s": round(seconds, 2), "flow_images_per_s": len(feats["test"]) / score_s,
+                          "extract_images_per_s": n_images / extract_s}
+                rows.append(timing)
+                print(json.dumps(timing), flush=True)
     with open(os.path.join(args.output_dir, "feature_study.json"), "w") as file:
         json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": rows,
                    "args": vars(args)}, file, indent=1)
     groups = {}
     for row in rows:
+        if row.get("timing"):
+            continue
         key = tuple((k, row.get(k)) for k in KEYS)
         groups.setdefault(key, []).append(row)
-    print("\n" + " | ".join(KEYS) + " | image AUROC | pixel AUROC | train s | n")
+    print("\n" + " | ".join(KEYS) + " | image AUROC | pixel AUROC | validation NLL | n")
     for key, group in groups.items():
         values = dict(key)
         image = [row["image_auroc"] for row in group]
         pixel = [row.get("pixel_auroc", float("nan")) for row in group]
         spread = statistics.stdev(image) if len(image) > 1 else 0.0
-        train_s = statistics.mean(row.get("train_s", 0.0) for row in group)
+        train_s = statistics.mean(row.get("validation_nll", 0.0) for row in group)
         print(" | ".join(str(values[k]) for k in KEYS)
               + f" | {statistics.mean(image):.4f} ± {spread:.4f} | {statistics.mean(pixel):.4f} | {train_s:.1f} | "
               f"{len(group)}")
