@@ -120,9 +120,10 @@ def gaussian_maps(train, test, shrinkage=0.01):
     mean = x.mean(dim=1, keepdim=True)
     centred = x - mean
     covariance = centred.transpose(1, 2) @ centred / (n - 1) + shrinkage * torch.eye(d, device=x.device, dtype=x.dtype)
-    precision = torch.linalg.inv(covariance)
+    lower = torch.linalg.cholesky(covariance)
     y = test.permute(2, 3, 0, 1).reshape(h * w, test.shape[0], d).double() - mean
-    distance = torch.einsum("lnd,lde,lne->ln", y, precision, y).clamp_min(0).sqrt()
+    whitened = torch.linalg.solve_triangular(lower, y.transpose(1, 2), upper=False)
+    distance = whitened.square().sum(dim=1).sqrt()
     return distance.T.reshape(test.shape[0], h, w).float()
 
 
