@@ -1,4 +1,5 @@
-"""Relative links in README.md and docs/*.md, and `docs/<file>.md#anchor` references anywhere in the code, resolve.
+"""Relative links in README.md, benchmarks/README.md and docs/*.md, and `docs/<file>.md#anchor` references anywhere
+in the code, resolve.
 
 A link's file must exist and its `#anchor` must be the slug of a heading of the target file, by GitHub's rules
 (lower case; punctuation and symbols dropped, `-` and `_` kept; spaces become `-`; repeats get `-1`, `-2`, ...).
@@ -14,7 +15,8 @@ import pytest
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "benchmarks", "README.md"),
+        *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 LINK = re.compile(r"\]\(([^)\s]+)\)|<img[^>]*\ssrc=\"([^\"]+)\"")
 CODE_REFERENCE = re.compile(r"docs/([\w.-]+\.md)#([\w-]+)")
 
