@@ -65,7 +65,8 @@ from modeling_cyclegan.data import UnpairedSampler, default_load_size
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), batch 1, as measured in docs/RESULTS.md.
+# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), batch 1, on an H100 as quoted in
+# docs/RESULTS.md#cyclegan-speed.
 REFERENCE_IT_PER_S = {(128, 6): 12.9, (256, 9): 10.7}
 VARIANTS = ("plain", "bf16_eager", "fast", "fast_compile")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The seed-spec MAF study on MVTec AD capsule (docs/RESULTS.md): every configuration trained for 100 epochs with
-# bf16 on 3 seeds, each followed by sampling (temperature 1.0 and 0.7) and the anomaly report.
+# The seed-spec MAF study on MVTec AD capsule (docs/RESULTS.md#maf-quality): every configuration trained for 100
+# epochs with bf16 on 3 seeds, each followed by sampling (temperature 1.0 and 0.7) and the anomaly report.
 #
 #   bash benchmarks/maf_capsule_study.sh runs/study            # needs a GPU (~9 GB of GPU memory per run)
 #

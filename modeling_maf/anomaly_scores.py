@@ -41,8 +41,8 @@ PIXEL_GRID = "pixel"
 PATCH_GRID = "patch"
 PATCH_TOP_K = 3
 # The score of a calibrated model when none is named, chosen by measurement over 3 seeds: for a whole-image flow
-# the image NLL (docs/RESULTS.md §5, §7.2), for a patch flow the top-3 patch z-scores (§10). An uncalibrated model
-# uses NLL.
+# the image NLL (docs/RESULTS.md#whole-image-detector), for a patch flow the top-3 patch z-scores
+# (docs/RESULTS.md#patch-detector). An uncalibrated model uses NLL.
 DEFAULT_CALIBRATED_SCORE = NLL
 DEFAULT_CALIBRATED_PATCH_SCORE = "patch-z-top3"
 MIN_CALIBRATION_IMAGES = 3

@@ -540,7 +540,7 @@ class MAFModel(MAFPreTrainedModel):
     # Refinement step (`sample(..., refine_steps=K)`): logit units, about 0.6 of an 8-bit level near mid-grey.
     default_refine_step_size = 0.01
     # Refinement's first noise temperature: 0 (preconditioned ascent from each sample's own draw) left the MAF's
-    # samples data-like and apart where 1 left them noisy (docs/RESULTS.md §6).
+    # samples data-like and apart where 1 left them noisy (docs/RESULTS.md#samples).
     default_refine_temperature = 0.0
     # Refinement pays 0.5 nats for every value that strays this far (logits) outside the logits of [0, 1] pixels.
     refine_wall_width = 0.01
@@ -576,7 +576,8 @@ class MAFModel(MAFPreTrainedModel):
     @property
     def default_anomaly_score(self) -> str:
         """The score `calibrate` makes the default when none is named, chosen by measurement: the image NLL for a
-        whole-image flow, `patch-z-top3` for a patch flow (docs/RESULTS.md §7.2, §10)."""
+        whole-image flow, `patch-z-top3` for a patch flow (docs/RESULTS.md#whole-image-detector,
+        docs/RESULTS.md#patch-detector)."""
         return DEFAULT_CALIBRATED_PATCH_SCORE if self.is_patch_model else DEFAULT_CALIBRATED_SCORE
 
     @property

@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("speed (the maths is the same on every path)")
     group.add_argument("--torch_compile", type=auto_bool, default="auto",
                        help="torch.compile the generator and discriminator loss computations (auto: off, as it is "
-                            "slower than the CUDA-graph step here; docs/RESULTS.md). If compiling fails the step runs "
-                            "eagerly and train_results.json says why.")
+                            "slower than the CUDA-graph step here; docs/RESULTS.md#cyclegan-speed). If compiling "
+                            "fails the step runs eagerly and train_results.json says why.")
     group.add_argument("--torch_compile_mode", type=str, default="default", help="Mode for torch.compile.")
     group.add_argument("--channels_last", type=auto_bool, default="auto",
                        help="channels_last tensors (auto: on CUDA on the fast path).")

@@ -182,8 +182,8 @@ def test_non_finite_steps_are_skipped_and_the_weights_stay_finite(category, tmp_
 
 
 def test_gradient_clipping_is_on_by_default_and_zero_turns_it_off(tmp_path):
-    """--max_grad_norm defaults to 1 (chosen by the spec clipping study, docs/RESULTS.md §7); 0 turns it off and a
-    negative value is refused with a one-line usage error."""
+    """--max_grad_norm defaults to 1 (chosen by the spec clipping study, docs/RESULTS.md#maf-quality); 0 turns it off
+    and a negative value is refused with a one-line usage error."""
     import train_maf
 
     base = ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]

@@ -310,7 +310,7 @@ def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
         assert image.size == full.size == (6 * 130 + 2, 4 * 130 + 2) and image.mode == "P" and full.mode == "RGB"
         error = np.abs(np.asarray(image.convert("RGB"), np.float32) - np.asarray(full, np.float32)).mean()
     # mean absolute error in 8-bit levels: ~14 for these random colours spread over the whole RGB cube (a
-    # palette's worst case); ~5 on the real horse2zebra grids of docs/cyclegan.md
+    # palette's worst case); ~5 on the real horse2zebra grids of docs/RESULTS.md#cyclegan-quality
     assert error < 16
 
     assert fit_tiles(images[:2], 128) is not None and fit_tiles(images[:2], 128).shape[-1] == 128
