@@ -12,7 +12,8 @@ setup(
         include=["modeling_maf", "modeling_maf.*", "modeling_cyclegan", "modeling_cyclegan.*", "hf_dgm_training",
                  "hf_dgm_training.*"]
     ),
-    package_data={"modeling_maf": ["metrics/*.py"]},
+    # The `anomaly_detection` evaluate module is loaded by path: its files ship with the package.
+    package_data={"hf_dgm_training": ["metrics/anomaly_detection/*.py"]},
     # torch is a range on purpose: install torch==2.13.0 (CPU wheel) first, this adds nothing on top of it.
     install_requires=[
         "torch>=2.4",

@@ -51,8 +51,8 @@ import warnings
 
 import torch
 
-from hf_dgm_training import ImagePool
-from hf_dgm_training.cyclegan_step import (
+from hf_dgm_training.cyclegan import ImagePool
+from hf_dgm_training.cyclegan.step import (
     STEP_LOSS_NAMES,
     CycleGANTrainStep,
     FastPathOptions,
@@ -61,7 +61,7 @@ from hf_dgm_training.cyclegan_step import (
     prepare_model,
 )
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel
-from modeling_cyclegan.data import UnpairedSampler, default_load_size
+from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ import time
 import torch
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction
+from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction
 
 
 def parse_args(argv=None):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 
 
 def parse_args(argv=None):

@@ -19,7 +19,7 @@ import time
 import torch
 
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 
 
 try:

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 
-from .outputs import write_json
+from .tracking import write_json
 
 
 logger = logging.getLogger(__name__)

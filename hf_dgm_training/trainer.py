@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from .checkpoints import CheckpointManager
 from .hub import HubPusher, resolve_hub_token
-from .outputs import MetricsLogger, device_description, read_metrics, truncate_metrics, write_json
+from .tracking import MetricsLogger, device_description, read_metrics, truncate_metrics, write_json
 
 
 logger = logging.getLogger(__name__)

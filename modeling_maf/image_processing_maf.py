@@ -2,8 +2,8 @@
 
 Self-contained (torch, numpy, PIL and transformers only): `save_pretrained` copies this file next to the processor's
 config, so that a Hub repository loads with `AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True)`
-without this package. Training tensors are built through the same class (`modeling_maf.data`), so training and
-inference preprocess the same way.
+without this package. Training tensors are built through the same class (`hf_dgm_training.data.anomaly`), so
+training and inference preprocess the same way.
 """
 
 import os
@@ -29,8 +29,8 @@ def pixel_values_to_levels(pixel_values: torch.Tensor) -> torch.Tensor:
     return (pixel_values.detach().float().clamp(0, 1) * (NUM_LEVELS - 1)).round().to(torch.uint8)
 
 
-# Colour conversion, the one set of rules for the data sets (applied once when they are built, modeling_maf.data) and
-# for the model's input (applied here):
+# Colour conversion, the one set of rules for the data sets (applied once when they are built,
+# hf_dgm_training.data.anomaly) and for the model's input (applied here):
 # - RGB and L images are kept; 1-bit images become L; 16-bit grayscale becomes L (divided by 257); every other mode
 #   (palette, CMYK, ...) becomes RGB.
 # - Images with transparency (RGBA, LA, palette + transparency) are composited over black: a pixel's colour is scaled

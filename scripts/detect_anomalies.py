@@ -5,7 +5,7 @@ good from defective images.
     python scripts/detect_anomalies.py --model_name_or_path runs/maf --data_dir data/mvtec_capsule
 
 Data: MVTec's layout (ground_truth/ masks for all, some or no defect types), the plain layout train/good,
-test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see modeling_maf/data.
+test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see hf_dgm_training/data/anomaly/.
 
 Scores (modeling_maf/anomaly_scores.py; all are reported, --score picks the headline one): nll, map-max, map-topk,
 and, for a calibrated model, standardized-map, standardized-topk, positive-z-sum (per-location z-scores against
@@ -27,11 +27,11 @@ import numpy as np
 
 from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
-from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
-from modeling_maf.metrics.evaluation import (
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
+from hf_dgm_training.metrics import load_anomaly_metric
+from hf_dgm_training.metrics.evaluation import (
     evaluate_scores,
     image_metrics_note,
-    load_metric,
     nll_maps_of,
     score_all,
 )
@@ -344,7 +344,7 @@ def main(argv=None):
     scored = score_all(model, nll_maps_of(model, test.pixel_values, args.batch_size, device))
     labels = test.labels.numpy()
     metrics = evaluate_scores(model, scored, labels, test.defect_types, test.masks.numpy(), test.has_masks.numpy(),
-                              metric=load_metric() if image_metrics_note(labels) is None else None)
+                              metric=load_anomaly_metric() if image_metrics_note(labels) is None else None)
     report = build_report(args, model, device, test, scored, metrics, method, calibration_source)
     write_json(os.path.join(output_dir, "anomaly_report.json"), report)
     plot_figures(output_dir, test, scored, metrics, method, report["decision_threshold"], args.num_examples)

@@ -27,7 +27,6 @@ import torch
 from accelerate.logging import get_logger
 
 from hf_dgm_training import (
-    ImagePool,
     TrainingLoop,
     TrainingTask,
     UsageError,
@@ -43,8 +42,9 @@ from hf_dgm_training import (
     write_model_card,
 )
 from hf_dgm_training.arguments import auto_bool
-from hf_dgm_training.cyclegan_step import (
+from hf_dgm_training.cyclegan import (
     STEP_LOSS_NAMES,
+    ImagePool,
     CycleGANTrainStep,
     build_optimizers,
     learning_rate_factor,
@@ -55,7 +55,7 @@ from hf_dgm_training.cyclegan_step import (
 )
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
 from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values, pixel_values_to_unit_interval
-from modeling_cyclegan.data import (
+from hf_dgm_training.data.unpaired import (
     UnpairedSampler,
     default_load_size,
     images_to_uint8_tensor,

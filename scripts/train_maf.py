@@ -38,11 +38,12 @@ from hf_dgm_training import (
     plot_curves,
     run_main,
     setup_accelerator,
+    use_cuda_graphs,
     write_model_card,
 )
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
-from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
-from modeling_maf.optimization_maf import MaskedAdam, flag_non_finite_
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
+from hf_dgm_training.maf import MaskedAdam, flag_non_finite_
 
 
 logger = get_logger(__name__)
@@ -74,8 +75,8 @@ def parse_args(argv=None):
                              "recipe). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
                              "mid-training and leave it with a worse fit and rougher samples (docs/maf.md).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
-                        help="'masked_adam': modeling_maf.optimization_maf.MaskedAdam, Adam that forms each MADE weight "
-                             "gradient inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
+                        help="'masked_adam': hf_dgm_training.maf.MaskedAdam, Adam that forms each MADE weight gradient "
+                             "inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
                              "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = finish_common_args(parser, parser.parse_args(argv))
@@ -141,10 +142,7 @@ class FlowTask(TrainingTask):
         self.args, self.accelerator = args, accelerator
         device = accelerator.device
         on_cuda, fast = device.type == "cuda", args.fast_path != "false"
-        self.use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and fast
-                                                         and accelerator.num_processes == 1)
-        if self.use_graphs and (not on_cuda or accelerator.num_processes > 1):
-            raise UsageError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+        self.use_graphs = use_cuda_graphs(args.cuda_graphs, device, accelerator.num_processes, fast)
         self.use_masked_adam = args.optimizer == "masked_adam" or (
             args.optimizer == "auto" and args.flow_type == "maf" and on_cuda and fast)
         # Fused Adam (CPU and CUDA) reads `found_inf` and skips a flagged step on the device; the plain path checks

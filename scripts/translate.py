@@ -40,7 +40,7 @@ from hf_dgm_training import (
 )
 
 from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.data import IMAGE_EXTENSIONS
+from hf_dgm_training.data.unpaired import IMAGE_EXTENSIONS
 
 
 logger = logging.getLogger(__name__)

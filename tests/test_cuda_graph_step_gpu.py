@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from test_masked_adam import tiny_maf
 from test_masked_adam import train as train_steps
 from hf_dgm_training import CUDAGraphStep

@@ -30,7 +30,7 @@ from modeling_cyclegan.image_processing_cyclegan import (
     pixel_values_to_unit_interval,
 )
 from modeling_cyclegan.modeling_cyclegan import DISCRIMINATOR_CLASSES, GENERATOR_CLASSES
-from hf_dgm_training import ImagePool
+from hf_dgm_training.cyclegan import ImagePool
 
 
 def tiny_config(**overrides):

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 import hf_dgm_training
-from hf_dgm_training import outputs as training_outputs
+from hf_dgm_training import tracking as training_outputs
 from hf_dgm_training import (
     CheckpointManager,
     HubPusher,

@@ -1,4 +1,4 @@
-"""MaskedAdam (modeling_maf.optimization_maf): the same training as torch.optim.Adam, without dense MADE gradients.
+"""MaskedAdam (hf_dgm_training.maf.masked_adam): the same training as torch.optim.Adam, without dense MADE gradients.
 
 The torch path is checked against torch.optim.Adam; the Triton kernel runs on CPU through Triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess) against the torch path at a size with many tiles in both directions; the
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction, connected_tiles
+from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction, connected_tiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,7 +182,7 @@ def test_iaf_is_plain_adam():
 
 
 def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
-    import modeling_maf.optimization_maf as optimization_maf
+    import hf_dgm_training.maf.masked_adam as masked_adam
 
     class FailingKernel:  # what a kernel that does not compile on this machine does at its first launch
         def __getitem__(self, grid):
@@ -190,8 +190,8 @@ def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
                 raise RuntimeError("no compiler for this GPU")
             return launch
 
-    monkeypatch.setattr(optimization_maf, "_masked_adam_kernel", FailingKernel(), raising=False)
-    monkeypatch.setattr(optimization_maf, "_masked_grad_square_sum_kernel", FailingKernel(), raising=False)
+    monkeypatch.setattr(masked_adam, "_masked_adam_kernel", FailingKernel(), raising=False)
+    monkeypatch.setattr(masked_adam, "_masked_grad_square_sum_kernel", FailingKernel(), raising=False)
     reference = tiny_maf().eval()
     model = copy.deepcopy(reference)
     data = batches(count=3)
@@ -206,7 +206,7 @@ def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
     with pytest.raises(RuntimeError, match="no compiler"):  # an explicit backend="triton" does not hide the failure
         explicit = MaskedAdam(copy.deepcopy(reference), lr=1e-2, backend="torch")
         explicit.backend = "triton"
-        explicit._launch(optimization_maf._masked_adam_kernel, 1)
+        explicit._launch(masked_adam._masked_adam_kernel, 1)
 
 
 def test_bad_arguments_are_named():
@@ -240,7 +240,7 @@ def test_tiles_cover_every_connection_and_little_else():
 
 TRITON_CHECK = r"""
 import copy, torch
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from test_masked_adam import tiny_maf
 model = tiny_maf(image_size=16, hidden_sizes=[256, 192], num_blocks=2)
 reference = copy.deepcopy(model)
@@ -304,7 +304,7 @@ def test_triton_kernel_matches_the_torch_maths_in_the_interpreter():
 
 DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from test_masked_adam import tiny_maf
 rank, world = int(sys.argv[1]), 2
 dist.init_process_group("gloo", init_method=f"file://{os.environ['RENDEZVOUS']}", rank=rank, world_size=world)
@@ -345,7 +345,7 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_flag_non_finite_reads_any_float_dtype_and_never_clears(dtype):
-    from modeling_maf.optimization_maf import flag_non_finite_
+    from hf_dgm_training.maf.masked_adam import flag_non_finite_
 
     found = torch.zeros(())
     flag_non_finite_(found, [torch.ones(3, dtype=dtype), torch.full((2,), 6e4, dtype=dtype)])

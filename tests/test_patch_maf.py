@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID, NLLMaps, compute_score
 from modeling_maf.modeling_maf import MaskedLinear
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 
 from synthetic_data import make_mvtec_category
 from tiny_models import randomize_flow

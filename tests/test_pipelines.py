@@ -19,7 +19,7 @@ from transformers import pipeline
 from modeling_cyclegan import ImageTranslationPipeline
 from modeling_maf import AnomalyDetectionPipeline, IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import NOT_CALIBRATED
-from modeling_maf.data import images_to_tensor
+from hf_dgm_training.data.anomaly import images_to_tensor
 from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors
 
 from test_hub_models import randomize, tiny_cyclegan

@@ -1,5 +1,5 @@
 """Density-guided refinement of MAF/IAF samples (MAFModel.sample's refine_* arguments), the sample measures
-(modeling_maf.metrics.sample_quality), sample_maf.py's refined grids and measures, and the GPU study script at smoke
+(hf_dgm_training.metrics.sample_quality), sample_maf.py's refined grids and measures, and the GPU study script at smoke
 size (CPU, tiny)."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.metrics.sample_quality import (
+from hf_dgm_training.metrics.sample_quality import (
     ReferenceImages,
     mean_pairwise_distance,
     nearest_distances,

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_dgm_training import ImagePool
+from hf_dgm_training.cyclegan import ImagePool
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.data import UnpairedSampler, default_load_size, load_unpaired_split
+from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size, load_unpaired_split
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +221,7 @@ def test_sampler_follows_the_reference_order_and_augmentation():
 
 
 def test_learning_rate_schedule_is_the_references():
-    from hf_dgm_training.cyclegan_step import learning_rate_factor
+    from hf_dgm_training.cyclegan.step import learning_rate_factor
 
     factors = [learning_rate_factor(epoch, 20, 10) for epoch in range(20)]
     assert factors[:10] == [1.0] * 10
@@ -230,7 +230,7 @@ def test_learning_rate_schedule_is_the_references():
 
 
 def make_step(model, options):
-    from hf_dgm_training.cyclegan_step import CycleGANTrainStep, build_optimizers
+    from hf_dgm_training.cyclegan.step import CycleGANTrainStep, build_optimizers
 
     optimizer_g, optimizer_d = build_optimizers(model, 2e-4, (0.5, 0.999), options)
     config = model.config
@@ -238,7 +238,7 @@ def make_step(model, options):
 
 
 def test_fast_and_plain_steps_have_the_same_maths():
-    from hf_dgm_training.cyclegan_step import FastPathOptions
+    from hf_dgm_training.cyclegan.step import FastPathOptions
 
     torch.manual_seed(0)
     config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8, pool_size=2)
@@ -266,8 +266,8 @@ def test_fast_and_plain_steps_have_the_same_maths():
 
 
 def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
-    from hf_dgm_training import cyclegan_step
-    from hf_dgm_training.cyclegan_step import FastPathOptions
+    from hf_dgm_training.cyclegan import step as cyclegan_step
+    from hf_dgm_training.cyclegan.step import FastPathOptions
 
     def broken_compile(function, **kwargs):
         def compiled(*args):
@@ -295,7 +295,7 @@ def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
 
 def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
     """A 4-row grid of 128x128 tiles: a fraction of the lossless size as a palette PNG, lossless on request."""
-    from hf_dgm_training.outputs import compact_png, fit_tiles, save_small_grid
+    from hf_dgm_training.figures import compact_png, fit_tiles, save_small_grid
 
     rng = np.random.default_rng(0)
     # smooth colour fields with texture, closer to photos than white noise (which no palette compresses)
@@ -321,7 +321,7 @@ def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
 
 def test_fast_path_defaults_leave_torch_compile_off():
     """Measured on an H200: CUDA graphs without torch.compile 101 it/s, with it 25.6 it/s; compile is opt-in."""
-    from hf_dgm_training.cyclegan_step import resolve_fast_path
+    from hf_dgm_training.cyclegan.step import resolve_fast_path
     from train_cyclegan import parse_args
 
     config = CycleGANConfig(image_size=32)

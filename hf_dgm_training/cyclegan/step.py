@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cuda_graphs import CUDAGraphStep
-from .errors import UsageError
+from ..cuda_graphs import CUDAGraphStep, use_cuda_graphs
+from ..errors import UsageError
 from .image_pool import ImagePool
 
 
@@ -59,11 +59,7 @@ def resolve_fast_path(args, device: torch.device, num_processes: int, config) ->
     def choose(flag: str, auto: bool) -> bool:
         return auto if flag == "auto" else flag == "true"
 
-    cuda_graphs = choose(args.cuda_graphs, fast and on_cuda and num_processes == 1)
-    if cuda_graphs and not on_cuda:
-        raise UsageError("--cuda_graphs true needs a CUDA device.")
-    if cuda_graphs and num_processes > 1:
-        raise UsageError("--cuda_graphs is for one process; with several, leave it on auto (off) or false.")
+    cuda_graphs = use_cuda_graphs(args.cuda_graphs, device, num_processes, fast)
     return FastPathOptions(
         device_type=device.type,
         autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,

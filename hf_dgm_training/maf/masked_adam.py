@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .modeling_maf import MaskedLinear
+from modeling_maf.modeling_maf import MaskedLinear
 
 try:  # Triton ships with CUDA builds of torch; without it (CPU wheels) the torch path runs.
     import triton
