@@ -28,9 +28,9 @@ import time
 import torch
 from transformers import AutoModel
 
-from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
-from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from hf_dgm_training import device_description, resolve_device, save_labelled_grids, write_json
+from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
 
 
 def parse_args(argv=None):

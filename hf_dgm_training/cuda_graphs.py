@@ -64,7 +64,8 @@ class CUDAGraphStep:
             try:
                 self._capture(inputs)
             except Exception as error:  # noqa: BLE001 - reported in fallbacks and as a warning, then eager
-                self.fallbacks.append(f"CUDA graph capture failed, running eagerly: {type(error).__name__}: {error}"[:500])
+                reason = f"CUDA graph capture failed, running eagerly: {type(error).__name__}: {error}"
+                self.fallbacks.append(reason[:500])
                 logging.getLogger(__name__).warning(self.fallbacks[-1])
                 self.graph, self.enabled = None, False
                 torch.cuda.synchronize()

@@ -153,7 +153,8 @@ def fit_tiles(images, tile_size: int):
         return images
     scale = tile_size / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    resized = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized.clamp(0, 1)
 
 
 def save_small_grid(images, path: str, nrow: int, colors: int = 192, tile_size: int = 128) -> None:

@@ -28,7 +28,9 @@ from .errors import ModelLoadError
 
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHTS_NAMES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 CHECKPOINT_STATE_NAME = "training_state.json"  # written by CheckpointManager into every checkpoint folder
 
 

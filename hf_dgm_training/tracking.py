@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 
@@ -19,8 +20,19 @@ def _tracker_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def show_progress_messages(*logger_names: str) -> None:
+    """Messages of level INFO and up of this package and of `logger_names` (a script's) on stderr, one line each;
+    other libraries keep WARNING and up. A root handler set up before (by the caller or a test) is kept."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.WARNING)
+    for name in (__name__.split(".")[0], *logger_names):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def setup_accelerator(args: argparse.Namespace, project_name: str):
-    """An `Accelerator` configured from the common flags, with trackers started and every RNG seeded."""
+    """An `Accelerator` configured from the common flags, with trackers started and every RNG seeded; the script's
+    progress messages (its `__main__` logger's and this package's) are shown."""
+    show_progress_messages("__main__")
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 

@@ -143,8 +143,9 @@ class MAFImageProcessor(BaseImageProcessor):
                  do_rescale: bool = True, **kwargs):
         super().__init__(**kwargs)
         if num_channels not in (1, 3):
-            raise ValueError(f"MAFImageProcessor makes RGB (num_channels=3) or grayscale (num_channels=1) pixel values, "
-                             f"got num_channels={num_channels!r}; build tensors of other channel counts yourself.")
+            raise ValueError("MAFImageProcessor makes RGB (num_channels=3) or grayscale (num_channels=1) pixel "
+                             f"values, got num_channels={num_channels!r}; build tensors of other channel counts "
+                             "yourself.")
         self.size = _size_dict(size)
         self.num_channels = num_channels
         self.do_resize = do_resize
@@ -221,4 +222,6 @@ class MAFImageProcessor(BaseImageProcessor):
         return [Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array) for array in arrays]
 
 
-__all__ = ["MAFImageProcessor", "levels_to_pixel_values", "normalize_mode", "pixel_values_to_levels", "to_mode", "to_rgb"]
+__all__ = [
+    "MAFImageProcessor", "levels_to_pixel_values", "normalize_mode", "pixel_values_to_levels", "to_mode", "to_rgb"
+]

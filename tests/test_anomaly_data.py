@@ -13,12 +13,10 @@ from hf_dgm_training.data.anomaly import (
     AnomalyDataError,
     load_anomaly_dataset,
     load_good_images,
-    load_anomaly_dataset,
     load_split_as_tensors,
     num_channels_of,
     split_validation,
 )
-
 from synthetic_data import make_mvtec_category
 
 

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from hf_dgm_training import DataError, UnreadableImageError, run_main
-from hf_dgm_training.data.unpaired import images_to_uint8_tensor, load_unpaired_split
 from hf_dgm_training.data.anomaly import AnomalyDataError
 from hf_dgm_training.data.anomaly.hub import normalize_split
-
+from hf_dgm_training.data.unpaired import images_to_uint8_tensor, load_unpaired_split
 from synthetic_data import make_mvtec_category, make_unpaired_folder
 from tiny_models import save_tiny_cyclegan
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

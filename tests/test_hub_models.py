@@ -17,13 +17,12 @@ import torch
 from huggingface_hub import HfApi
 from PIL import Image
 
+from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
-
 from synthetic_data import make_mvtec_category
 from tiny_models import randomize_flow
-from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def randomize(model, seed=0, std=0.1):

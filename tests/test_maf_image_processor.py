@@ -11,9 +11,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
+from hf_dgm_training.data.anomaly import (
+    anomaly_transform,
+    images_to_tensor,
+    load_anomaly_dataset,
+    load_split_as_tensors,
+)
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
-from hf_dgm_training.data.anomaly import images_to_tensor, load_anomaly_dataset, load_split_as_tensors, anomaly_transform
-
 from synthetic_data import make_mvtec_category
 
 

@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction, connected_tiles
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,7 +234,8 @@ def test_tiles_cover_every_connection_and_little_else():
         # every listed tile holds a connection
         for row, col in tiles.tolist():
             assert mask[row * 16:(row + 1) * 16, col * 32:(col + 1) * 32].any()
-    # In the natural order (the spec's first block) the tiles cover about half of the weights, like the masks.
+    # In the natural order (the default configuration's first block) the tiles cover about half of the weights, like
+    # the masks.
     fractions = connected_fraction(MAFModel(MAFConfig(image_size=16, hidden_sizes=[256, 256], num_blocks=1)))
     assert 0.49 < fractions["connected"] < 0.52 and fractions["connected"] < fractions["tiles"] < 0.65
 
@@ -325,8 +327,8 @@ dist.destroy_process_group()
 def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
     data = batches(count=3, size=8)
     torch.save(data, tmp_path / "data.pt")
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), DATA=str(tmp_path / "data.pt"), RESULT=str(tmp_path / "result"),
-               RENDEZVOUS=str(tmp_path / "rendezvous"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), DATA=str(tmp_path / "data.pt"),
+               RESULT=str(tmp_path / "result"), RENDEZVOUS=str(tmp_path / "rendezvous"))
     workers = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(rank)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]

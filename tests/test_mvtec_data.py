@@ -19,11 +19,11 @@ import hf_dgm_training.data.anomaly as mvtec_data
 from hf_dgm_training.data.anomaly import (
     ANOMALY_FEATURES,
     AnomalyDataError,
+    anomaly_transform,
     download_mvtec,
     images_to_tensor,
     load_anomaly_dataset,
     load_split_as_tensors,
-    anomaly_transform,
 )
 
 
@@ -133,7 +133,8 @@ def test_data_dir_may_be_the_folder_that_holds_the_category(category, cache_dir)
 def test_changed_mask_is_picked_up_despite_the_cache(category, cache_dir):
     load_anomaly_dataset(category, cache_dir=cache_dir)
     Image.new("L", (SIZE, SIZE), 0).save(category / "ground_truth/crack/000_mask.png")
-    crack = [row for row in load_anomaly_dataset(category, cache_dir=cache_dir)["test"] if row["defect_type"] == "crack"]
+    test = load_anomaly_dataset(category, cache_dir=cache_dir)["test"]
+    crack = [row for row in test if row["defect_type"] == "crack"]
     assert sorted(bool(np.asarray(row["mask"]).any()) for row in crack) == [False, True]
 
 
@@ -341,7 +342,8 @@ def test_with_transform_feeds_a_dataloader(category, cache_dir):
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].tolist() == [0, 0, 0] and batch["defect_types"] == ["good"] * 3
     assert batch["masks"].shape == (3, 8, 8) and not batch["masks"].any()
-    assert batch["has_masks"].all() and batch["files"] == ["train/good/000.png", "train/good/001.png", "train/good/002.png"]
+    assert batch["has_masks"].all()
+    assert batch["files"] == ["train/good/000.png", "train/good/001.png", "train/good/002.png"]
 
 
 # --------------------------------------------------------------------------------------- push script

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from hf_dgm_training.metrics.sample_quality import (
     ReferenceImages,
     mean_pairwise_distance,
@@ -21,9 +20,11 @@ from hf_dgm_training.metrics.sample_quality import (
     roughness,
     sample_quality,
 )
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 from synthetic_data import make_mvtec_category
 from test_maf_model import randomize, tiny_config
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]

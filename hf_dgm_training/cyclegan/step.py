@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..cuda_graphs import CUDAGraphStep, use_cuda_graphs
-from ..errors import UsageError
 from .image_pool import ImagePool
 
 
@@ -129,7 +128,8 @@ class CycleGANTrainStep:
         self.compiled = options.torch_compile
         if options.torch_compile:
             self.generator_losses = torch.compile(self._generator_losses, mode=options.compile_mode, dynamic=False)
-            self.discriminator_losses = torch.compile(self._discriminator_losses, mode=options.compile_mode, dynamic=False)
+            self.discriminator_losses = torch.compile(self._discriminator_losses, mode=options.compile_mode,
+                                                      dynamic=False)
         self.steps_done = 0
         self.fallbacks: list[str] = []  # what had to be switched off, and why
         self.generator_step = CUDAGraphStep(self._guarded(self._generator_update), enabled=options.cuda_graphs,
@@ -153,7 +153,8 @@ class CycleGANTrainStep:
 
     def _discriminator_losses(self, real_a, real_b, fake_a, fake_b):
         with self._autocast():
-            losses = self.model.discriminator_loss(real_a, real_b, fake_a, fake_b, batch_passes=self.options.batch_passes)
+            losses = self.model.discriminator_loss(real_a, real_b, fake_a, fake_b,
+                                                   batch_passes=self.options.batch_passes)
         return losses["total"], torch.stack([losses[name] for name in DISCRIMINATOR_LOSS_NAMES])
 
     def _generator_update(self, real_a, real_b):

@@ -166,7 +166,8 @@ class UnpairedSampler:
     ):
         for name, images in (("images_a", images_a), ("images_b", images_b)):
             if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
-                raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
+                raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, H, W), got {images.dtype} "
+                                 f"{tuple(images.shape)}.")
             if min(images.shape[-2:]) < crop_size:
                 raise ValueError(f"{name} are {tuple(images.shape[-2:])}, smaller than the crop size {crop_size}.")
         if batch_size < 1:

@@ -15,7 +15,6 @@ from PIL import Image as PILImage
 from modeling_maf.image_processing_maf import normalize_mode
 
 from ..images import open_image
-
 from .schema import (
     ANOMALY,
     ANOMALY_FEATURES,
