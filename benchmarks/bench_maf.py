@@ -1,6 +1,7 @@
-"""Seed-spec MAF/IAF speed on one GPU, side by side with nflows 0.14 in the same process.
+"""Default-size MAF/IAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks) speed on one GPU, side by side with
+nflows 0.14 in the same process.
 
-    python benchmarks/bench_maf.py --output_dir runs/bench_maf          # GPU, spec size (128x128x3, 512-512, 7 blocks)
+    python benchmarks/bench_maf.py --output_dir runs/bench_maf          # GPU, default size
     python benchmarks/bench_maf.py --smoke                              # CPU, tiny sizes: checks that it runs
 
 Measures (median over repeated runs, CUDA-event timed after warm-up):
@@ -24,8 +25,8 @@ import time
 
 import torch
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction
 
 
 def parse_args(argv=None):
@@ -88,7 +89,8 @@ def train_step_fn(model, log_prob_of, batch, optimizer, dtype):
 
 def make_optimizer(kind, model, device, capturable=False):
     """'masked': MaskedAdam (train_maf.py's default for a MAF); 'fused': torch.optim.Adam's fused CUDA kernel;
-    'plain': torch.optim.Adam with its defaults (foreach on CUDA). Release a MaskedAdam after use (release_optimizer)."""
+    'plain': torch.optim.Adam with its defaults (foreach on CUDA). Release a MaskedAdam after use
+    (release_optimizer)."""
     fused = device.type == "cuda" or None
     if kind == "masked":
         return MaskedAdam(model, lr=1e-4, fused=fused, capturable=capturable)
@@ -122,7 +124,7 @@ def graphed_train_step_ms(model, batch, timer, repeats, dtype, kind):
     peak = timer.peak_gib()
     described = runner.describe()
     release_optimizer(optimizer)
-    del runner, optimizer
+    runner = optimizer = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache()
     return ms, peak, described
@@ -208,20 +210,22 @@ def main(argv=None):
                              "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
     model.eval()
     sample_generator = torch.Generator(device=device).manual_seed(0)
-    ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4), warmup=1)
+    ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4),
+                         warmup=1)
     rows.append({"model": "hf-dgm MAF", "measure": "sample 5", "ms": ms, "images_per_s": 5 / ms * 1e3,
                  "sequential_passes_per_block": model.num_sequential_passes()[0]})
     # Weight traffic floor of an fp32 Adam step: forward reads W, backward reads W and writes dW, the gradient mask
     # reads and writes dW, Adam reads W, dW, m, v and writes W, m, v: 11 x 4 bytes per parameter (+ the bool mask).
     floor_bytes = num_params * (11 * 4 + 1)
     results["floor"] = {"bytes_per_fp32_step": floor_bytes,
-                        "ms_at_measured_bandwidth": floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
+                        "ms_at_measured_bandwidth":
+                            floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
     # MaskedAdam: forward and backward read W; the update reads and writes W, m, v of the connected tiles only.
     fractions = connected_fraction(model)
     masked_bytes = num_params * (2 * 4 + 6 * 4 * fractions["tiles"])
     results["floor_masked_adam"] = {"bytes_per_fp32_step": masked_bytes, "fractions": fractions,
                                     "ms_at_measured_bandwidth": masked_bytes / (bandwidth * 1e9) * 1e3}
-    del model
+    model = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -247,7 +251,7 @@ def main(argv=None):
         rows.append({"model": "hf-dgm IAF", "measure": "train step b8 bf16", "ms": ms, "images_per_s": 8 / ms * 1e3,
                      "peak_gib": timer.peak_gib()})
         del optimizer
-    del iaf
+    iaf = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -287,13 +291,15 @@ def main(argv=None):
         rows.append({"model": "nflows 0.14 MAF", "measure": f"sample 5 at 3x{side}x{side} (extrapolated)",
                      "ms": extrapolated, "images_per_s": 5 / extrapolated * 1e3,
                      "sequential_passes_per_block": 3 * side * side,
-                     "note": f"{per_pass[-1]:.3f} ms per pass at 3x{small_sides[-1]}x{small_sides[-1]} x D passes x {layers} layers"})
+                     "note": f"{per_pass[-1]:.3f} ms per pass at 3x{small_sides[-1]}x{small_sides[-1]} x D passes x "
+                             f"{layers} layers"})
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "bench_maf.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{results['device']}, torch {results['torch']}, {num_params:,} parameters, copy bandwidth "
-          f"{bandwidth:.0f} GB/s, fp32-step floor {results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
+          f"{bandwidth:.0f} GB/s, fp32-step floor "
+          f"{results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
           f"(torch Adam), {results['floor_masked_adam']['ms_at_measured_bandwidth']:.2f} ms (MaskedAdam)")
     print(f"{'model':28s} {'measure':40s} {'ms':>12s} {'img/s':>10s} {'peak GiB':>9s} {'passes':>7s}")
     for row in rows:

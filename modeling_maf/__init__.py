@@ -8,6 +8,7 @@ from .image_processing_maf import MAFImageProcessor
 from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
 from .pipeline_maf import AnomalyDetectionPipeline
 
+
 AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
 AutoModel.register(MAFConfig, MAFModel, exist_ok=True)

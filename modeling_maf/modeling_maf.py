@@ -138,7 +138,7 @@ class MaskedLinear(nn.Linear):
     callable ``(inputs, weight, bias) -> outputs`` used instead of ``F.linear`` while the weight takes gradients
     (``weight.requires_grad`` and grad mode on). It must compute ``F.linear(inputs, weight, bias)`` and give the inputs
     and the bias their gradients; what happens to the weight gradient is its business. An optimizer that forms the
-    masked weight gradient itself installs one (``modeling_maf.optimization_maf.MaskedAdam``). Copies (deepcopy,
+    masked weight gradient itself installs one (``hf_dgm_training.maf.masked_adam.MaskedAdam``). Copies (deepcopy,
     pickle) start without it.
     """
 

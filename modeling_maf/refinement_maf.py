@@ -12,8 +12,8 @@ This is preconditioned Langevin dynamics (Li et al., 2016, "pSGLD"): at a fixed 
 is close to p(x)^(1 / tau) (tau = 1: the model itself; tau -> 0: gradient ascent to a mode), and the RMSprop
 preconditioner G makes every coordinate move about eps per step however steep log p is along it, as Adam does;
 the floor rho (relative to the sample's mean over coordinates) keeps a coordinate whose first gradients happen to
-be near 0 from taking a huge noise step. The temperature falls linearly from tau_0 to 0 at the last step: noise keeps the samples apart early, the last
-steps sharpen them. The results are no longer draws from the model.
+be near 0 from taking a huge noise step. The temperature falls linearly from tau_0 to 0 at the last step: noise keeps
+the samples apart early, the last steps sharpen them. The results are no longer draws from the model.
 
 This file imports only torch, so a Hub repo made by ``save_pretrained`` loads with ``trust_remote_code=True``.
 """

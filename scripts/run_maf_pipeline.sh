@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then train a MAF on an MVTec AD category, sample 5 images (exact and refined), and write the
-# anomaly report; with the spec preset, also train the patch MAF anomaly detector and write its report.
+# anomaly report; with the spec preset (train_maf.py's defaults), also train the patch MAF anomaly detector and write its report.
 #
-#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # seed spec (GPU): 128x128, 100 epochs
+#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # default configuration (GPU): 128x128, 100 epochs
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule --preset cpu    # 64x64 preset: a minute or two on 2 CPU cores
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec --download              # fetch MVTec's capsule archive first
 #
@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$PRESET" in
-  spec) PRESET_ARGS=() ;;  # the seed spec: 128x128x3, 512-512, 7 blocks, batch 8, 100 epochs, lr 1e-4
+  spec) PRESET_ARGS=() ;;  # train_maf.py's defaults: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs, lr 1e-4
   # 64x64 images, smaller MADEs, fewer blocks and epochs: a minute or two on 2 CPU cores
   # (docs/RESULTS.md#start-up-and-end-to-end-times).
   cpu) PRESET_ARGS=(--image_size 64 --hidden_sizes 256 256 --num_blocks 3 --num_train_epochs 8) ;;

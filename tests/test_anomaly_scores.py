@@ -29,7 +29,6 @@ from modeling_maf.anomaly_scores import (
     register_score,
     threshold_at_fpr,
 )
-
 from tiny_models import randomize_flow
 
 

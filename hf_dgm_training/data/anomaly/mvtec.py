@@ -4,7 +4,7 @@
     <category>/test/<defect or good>/*.png
     <category>/ground_truth/<defect>/<name>_mask.png      (optional, per image)
 
-and the download of MVTec's official archive for a category. Columns: see `modeling_maf.data.schema`.
+and the download of MVTec's official archive for a category. Columns: see `schema.py`.
 """
 
 import os

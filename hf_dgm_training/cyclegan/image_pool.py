@@ -35,7 +35,8 @@ class ImagePool:
         if self.images is None:
             self.images = images.new_empty((self.pool_size, *images.shape[1:]))
         if self.images.shape[1:] != images.shape[1:]:
-            raise ValueError(f"ImagePool stores images of shape {tuple(self.images.shape[1:])}, got {tuple(images.shape[1:])}.")
+            raise ValueError(f"ImagePool stores images of shape {tuple(self.images.shape[1:])}, "
+                             f"got {tuple(images.shape[1:])}.")
         if self.images.device != images.device or self.images.dtype != images.dtype:
             self.images = self.images.to(device=images.device, dtype=images.dtype)  # e.g. restored on the CPU
         returned = []

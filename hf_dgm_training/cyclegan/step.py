@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .cuda_graphs import CUDAGraphStep
-from .errors import UsageError
+from ..cuda_graphs import CUDAGraphStep, use_cuda_graphs
 from .image_pool import ImagePool
 
 
@@ -59,11 +58,7 @@ def resolve_fast_path(args, device: torch.device, num_processes: int, config) ->
     def choose(flag: str, auto: bool) -> bool:
         return auto if flag == "auto" else flag == "true"
 
-    cuda_graphs = choose(args.cuda_graphs, fast and on_cuda and num_processes == 1)
-    if cuda_graphs and not on_cuda:
-        raise UsageError("--cuda_graphs true needs a CUDA device.")
-    if cuda_graphs and num_processes > 1:
-        raise UsageError("--cuda_graphs is for one process; with several, leave it on auto (off) or false.")
+    cuda_graphs = use_cuda_graphs(args.cuda_graphs, device, num_processes, fast)
     return FastPathOptions(
         device_type=device.type,
         autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
@@ -133,7 +128,8 @@ class CycleGANTrainStep:
         self.compiled = options.torch_compile
         if options.torch_compile:
             self.generator_losses = torch.compile(self._generator_losses, mode=options.compile_mode, dynamic=False)
-            self.discriminator_losses = torch.compile(self._discriminator_losses, mode=options.compile_mode, dynamic=False)
+            self.discriminator_losses = torch.compile(self._discriminator_losses, mode=options.compile_mode,
+                                                      dynamic=False)
         self.steps_done = 0
         self.fallbacks: list[str] = []  # what had to be switched off, and why
         self.generator_step = CUDAGraphStep(self._guarded(self._generator_update), enabled=options.cuda_graphs,
@@ -157,7 +153,8 @@ class CycleGANTrainStep:
 
     def _discriminator_losses(self, real_a, real_b, fake_a, fake_b):
         with self._autocast():
-            losses = self.model.discriminator_loss(real_a, real_b, fake_a, fake_b, batch_passes=self.options.batch_passes)
+            losses = self.model.discriminator_loss(real_a, real_b, fake_a, fake_b,
+                                                   batch_passes=self.options.batch_passes)
         return losses["total"], torch.stack([losses[name] for name in DISCRIMINATOR_LOSS_NAMES])
 
     def _generator_update(self, real_a, real_b):

@@ -24,7 +24,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .modeling_maf import MaskedLinear
+from modeling_maf.modeling_maf import MaskedLinear
+
 
 try:  # Triton ships with CUDA builds of torch; without it (CPU wheels) the torch path runs.
     import triton
@@ -121,7 +122,8 @@ def flag_non_finite_(found_inf: torch.Tensor, tensors: list[torch.Tensor]) -> to
 
 
 class _LinearWithDeferredWeightGradient(torch.autograd.Function):
-    """``F.linear`` whose backward appends ``(inputs, grad_output)`` to ``pairs`` instead of forming the weight gradient.
+    """``F.linear`` whose backward appends ``(inputs, grad_output)`` to ``pairs`` instead of forming the weight
+    gradient.
 
     The weight gradient of a batch is the low-rank product ``grad_output.T @ inputs``; ``MaskedAdam`` forms it tile by
     tile inside its update, for connected tiles only, so the dense (out, in) gradient is never written, masked or read
@@ -279,8 +281,8 @@ class MaskedAdam(torch.optim.Adam):
                    if sink.pairs]
         for parameter, *_ in pending:
             if parameter.grad is not None:
-                raise RuntimeError("A MADE weight received a dense gradient besides MaskedAdam's factors (a DDP wrapper "
-                                   "built before MaskedAdam all-reduces it): build MaskedAdam before "
+                raise RuntimeError("A MADE weight received a dense gradient besides MaskedAdam's factors (a DDP "
+                                   "wrapper built before MaskedAdam all-reduces it): build MaskedAdam before "
                                    "accelerator.prepare / DistributedDataParallel.")
         factors, grad_scale = [], 1.0
         if pending:
@@ -463,7 +465,8 @@ class MaskedAdam(torch.optim.Adam):
 
 
 def connected_fraction(model: torch.nn.Module) -> dict:
-    """Entries of the MADE weights: connected, and covered by MaskedAdam's tiles (what its update reads), as fractions."""
+    """Entries of the MADE weights: connected, and covered by MaskedAdam's tiles (what its update reads), as
+    fractions."""
     total = connected = covered = 0
     for layer in (module for module in model.modules() if isinstance(module, MaskedLinear)):
         total += layer.weight.numel()

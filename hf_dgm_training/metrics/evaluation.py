@@ -2,8 +2,8 @@
 both classes are there, pixel AUROC over the images whose masks are known, and the decisions at the calibrated
 thresholds. Shared by scripts/detect_anomalies.py and the benchmarks.
 
-Image metrics come from the `anomaly_detection` evaluate module kept in this repository (loaded by path, works
-offline), or from the same numpy code when `evaluate` is not installed.
+Image metrics come from the `anomaly_detection` evaluate module kept in this repository (`load_anomaly_metric`: loaded
+by path, works offline), or from the same numpy code when `evaluate` is not installed (the metric is then None).
 """
 
 import os
@@ -54,20 +54,11 @@ def image_metrics_note(labels: np.ndarray) -> str | None:
             "and the rates that exist are still reported.")
 
 
-def load_metric():
-    """The `anomaly_detection` evaluate module, or None when `evaluate` is not installed."""
-    try:
-        import evaluate
-    except ImportError:
-        return None
-    return evaluate.load(ANOMALY_METRIC_PATH)
-
-
 def image_metrics(metric, scores: np.ndarray, labels: np.ndarray, defect_types: list[str]) -> dict:
     """AUROC, AUPR, F1-max and its threshold, class counts and AUROC per defect type (both classes needed)."""
     if metric is None:
         result = anomaly_metrics(scores, labels, defect_types)
-        result["metric_backend"] = "modeling_maf.metrics (numpy; evaluate not installed)"
+        result["metric_backend"] = "hf_dgm_training.metrics (numpy; evaluate not installed)"
         return result
     result = metric.compute(predictions=scores.tolist(), references=labels.tolist(), defect_types=defect_types)
     result["metric_backend"] = f"evaluate.load({os.path.relpath(ANOMALY_METRIC_PATH)})"

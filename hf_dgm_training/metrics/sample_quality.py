@@ -72,7 +72,7 @@ def load_reference_images(image_processor, data_dir=None, dataset_name=None, cat
                           cache_dir=None) -> ReferenceImages:
     """Training images (train/good) and test-good images of an anomaly data set (`load_anomaly_dataset`: a local
     folder or a Hub id), through `image_processor` (the model's `MAFImageProcessor`, as in training), in [0, 1]."""
-    from ..data import GOOD, AnomalyDataError, load_anomaly_dataset, load_split_as_tensors
+    from ..data.anomaly import GOOD, AnomalyDataError, load_anomaly_dataset, load_split_as_tensors
 
     dataset = load_anomaly_dataset(data_dir, dataset_name, category=category, token=token, cache_dir=cache_dir)
     train = load_split_as_tensors(dataset["train"], image_processor=image_processor).pixel_values

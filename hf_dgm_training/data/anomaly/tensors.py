@@ -1,4 +1,4 @@
-"""Decoded rows of the schema (`modeling_maf.data.schema`) as torch tensors: images float in [0, 1], masks bool.
+"""Decoded rows of the schema (`schema.py`) as torch tensors: images float in [0, 1], masks bool.
 
 Images go through the model's image processor (`MAFImageProcessor`; by default the one of the size and channel count
 asked for), so training and inference preprocess the same way.
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from ..image_processing_maf import MAFImageProcessor, levels_to_pixel_values
+from modeling_maf.image_processing_maf import MAFImageProcessor, levels_to_pixel_values
+
 from .schema import AnomalyDataError
 
 
@@ -24,8 +25,6 @@ class AnomalyTensors(NamedTuple):
     has_masks: torch.Tensor  # bool (N,): whether the image's mask is known (always for good images)
     files: list[str]  # the schema's `file`: path relative to the data folder, or Hub row id
 
-
-MVTecTensors = AnomalyTensors  # the name the MVTec loader has always used
 
 
 def _size(image_size: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -107,8 +106,6 @@ def anomaly_transform(image_size: Union[int, Sequence[int], None] = None, num_ch
 
     return transform
 
-
-mvtec_transform = anomaly_transform  # the name the MVTec loader has always used
 
 
 def load_split_as_tensors(split: datasets.Dataset, image_size: Union[int, Sequence[int], None] = None,

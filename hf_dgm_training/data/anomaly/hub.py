@@ -3,7 +3,7 @@
 Required columns: `image` and `label`, where `label` is 0 (good) / 1 (anomalous), a bool, or a ClassLabel with a
 class named "good" (every other class is a defect type, e.g. the ClassLabel `imagefolder` builds from test folder
 names). Optional: `defect_type` (string), `mask` (Image or None; any nonzero pixel is defective) and `file`
-(string). Other columns are dropped. The result has the schema of `modeling_maf.data.schema`; a row without
+(string). Other columns are dropped. The result has the schema of `schema.py`; a row without
 `file` is named by its split and index ("test/17").
 """
 
@@ -12,8 +12,9 @@ from typing import Optional, Union
 import datasets
 from PIL import Image as PILImage
 
-from hf_dgm_training.images import open_image
+from modeling_maf.image_processing_maf import normalize_mode
 
+from ..images import open_image
 from .schema import (
     ANOMALY,
     ANOMALY_FEATURES,
@@ -22,7 +23,6 @@ from .schema import (
     binarize_mask,
     check_mask_size,
     empty_mask,
-    normalize_mode,
     png_bytes,
 )
 

@@ -4,7 +4,7 @@
     <folder>/test/good/*.png             normal test images (optional)
     <folder>/test/<any name>/*.png       anomalous test images, one folder per defect type (or one for all)
 
-Columns: see `modeling_maf.data.schema`. Defective images have no mask here unless `masks` names one.
+Columns: see `schema.py`. Defective images have no mask here unless `masks` names one.
 """
 
 import os
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import datasets
+
+from modeling_maf.image_processing_maf import normalize_mode
 
 from .schema import (
     ANOMALY_FEATURES,
@@ -22,7 +24,6 @@ from .schema import (
     empty_mask,
     image_extensions,
     image_files,
-    normalize_mode,
     png_bytes,
     read_image,
 )

@@ -1,6 +1,6 @@
 """Unpaired image data for CycleGAN training, through `datasets`, with the reference's sampling and augmentation.
 
-Not imported by the modeling files (it needs `datasets`): `from modeling_cyclegan.data import ...`.
+The model package (`modeling_cyclegan`) does not need it: `from hf_dgm_training.data.unpaired import ...`.
 
 - `load_unpaired_split`: the two domains of one split, from a local folder in the CycleGAN layout
   (`trainA`, `trainB`, `testA`, `testB`) or from a Hub dataset with `imageA`/`imageB` columns (HugGAN).
@@ -21,10 +21,10 @@ import random
 
 import torch
 
-from hf_dgm_training.errors import DataError, UsageError
-from hf_dgm_training.images import check_dataset_images, iter_dataset_images, open_image
+from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values
 
-from .image_processing_cyclegan import levels_to_pixel_values
+from ..errors import DataError, UsageError
+from .images import check_dataset_images, iter_dataset_images, open_image
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -166,7 +166,8 @@ class UnpairedSampler:
     ):
         for name, images in (("images_a", images_a), ("images_b", images_b)):
             if images.dtype != torch.uint8 or images.ndim != 4 or len(images) == 0:
-                raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
+                raise ValueError(f"{name} must be a non-empty uint8 tensor (N, C, H, W), got {images.dtype} "
+                                 f"{tuple(images.shape)}.")
             if min(images.shape[-2:]) < crop_size:
                 raise ValueError(f"{name} are {tuple(images.shape[-2:])}, smaller than the crop size {crop_size}.")
         if batch_size < 1:

@@ -12,7 +12,7 @@ import io
 import os
 from collections.abc import Iterator
 
-from .errors import UnreadableImageError
+from ..errors import UnreadableImageError
 
 
 MAX_NAMED = 10  # an error lists at most this many files

@@ -3,10 +3,9 @@
 Kept in this repository and loaded by path, because the Hub's `roc_auc` module is fetched at run time and
 cannot load offline:
 
-    import evaluate
-    from modeling_maf.metrics import ANOMALY_METRIC_PATH
+    from hf_dgm_training.metrics import load_anomaly_metric
 
-    metric = evaluate.load(ANOMALY_METRIC_PATH)
+    metric = load_anomaly_metric()   # evaluate.load(ANOMALY_METRIC_PATH)
     metric.compute(predictions=scores, references=labels, defect_types=types, anomaly_maps=maps, masks=masks)
 """
 

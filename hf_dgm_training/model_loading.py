@@ -1,6 +1,7 @@
 # Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
-"""`--model_name_or_path` for every script: a local folder is checked before loading, a Hub id is asked for only
-when the name cannot be a local path, and every failure is one `ModelLoadError` that names the path and the fix.
+"""Loading a model for a script: `--model_name_or_path` (a local folder is checked before loading, a Hub id is asked
+for only when the name cannot be a local path, and every failure is one `ModelLoadError` that names the path and the
+fix), and the prologue of the inference scripts (`load_model_for_inference`: device, output folder, model).
 
 transformers treats any name that is not an existing folder as a Hub id. A mistyped local path (`runs/mafx`) then
 goes to the network, waits through its retries, and blames the connection; a folder without `config.json` or with a
@@ -18,6 +19,7 @@ truncated `model.safetensors` fails deep inside loading without naming the file.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -26,7 +28,9 @@ from .errors import ModelLoadError
 
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHTS_NAMES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 CHECKPOINT_STATE_NAME = "training_state.json"  # written by CheckpointManager into every checkpoint folder
 
 
@@ -181,3 +185,28 @@ def load_pretrained(model_class, name_or_path: str, *, model_types: tuple[str, .
         raise ModelLoadError(
             f"Cannot load the model in {name_or_path}: {' '.join(str(error).split())} Copy or save the model again."
         ) from error
+
+
+def resolve_device(name: str | None = None):
+    """The device an inference script runs on: `name` (e.g. from --device), else CUDA when available, else CPU."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model_for_inference(args: argparse.Namespace, default_subfolder: str,
+                             model_types: tuple[str, ...] | None = None):
+    """The prologue of the inference scripts: the device of ``--device``, the output folder (``--output_dir``, else
+    ``default_subfolder`` inside the model folder; created) and the model of ``--model_name_or_path`` (local folder
+    or Hub id, through the Auto classes, checked by `load_pretrained`: a wrong path or a model of another type than
+    ``model_types`` is one `ModelLoadError`) on that device in eval mode. Returns ``(device, output_dir, model)``.
+    The model is loaded before the output folder is created, so a wrong path leaves nothing behind."""
+    from transformers import AutoModel
+
+    device = resolve_device(args.device)
+    model = load_pretrained(AutoModel, args.model_name_or_path, model_types=model_types, token=args.hub_token)
+    model = model.to(device).eval()
+    output_dir = args.output_dir or os.path.join(os.path.expanduser(args.model_name_or_path), default_subfolder)
+    os.makedirs(output_dir, exist_ok=True)
+    return device, output_dir, model
+

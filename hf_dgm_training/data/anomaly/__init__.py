@@ -15,7 +15,7 @@ Loaders, one module per layout (a new layout is a new module that returns this s
     hub.py       a Hub dataset with `image` + `label` (0/1 or a ClassLabel with "good"), `mask` optional
 
 `load_anomaly_dataset` picks the loader; `split_validation` (splits.py) holds out good training images; the torch
-helpers (tensors.py) turn rows into tensors. This package is for scripts: the modeling files must not import it.
+helpers (tensors.py) turn rows into tensors.
 """
 
 import os
@@ -38,22 +38,17 @@ from .schema import (
     ANOMALY_FEATURES,
     GOOD,
     LABEL_NAMES,
-    MVTEC_FEATURES,
     AnomalyDataError,
-    MVTecDataError,
     binarize_mask,
-    to_rgb,
 )
 from .splits import split_validation
 from .tensors import (
     AnomalyTensors,
-    MVTecTensors,
     anomaly_transform,
     image_processor_for,
     images_to_tensor,
     load_split_as_tensors,
     masks_to_tensor,
-    mvtec_transform,
     num_channels_of,
 )
 
@@ -92,20 +87,15 @@ def load_anomaly_dataset(
     return load_image_folder(category_dir, cache_dir=cache_dir)
 
 
-load_mvtec = load_anomaly_dataset  # the name the scripts have always imported
-
 
 __all__ = [
     "ANOMALY_FEATURES",
     "GOOD",
     "LABEL_NAMES",
-    "MVTEC_FEATURES",
     "MVTEC_HOMEPAGE",
     "MVTEC_URLS",
     "AnomalyDataError",
     "AnomalyTensors",
-    "MVTecDataError",
-    "MVTecTensors",
     "anomaly_transform",
     "binarize_mask",
     "download_mvtec",
@@ -116,12 +106,9 @@ __all__ = [
     "load_good_images",
     "load_hub_dataset",
     "load_image_folder",
-    "load_mvtec",
     "load_mvtec_folder",
     "load_split_as_tensors",
     "masks_to_tensor",
-    "mvtec_transform",
     "num_channels_of",
     "split_validation",
-    "to_rgb",
 ]

@@ -24,9 +24,7 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
-from hf_dgm_training.errors import DataError
-
-from ..image_processing_maf import normalize_mode, to_mode, to_rgb  # noqa: F401  (the colour rules live there)
+from ...errors import DataError
 
 
 GOOD = "good"
@@ -41,14 +39,11 @@ ANOMALY_FEATURES = datasets.Features(
         "file": datasets.Value("string"),
     }
 )
-MVTEC_FEATURES = ANOMALY_FEATURES  # the name the MVTec loader has always used
 
 
 class AnomalyDataError(DataError):
     """The data on disk or on the Hub is missing, empty, unreadable or inconsistent."""
 
-
-MVTecDataError = AnomalyDataError  # the name the MVTec loader has always raised
 
 
 def image_extensions() -> set[str]:
