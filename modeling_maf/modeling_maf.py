@@ -525,7 +525,8 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
     The flow is here; how its rows map to images is `patch_layout` (a `PatchLayout`: every patch of a patch flow, the
     whole image otherwise), and anomaly scoring and its calibration are `anomaly_statistics` (a `MAFAnomalyScorer`
     that owns the per-location statistics and thresholds; its attribute name is the prefix of its tensors in
-    model.safetensors). The anomaly methods below hand the flow's NLL maps to it.
+    model.safetensors). The anomaly methods below hand the flow's NLL maps to it. `sample` comes from
+    `MAFSamplingMixin`.
 
     Example:
     ```python
@@ -539,6 +540,7 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
 
     # True for IAF: the MADE reads the noise side, so density is the sequential direction.
     conditioner_on_noise = False
+
     def __init__(self, config: MAFConfig):
         super().__init__(config)
         num_features = config.num_features
