@@ -5,7 +5,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import MAFImageProcessor
-from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .anomaly_scorer_maf import AnomalyPrediction, MAFAnomalyScorer
+from .modeling_maf import IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
 
 
