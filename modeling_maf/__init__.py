@@ -3,9 +3,9 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .anomaly_scorer_maf import AnomalyPrediction, MAFAnomalyScorer
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import MAFImageProcessor
-from .anomaly_scorer_maf import AnomalyPrediction, MAFAnomalyScorer
 from .modeling_maf import IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
 from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
