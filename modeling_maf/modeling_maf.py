@@ -133,7 +133,9 @@ class MaskedLinear(nn.Linear):
         return state
 
     def _connections(self, out_degrees: torch.Tensor, in_degrees: torch.Tensor) -> torch.Tensor:
-        return out_degrees[:, None] > in_degrees[None, :] if self.strict else out_degrees[:, None] >= in_degrees[None, :]
+        if self.strict:
+            return out_degrees[:, None] > in_degrees[None, :]
+        return out_degrees[:, None] >= in_degrees[None, :]
 
     def mask(self, device=None) -> torch.Tensor:
         device = torch.device(device) if device is not None else self.weight.device
@@ -233,9 +235,9 @@ def hidden_degrees(rule: str, num_features: int, width: int, lowest: int, genera
         raise ValueError(f"Degree rule {rule!r} returned {degrees.dtype} {tuple(degrees.shape)}; it must return "
                          f"{width} int64 degrees.")
     if width and (int(degrees.min()) < lowest or int(degrees.max()) > num_features - 1):
-        raise ValueError(f"Degree rule {rule!r} returned degrees in [{int(degrees.min())}, {int(degrees.max())}]; they "
-                         f"must lie in [{lowest}, {num_features - 1}] (at least the lowest degree of the layer below, so "
-                         "that every unit has an input, and below D so that every unit has an output).")
+        raise ValueError(f"Degree rule {rule!r} returned degrees in [{int(degrees.min())}, {int(degrees.max())}]; "
+                         f"they must lie in [{lowest}, {num_features - 1}] (at least the lowest degree of the layer "
+                         "below, so that every unit has an input, and below D so that every unit has an output).")
     return degrees
 
 
@@ -465,7 +467,8 @@ class MAFPreTrainedModel(PreTrainedModel):
         custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
         for task, pipeline_class in self.pipelines.items():
             module = pipeline_class.__module__.rsplit(".", 1)[-1]
-            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"],
+                                      "type": "image"}
         self.config.custom_pipelines = custom_pipelines
         if is_main_process and self.config.num_channels in (1, 3):
             path = os.path.join(save_directory, IMAGE_PROCESSOR_FILE)
