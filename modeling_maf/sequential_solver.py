@@ -107,13 +107,16 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
     differentiable = torch.is_grad_enabled() and (
         known.requires_grad or any(parameter.requires_grad for parameter in made.parameters()))
 
-    first_weight = first.weight  # (H, D): columns of one segment are a view
-    output_weight = last.weight.view(2, num_features, -1)  # (shifts | log-scales, D, H): rows of a segment, views
+    # Absent connections are zero, so the weights serve as they are; with gradients, through the mask (as in
+    # MaskedLinear), so that no gradient reaches an absent connection.
+    weights = [layer.masked_weight() if differentiable else layer.weight for layer in made.layers]
+    first_weight = weights[0]  # (H, D): columns of one segment are a view
+    output_weight = weights[-1].view(2, num_features, -1)  # (shifts | log-scales, D, H): rows of a segment, views
     output_bias = last.bias.view(2, num_features)
     if order is not None:
         first_weight, known = first_weight[:, order], known[:, order]
         output_weight, output_bias = output_weight[:, order], output_bias[:, order]
-    middle_layers = [(layer.weight, layer.bias) for layer in middle]
+    middle_layers = [(weight, layer.bias) for weight, layer in zip(weights[1:-1], middle)]
     relu = isinstance(made.activation, nn.ReLU)
     clamp = made.log_scale_clamp
     fused = _FUSED_SOLVES.get(solve_segment) if not differentiable else None
