@@ -717,10 +717,10 @@ class MAFModel(MAFPreTrainedModel):
 
     def _flow_generate(self, latents, show_progress=False, locations=None):
         """latents (batch, D) -> (logits, per-dimension log|d logits / d latents|), everything float32. On CUDA without
-        gradients (and without a progress bar) it replays a CUDA graph of every block (``sequential_solver.py``) unless
-        ``sampling_cuda_graphs`` is False."""
-        if self.sampling_cuda_graphs and not show_progress and can_replay(latents):
-            return replay_generation(self, self._flow_generate_eagerly, latents, locations)
+        gradients it replays a CUDA graph of every block from the second call at the same shape on
+        (``sequential_solver.py``) unless ``sampling_cuda_graphs`` is False; the progress bar is of eager runs."""
+        if self.sampling_cuda_graphs and can_replay(latents):
+            return replay_generation(self, self._flow_generate_eagerly, latents, locations, show_progress)
         return self._flow_generate_eagerly(latents, locations, show_progress)
 
     def _flow_generate_eagerly(self, latents, locations=None, show_progress=False):

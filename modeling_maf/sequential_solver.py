@@ -14,8 +14,9 @@ permutation), every segment is a contiguous range of pixel positions, so the wei
 a random ordering gathers the weights into degree order once per call.
 
 ``replay_generation`` runs a flow's whole sampling direction (every block, 3,591 passes at the spec size) as one CUDA
-graph, captured once per (batch shape, dtype, device, autocast state, parameter storage) and replayed afterwards: what
-remains is the kernels themselves, without Python or launch overhead. The graph reads the parameters where they live,
+graph, captured per (batch shape, dtype, device, autocast state, parameter storage) on the second call with that key
+(the first runs eagerly, so a one-off call pays no capture) and replayed afterwards: what remains is the kernels
+themselves, without Python or launch overhead. The graph reads the parameters where they live,
 so in-place weight updates (training) are seen by the next replay; a parameter moved to new storage (``.to()``,
 ``load_state_dict(assign=True)``) makes a new graph.
 
@@ -137,9 +138,17 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
                 hidden = torch._addmm_activation(bias, hidden, weight.t())
             else:
                 hidden = made.activation(F.linear(hidden, weight, bias))
+        known_segment = known[:, low:high]
+        if fused_kernel:
+            # Shifts and raw log-scales of the segment in one batched matmul; the bias, soft clamp and solve in one
+            # kernel that writes the output buffers.
+            segment, log_scale = solved[:, low:high], log_scales[:, low:high]
+            products = torch.bmm(hidden.expand(2, -1, -1), output_weight[:, low:high].transpose(1, 2))
+            _affine_tail(products, output_bias[:, low:high], known_segment, segment, log_scale, clamp, fused)
+            pre_activation.addmm_(segment.to(first_weight.dtype), first_weight[:, low:high].t())
+            continue
         shift = F.linear(hidden, output_weight[0, low:high], output_bias[0, low:high])
         raw_log_scale = F.linear(hidden, output_weight[1, low:high], output_bias[1, low:high])
-        known_segment = known[:, low:high]
         if differentiable:
             log_scale = made.soft_clamp(_as_compute(raw_log_scale))
             segment = solve_segment(known_segment, _as_compute(shift), log_scale)
@@ -148,9 +157,7 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
             pre_activation = torch.addmm(pre_activation, segment.to(first_weight.dtype), first_weight[:, low:high].t())
             continue
         segment, log_scale = solved[:, low:high], log_scales[:, low:high]
-        if fused_kernel:
-            _affine_tail(shift, raw_log_scale, known_segment, segment, log_scale, clamp, fused)
-        elif fused is not None:
+        if fused is not None:
             # made.soft_clamp and the solve, in place into the output buffers.
             torch.div(_as_compute(raw_log_scale), clamp, out=log_scale).tanh_().mul_(clamp)
             scale = torch.exp(log_scale)
@@ -175,16 +182,20 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
 if triton is not None:
 
     @triton.jit
-    def _affine_tail_kernel(shift_ptr, raw_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total, shift_stride,
-                            raw_stride, known_stride, solved_stride, log_scale_stride, clamp, INVERT: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        """log_scale = clamp * tanh(raw / clamp); solved = known * exp(log_scale) + shift (INVERT=0) or
-        (known - shift) / exp(log_scale) (INVERT=1), over a (rows, width) segment with row strides."""
+    def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
+                            products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
+                            clamp, INVERT: tl.constexpr, BLOCK: tl.constexpr):
+        """shift = products[0] + bias[0], raw = products[1] + bias[1]; log_scale = clamp * tanh(raw / clamp);
+        solved = known * exp(log_scale) + shift (INVERT=0) or (known - shift) / exp(log_scale) (INVERT=1), over a
+        (rows, width) segment; every operand is addressed by its strides."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = index < total
         row, column = index // width, index % width
-        shift = tl.load(shift_ptr + row * shift_stride + column, mask=inside, other=0.0).to(tl.float32)
-        raw = tl.load(raw_ptr + row * raw_stride + column, mask=inside, other=0.0).to(tl.float32)
+        at = products_ptr + row * products_stride + column
+        shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
+        shift += tl.load(bias_ptr + column, mask=inside, other=0.0).to(tl.float32)
+        raw += tl.load(bias_ptr + bias_half + column, mask=inside, other=0.0).to(tl.float32)
         known = tl.load(known_ptr + row * known_stride + column, mask=inside, other=0.0).to(tl.float32)
         scaled = raw / clamp
         # tanh(y) = sign(y) * (1 - e) / (1 + e) with e = exp(-2|y|): no overflow for any y.
@@ -200,14 +211,19 @@ if triton is not None:
         tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
 
 
-def _affine_tail(shift, raw_log_scale, known, solved, log_scale, clamp, invert):
-    """One kernel for the soft clamp and the affine solve of one segment, written into the output buffers' views."""
+def _affine_tail(products, bias, known, solved, log_scale, clamp, invert):
+    """One kernel for the bias, the soft clamp and the affine solve of one segment: ``products`` (2, rows, width)
+    are the segment's shifts and raw log-scales before their ``bias`` (2, width); writes ``solved`` and ``log_scale``
+    (rows, width views of the output buffers). Every operand's last dimension must be contiguous."""
     rows, width = solved.shape
+    if min(tensor.stride(-1) for tensor in (products, bias, known, solved, log_scale)) != 1 or width == 0:
+        raise ValueError("the fused tail needs operands whose last dimension is contiguous")
     total = rows * width
     block = 256
     _affine_tail_kernel[(triton.cdiv(total, block),)](
-        shift, raw_log_scale, known, solved, log_scale, width, total, shift.stride(0), raw_log_scale.stride(0),
-        known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert, BLOCK=block)
+        products, bias, known, solved, log_scale, width, total, products.stride(0), products.stride(1),
+        bias.stride(0), known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert,
+        BLOCK=block)
 
 
 # ---------------------------------------------------------------------------------- CUDA graphs of sampling
@@ -222,17 +238,12 @@ def can_replay(latents: torch.Tensor) -> bool:
 
 
 class _GenerationGraph:
-    """One captured run of ``generate(latents, locations) -> (logits, log_det)`` on static input buffers."""
+    """One captured run of ``generate(latents, locations) -> (logits, log_det)`` on static input buffers. The caller has
+    run ``generate`` eagerly at these shapes before (library handles created, Triton kernels compiled)."""
 
     def __init__(self, generate, latents, locations):
         self.latents = latents.clone()
         self.locations = locations.clone() if locations is not None else None
-        device = latents.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up outside the capture: library handles, Triton compilation
-            generate(self.latents, self.locations)
-        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = generate(self.latents, self.locations)
@@ -252,14 +263,21 @@ def _graph_key(model, latents, locations):
     return (tuple(latents.shape), latents.dtype, latents.device, locations is None, autocast, storage)
 
 
-def replay_generation(model, generate, latents: torch.Tensor, locations: torch.Tensor | None = None):
-    """``generate(latents, locations)`` (a flow's whole sampling direction) through a CUDA graph of ``model``: captured
-    on the first call for this key (which runs it twice, eagerly and captured), replayed afterwards. Returns fresh
-    tensors (copies of the graph's outputs)."""
-    graphs = _GRAPHS.setdefault(model, collections.OrderedDict())
+def replay_generation(model, generate, latents: torch.Tensor, locations: torch.Tensor | None = None,
+                      show_progress: bool = False):
+    """``generate(latents, locations, show_progress)`` (a flow's whole sampling direction) through a CUDA graph of
+    ``model``. The first call for a key runs eagerly (a single call costs no more than before, and it warms up what a
+    capture needs); the second captures the graph and replays it; later calls replay it. Returns fresh tensors."""
+    cache = _GRAPHS.setdefault(model, {"graphs": collections.OrderedDict(), "seen": set()})
+    graphs, seen = cache["graphs"], cache["seen"]
     key = _graph_key(model, latents, locations)
     graph = graphs.get(key)
     if graph is None:
+        if key not in seen:
+            if len(seen) >= 16 * MAX_GRAPHS_PER_MODEL:
+                seen.clear()
+            seen.add(key)
+            return generate(latents, locations, show_progress)
         graph = graphs[key] = _GenerationGraph(generate, latents, locations)
         while len(graphs) > MAX_GRAPHS_PER_MODEL:
             graphs.popitem(last=False)

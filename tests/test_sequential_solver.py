@@ -1,16 +1,16 @@
 """modeling_maf.sequential_solver: the segment-parallel sequential direction gives what the previous implementation
-gave (a copy of it is kept here as the reference) for MAF sampling and IAF density, whole-image and patch flows, with
+gave (kept in benchmarks/time_maf_sampling.py, which times the two) for MAF sampling and IAF density, whole-image and patch flows, with
 and without position conditioning; its Triton tail (through Triton's interpreter on CPU) matches the torch tail; and
 on CUDA the graphed sampler matches the eager one.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf import sequential_solver
@@ -23,41 +23,17 @@ PATCH = dict(image_size=8, num_channels=2, hidden_sizes=[16, 16], num_blocks=2, 
 FLOWS = {"maf": (MAFModel, MAFConfig), "iaf": (IAFModel, IAFConfig)}
 
 
-def reference_solve_sequential(block, known, solve_segment, locations=None):
-    """The sequential solver as it was before sequential_solver.py (per-call gathered weights, lists + cat)."""
-    made = block.made
-    first, *middle, last = made.layers
-    degrees = block.input_degrees.to(known.device)
-    by_degree = torch.argsort(degrees)
-    num_features = made.num_features
-    sizes = [high - low for low, high in block.segments]
-    pair_sizes = [2 * size for size in sizes]
-    first_rows = first.masked_weight()[:, by_degree].t().contiguous().split(sizes)
-    middle_layers = [(layer.masked_weight(), layer.bias) for layer in middle]
-    output_weight = last.masked_weight()
-    output_rows = torch.stack([output_weight[by_degree], output_weight[num_features + by_degree]], dim=1)
-    output_rows = output_rows.flatten(0, 1).split(pair_sizes)
-    output_bias = torch.stack([last.bias[by_degree], last.bias[num_features + by_degree]], dim=1)
-    output_bias = output_bias.flatten().split(pair_sizes)
-    known_segments = known[:, by_degree].split(sizes, dim=1)
-    batch_size = known.shape[0]
-    pre_activation = first.bias.expand(batch_size, -1)
-    offset = made.position_offset(locations, pre_activation)
-    if offset is not None:
-        pre_activation = pre_activation + offset
-    solved, log_scales = [], []
-    for rows_in, rows_out, bias_out, known_segment in zip(first_rows, output_rows, output_bias, known_segments):
-        hidden = made.activation(pre_activation)
-        for weight, bias in middle_layers:
-            hidden = made.activation(F.linear(hidden, weight, bias))
-        shift, raw_log_scale = F.linear(hidden, rows_out, bias_out).view(batch_size, -1, 2).unbind(-1)
-        log_scale = made.soft_clamp(raw_log_scale.float() if raw_log_scale.dtype != torch.float64 else raw_log_scale)
-        segment = solve_segment(known_segment, shift.float() if shift.dtype != torch.float64 else shift, log_scale)
-        pre_activation = torch.addmm(pre_activation, segment.to(rows_in.dtype), rows_in)
-        solved.append(segment)
-        log_scales.append(log_scale)
-    at_position = degrees - 1
-    return torch.cat(solved, dim=1)[:, at_position], torch.cat(log_scales, dim=1)[:, at_position]
+def _previous_solver():
+    """The sequential solver as it was before sequential_solver.py; its one home is the sampling benchmark, which
+    times it against the current one."""
+    path = os.path.join(ROOT, "benchmarks", "time_maf_sampling.py")
+    spec = importlib.util.spec_from_file_location("time_maf_sampling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.previous_solve_sequential
+
+
+reference_solve_sequential = _previous_solver()
 
 
 def flow(kind, fields, seed=0):
@@ -138,12 +114,14 @@ TRITON_TAIL = r"""
 import torch
 from modeling_maf import sequential_solver as solver
 generator = torch.Generator().manual_seed(0)
-total = torch.randn(5, 3, 300, generator=generator) * 4  # raw log-scales up to the clamp and beyond
-shift, raw, known = total[:, 0, 7:103], total[:, 1, 7:103], total[:, 2, 50:146]  # strided (batch, 96) views
+products = torch.randn(2, 5, 96, generator=generator) * 4  # raw log-scales up to the clamp and beyond
+bias = (torch.randn(2, 300, generator=generator) * 2)[:, 7:103]  # (2, 96) with a row stride of 300
+known = torch.randn(5, 300, generator=generator)[:, 50:146]  # a strided (batch, 96) view
+shift, raw = products[0] + bias[0], products[1] + bias[1]
 for invert, solve in ((0, solver.affine_generate), (1, solver.affine_density)):
     out = torch.zeros(5, 2, 200)
     solved, log_scale = out[:, 0, 13:109], out[:, 1, 100:196]
-    solver._affine_tail(shift, raw, known, solved, log_scale, 3.0, invert)
+    solver._affine_tail(products, bias, known, solved, log_scale, 3.0, invert)
     expected_log_scale = 3.0 * torch.tanh(raw / 3.0)
     torch.testing.assert_close(log_scale, expected_log_scale, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(solved, solve(known, shift, expected_log_scale), rtol=1e-5, atol=1e-5)
@@ -169,13 +147,14 @@ def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
 def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case):
     model = flow(kind, {**CASES[case], "image_size": CASES[case]["image_size"] * 2}).cuda()
     sample = lambda seed: model.sample(3, generator=torch.Generator("cuda").manual_seed(seed))
-    graphed = [sample(seed) for seed in (1, 2, 1)]  # captured, replayed with other latents, replayed again
-    torch.testing.assert_close(graphed[2], graphed[0], rtol=0, atol=0)
-    assert not torch.equal(graphed[0], graphed[1])
+    # Eager (first call at this shape), captured and replayed, then replayed twice more.
+    graphed = [sample(seed) for seed in (1, 2, 1, 2)]
+    assert len(sequential_solver._GRAPHS[model]["graphs"]) == 1
+    assert not torch.equal(graphed[2], graphed[3])
     monkeypatch.setattr(model, "sampling_cuda_graphs", False)
     monkeypatch.setattr(sequential_solver, "FUSE_WITH_TRITON", False)
-    eager = [sample(seed) for seed in (1, 2)]
-    torch.testing.assert_close(graphed[:2], eager, rtol=0, atol=1e-5)
+    eager = [sample(seed) for seed in (1, 2, 1, 2)]
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
     # The graph reads the weights where they live: an in-place update is seen by the next replay.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -183,3 +162,4 @@ def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case
     eager = sample(1)
     monkeypatch.setattr(model, "sampling_cuda_graphs", True)
     torch.testing.assert_close(sample(1), eager, rtol=0, atol=1e-5)
+    assert len(sequential_solver._GRAPHS[model]["graphs"]) == 1
