@@ -187,8 +187,8 @@ def main(argv=None):
         print(f"{variant:10s} {results['seconds'][variant]:9.4f} {results['us_per_pass'][variant]:9.1f} "
               f"{first_call_s[variant]:13.3f} {capture_call_s.get(variant, float('nan')):15.3f} {difference:23.2e}")
     floor = results["pass_floor"]
-    print(f"floor of one pass: {floor['mean_bytes'] / 1e6:.2f} MB -> {floor['mean_us_at_measured_bandwidth']:.2f} us at "
-          f"{bandwidth:.0f} GB/s; all passes {floor['all_passes_ms_at_measured_bandwidth']:.2f} ms")
+    print(f"floor of one pass: {floor['mean_bytes'] / 1e6:.2f} MB -> {floor['mean_us_at_measured_bandwidth']:.2f} us "
+          f"at {bandwidth:.0f} GB/s; all passes {floor['all_passes_ms_at_measured_bandwidth']:.2f} ms")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w") as file:

@@ -14,7 +14,7 @@ permutation), every segment is a contiguous range of pixel positions, so the wei
 a random ordering gathers the weights into degree order once per call.
 
 ``replay_generation`` runs a flow's whole sampling direction (every block, 3,591 passes at the spec size) as one CUDA
-graph, captured per (batch shape, dtype, device, autocast state, parameter storage) on the second call with that key
+graph, captured per (batch shape, dtype, device, inference mode, parameter storage) on the second call with that key
 (the first runs eagerly, so a one-off call pays no capture) and replayed afterwards: what remains is the kernels
 themselves, without Python or launch overhead. The graph reads the parameters where they live,
 so in-place weight updates (training) are seen by the next replay; a parameter moved to new storage (``.to()``,
@@ -233,8 +233,10 @@ _GRAPHS = weakref.WeakKeyDictionary()
 
 
 def can_replay(latents: torch.Tensor) -> bool:
-    """Whether sampling from ``latents`` may use a CUDA graph: on CUDA, without gradients, not inside a capture."""
-    return latents.is_cuda and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()
+    """Whether sampling from ``latents`` may use a CUDA graph: on CUDA, without gradients, outside autocast (whose
+    cache of cast weights must not live in a graph's memory) and not inside another capture."""
+    return (latents.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+            and not torch.cuda.is_current_stream_capturing())
 
 
 class _GenerationGraph:
@@ -259,8 +261,9 @@ class _GenerationGraph:
 def _graph_key(model, latents, locations):
     storage = tuple(tensor.data_ptr() for tensor in model.parameters()) + tuple(
         tensor.data_ptr() for tensor in model.buffers())
-    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return (tuple(latents.shape), latents.dtype, latents.device, locations is None, autocast, storage)
+    # Inference mode is part of the key: a graph's static inputs made under it cannot be written outside it.
+    return (tuple(latents.shape), latents.dtype, latents.device, locations is None, torch.is_inference_mode_enabled(),
+            storage)
 
 
 def replay_generation(model, generate, latents: torch.Tensor, locations: torch.Tensor | None = None,

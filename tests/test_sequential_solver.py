@@ -1,7 +1,7 @@
 """modeling_maf.sequential_solver: the segment-parallel sequential direction gives what the previous implementation
-gave (kept in benchmarks/time_maf_sampling.py, which times the two) for MAF sampling and IAF density, whole-image and patch flows, with
-and without position conditioning; its Triton tail (through Triton's interpreter on CPU) matches the torch tail; and
-on CUDA the graphed sampler matches the eager one.
+gave (kept in benchmarks/time_maf_sampling.py, which times the two) for MAF sampling and IAF density, whole-image
+and patch flows, with and without position conditioning; its Triton tail (through Triton's interpreter on CPU)
+matches the torch tail; and on CUDA the graphed sampler matches the eager one.
 """
 
 import importlib.util
