@@ -8,11 +8,13 @@ Measures (median over repeated runs, CUDA-event timed after warm-up):
   - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory; eager
     with fused and with plain Adam, and on a GPU also replayed as one CUDA graph (train_maf.py's default there);
   - log_prob throughput at batch 132 (the capsule test-set size);
-  - sampling 5 images: seconds and sequential MADE evaluations per block;
+  - sampling 5 images: replayed as one CUDA graph (the default on a GPU; first and capture calls reported with it) and
+    eager, with the sequential MADE evaluations per block;
   - IAF at the same size: sampling, density and train-step time;
   - nflows MaskedAutoregressiveFlow at the identical layer shapes (when nflows is importable): train step, log_prob,
     and sampling timed in full at 3x32x32 and 3x64x64, extrapolated to 3x128x128 (it needs D passes per layer);
-  - the floor: bytes of weights (and Adam state) an fp32 step must move, over the measured copy bandwidth.
+  - the floor: bytes of weights (and Adam state) an fp32 step must move, over the measured copy bandwidth; the same
+    for one sequential sampling pass (the weights of one segment and the middle layers).
 Prints a table and writes bench_maf.json in --output_dir.
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from time_maf_sampling import pass_floor_bytes
 
 
 def parse_args(argv=None):
@@ -168,6 +171,42 @@ def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big,
     return rows
 
 
+def sampling_rows(model, generator, timer, repeats):
+    """Exact sampling of 5 images: the default (on a GPU from the third call at a shape on: one CUDA graph of every
+    block; the first call runs eagerly, the second captures) and eager (``sampling_cuda_graphs = False``)."""
+    rows, passes = [], model.num_sequential_passes()[0]
+    sample = lambda: model.sample(5, generator=generator)
+    if timer.device.type == "cuda":
+        calls = []
+        for _ in range(2):  # eager first call, then the capture call
+            started = time.perf_counter()
+            sample()
+            timer.sync()
+            calls.append((time.perf_counter() - started) * 1e3)
+        ms = timer.median_ms(sample, repeats=repeats, warmup=1)
+        rows.append({"model": "hf-dgm MAF", "measure": "sample 5 (CUDA graph)", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                     "sequential_passes_per_block": passes, "first_call_ms": calls[0], "capture_call_ms": calls[1]})
+    model.sampling_cuda_graphs = False
+    try:
+        ms = timer.median_ms(sample, repeats=max(3, repeats // 4), warmup=1)
+    finally:
+        model.sampling_cuda_graphs = True
+    rows.append({"model": "hf-dgm MAF", "measure": "sample 5 (eager)", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                 "sequential_passes_per_block": passes})
+    return rows
+
+
+def sampling_floor(model, bandwidth):
+    """Bytes of weights one sequential pass must read (mean over a block's passes; time_maf_sampling.py), and every
+    pass of a sample call, over the measured copy bandwidth."""
+    per_pass = pass_floor_bytes(model)
+    total = sum(per_pass) * len(model.blocks)
+    known = bandwidth == bandwidth
+    return {"mean_bytes_per_pass": statistics.mean(per_pass), "bytes_all_passes": total,
+            "us_per_pass_at_measured_bandwidth": statistics.mean(per_pass) / (bandwidth * 1e9) * 1e6 if known else None,
+            "ms_all_passes_at_measured_bandwidth": total / (bandwidth * 1e9) * 1e3 if known else None}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,10 +249,8 @@ def main(argv=None):
                              "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
     model.eval()
     sample_generator = torch.Generator(device=device).manual_seed(0)
-    ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4),
-                         warmup=1)
-    rows.append({"model": "hf-dgm MAF", "measure": "sample 5", "ms": ms, "images_per_s": 5 / ms * 1e3,
-                 "sequential_passes_per_block": model.num_sequential_passes()[0]})
+    rows += sampling_rows(model, sample_generator, timer, args.repeats)
+    results["floor_sampling_pass"] = sampling_floor(model, bandwidth)
     # Weight traffic floor of an fp32 Adam step: forward reads W, backward reads W and writes dW, the gradient mask
     # reads and writes dW, Adam reads W, dW, m, v and writes W, m, v: 11 x 4 bytes per parameter (+ the bool mask).
     floor_bytes = num_params * (11 * 4 + 1)
@@ -301,6 +338,10 @@ def main(argv=None):
           f"{bandwidth:.0f} GB/s, fp32-step floor "
           f"{results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
           f"(torch Adam), {results['floor_masked_adam']['ms_at_measured_bandwidth']:.2f} ms (MaskedAdam)")
+    floor = results["floor_sampling_pass"]
+    print(f"sampling pass floor: {floor['mean_bytes_per_pass'] / 1e6:.2f} MB of weights, "
+          f"{floor['us_per_pass_at_measured_bandwidth'] or float('nan'):.2f} us; all passes of a call "
+          f"{floor['ms_all_passes_at_measured_bandwidth'] or float('nan'):.2f} ms")
     print(f"{'model':28s} {'measure':40s} {'ms':>12s} {'img/s':>10s} {'peak GiB':>9s} {'passes':>7s}")
     for row in rows:
         print(f"{row['model']:28s} {row['measure']:40s} {row['ms']:12.2f} {row['images_per_s']:10.1f} "

@@ -47,6 +47,7 @@ from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
 from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
 from .sampling_maf import MAFSamplingMixin
+from .sequential_solver import affine_density, affine_generate, can_replay, replay_generation, solve_sequential
 
 
 logger = logging.get_logger(__name__)
@@ -317,48 +318,12 @@ class MADEBlock(nn.Module):
 
         Finds w such that ``w_i = solve_segment(known_i, shift_i(w_<i), log_scale_i(w_<i))`` for every i, where
         ``shift, log_scale = MADE(w)``. The first layer's pre-activation is updated incrementally (each first-layer
-        weight is read once), and only the output rows of the segment being solved are evaluated.
+        weight is read once), and only the output rows of the segment being solved are evaluated
+        (``sequential_solver.py``).
         ``locations`` (batch,): the patch locations of a position-conditioned MADE.
         Returns ``(w, log_scale)``, both (batch, D) at pixel positions.
         """
-        made = self.made
-        first, *middle, last = made.layers
-        degrees = self.input_degrees.to(known.device)
-        by_degree = torch.argsort(degrees)  # by_degree[d - 1] = position of degree d
-        num_features = made.num_features
-        sizes = [high - low for low, high in self.segments]
-        pair_sizes = [2 * size for size in sizes]
-
-        # Everything a pass needs is cut into per-segment views once, so a pass is a handful of kernels:
-        # first-layer columns as contiguous rows (pre_activation += segment @ rows), and the output rows of
-        # (shift, log_scale) interleaved per position, so that one matmul yields both for a segment.
-        first_rows = first.masked_weight()[:, by_degree].t().contiguous().split(sizes)
-        middle_layers = [(layer.masked_weight(), layer.bias) for layer in middle]
-        output_weight = last.masked_weight()
-        output_rows = torch.stack([output_weight[by_degree], output_weight[num_features + by_degree]], dim=1)
-        output_rows = output_rows.flatten(0, 1).split(pair_sizes)
-        output_bias = torch.stack([last.bias[by_degree], last.bias[num_features + by_degree]], dim=1)
-        output_bias = output_bias.flatten().split(pair_sizes)
-        known_segments = known[:, by_degree].split(sizes, dim=1)
-
-        batch_size = known.shape[0]
-        pre_activation = first.bias.expand(batch_size, -1)
-        offset = made.position_offset(locations, pre_activation)
-        if offset is not None:
-            pre_activation = pre_activation + offset
-        solved, log_scales = [], []
-        for rows_in, rows_out, bias_out, known_segment in zip(first_rows, output_rows, output_bias, known_segments):
-            hidden = made.activation(pre_activation)
-            for weight, bias in middle_layers:
-                hidden = made.activation(F.linear(hidden, weight, bias))
-            shift, raw_log_scale = F.linear(hidden, rows_out, bias_out).view(batch_size, -1, 2).unbind(-1)
-            log_scale = made.soft_clamp(_at_least_float32(raw_log_scale))
-            segment = solve_segment(known_segment, _at_least_float32(shift), log_scale)
-            pre_activation = torch.addmm(pre_activation, segment.to(rows_in.dtype), rows_in)
-            solved.append(segment)
-            log_scales.append(log_scale)
-        at_position = degrees - 1
-        return torch.cat(solved, dim=1)[:, at_position], torch.cat(log_scales, dim=1)[:, at_position]
+        return solve_sequential(self, known, solve_segment, locations)
 
 
 class FlowBatchNorm(nn.Module):
@@ -543,6 +508,8 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
 
     # True for IAF: the MADE reads the noise side, so density is the sequential direction.
     conditioner_on_noise = False
+    # Sampling on CUDA replays a CUDA graph of the whole sampling direction (captured per batch shape); False: eager.
+    sampling_cuda_graphs = True
 
     def __init__(self, config: MAFConfig):
         super().__init__(config)
@@ -608,7 +575,7 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
         if not self.conditioner_on_noise:
             shift, log_scale = block(data_side, locations)
             return (data_side - shift) * torch.exp(-log_scale), -log_scale
-        noise, log_scale = block.solve_sequential(data_side, lambda x, shift, a: (x - shift) / torch.exp(a), locations)
+        noise, log_scale = block.solve_sequential(data_side, affine_density, locations)
         return noise, -log_scale
 
     def _block_generate(self, block, noise_side, locations=None):
@@ -616,7 +583,7 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
         if self.conditioner_on_noise:
             shift, log_scale = block(noise_side, locations)
             return noise_side * torch.exp(log_scale) + shift, log_scale
-        return block.solve_sequential(noise_side, lambda z, shift, a: torch.addcmul(shift, z, torch.exp(a)), locations)
+        return block.solve_sequential(noise_side, affine_generate, locations)
 
     def _flow_density(self, logits, locations=None):
         """logits (rows, D) -> (latents, per-dimension sum of log-dets), everything float32. `locations` (rows,):
@@ -631,7 +598,14 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
         return hidden, log_det
 
     def _flow_generate(self, latents, show_progress=False, locations=None):
-        """latents (rows, D) -> (logits, per-dimension log|d logits / d latents|), everything float32."""
+        """latents (rows, D) -> (logits, per-dimension log|d logits / d latents|), everything float32. On CUDA without
+        gradients it replays a CUDA graph of every block from the second call at the same shape on
+        (``sequential_solver.py``) unless ``sampling_cuda_graphs`` is False; the progress bar is of eager runs."""
+        if self.sampling_cuda_graphs and can_replay(latents):
+            return replay_generation(self, self._flow_generate_eagerly, latents, locations, show_progress)
+        return self._flow_generate_eagerly(latents, locations, show_progress)
+
+    def _flow_generate_eagerly(self, latents, locations=None, show_progress=False):
         hidden = latents.to(self._compute_dtype)
         log_det = torch.zeros_like(hidden)
         indices = range(len(self.blocks) - 1, -1, -1)
