@@ -175,7 +175,8 @@ def sampling_rows(model, generator, timer, repeats):
     """Exact sampling of 5 images: the default (on a GPU from the third call at a shape on: one CUDA graph of every
     block; the first call runs eagerly, the second captures) and eager (``sampling_cuda_graphs = False``)."""
     rows, passes = [], model.num_sequential_passes()[0]
-    sample = lambda: model.sample(5, generator=generator)
+    def sample():
+        return model.sample(5, generator=generator)
     if timer.device.type == "cuda":
         calls = []
         for _ in range(2):  # eager first call, then the capture call

@@ -51,7 +51,8 @@ def previous_solve_sequential(block, known, solve_segment, locations=None):
     offset = made.position_offset(locations, pre_activation)
     if offset is not None:
         pre_activation = pre_activation + offset
-    upcast = lambda tensor: tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    def upcast(tensor):
+        return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
     solved, log_scales = [], []
     for rows_in, rows_out, bias_out, known_segment in zip(first_rows, output_rows, output_bias, known_segments):
         hidden = made.activation(pre_activation)

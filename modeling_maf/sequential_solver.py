@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 try:  # Triton ships with CUDA builds of torch; without it the pass's elementwise tail runs as torch kernels
     import triton
     import triton.language as tl

@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf import sequential_solver
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel, sequential_solver
 from modeling_maf.modeling_maf import MADEBlock
 from tiny_models import randomize_flow
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHOLE = dict(image_size=4, num_channels=2, hidden_sizes=[12, 10], num_blocks=3)
@@ -61,7 +61,8 @@ CASES = {
 @pytest.mark.parametrize("kind", FLOWS)
 def test_samples_match_the_previous_solver(monkeypatch, kind, case):
     model = flow(kind, CASES[case])
-    sample = lambda: model.sample(3, generator=torch.Generator().manual_seed(5), temperature=0.8)
+    def sample():
+        return model.sample(3, generator=torch.Generator().manual_seed(5), temperature=0.8)
     torch.testing.assert_close(sample(), with_reference_solver(monkeypatch, sample), rtol=0, atol=1e-5)
 
 
@@ -71,7 +72,8 @@ def test_density_and_latents_match_the_previous_solver(monkeypatch, kind, case):
     model = flow(kind, CASES[case], seed=1)
     size, channels = model.config.image_size, model.config.num_channels
     pixels = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(2))
-    run = lambda: (model(pixels).log_prob, model.encode(pixels))
+    def run():
+        return (model(pixels).log_prob, model.encode(pixels))
     (log_prob, latents), (expected_log_prob, expected_latents) = run(), with_reference_solver(monkeypatch, run)
     torch.testing.assert_close(latents, expected_latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(log_prob, expected_log_prob, rtol=1e-6, atol=1e-4)
@@ -92,7 +94,8 @@ def test_iaf_density_gradients_match_the_previous_solver(monkeypatch):
 
 def test_refined_samples_follow_the_exact_start(monkeypatch):
     model = flow("maf", WHOLE, seed=3)
-    sample = lambda: model.sample(2, generator=torch.Generator().manual_seed(4), refine_steps=3)
+    def sample():
+        return model.sample(2, generator=torch.Generator().manual_seed(4), refine_steps=3)
     torch.testing.assert_close(sample(), with_reference_solver(monkeypatch, sample), rtol=0, atol=1e-5)
 
 
@@ -146,7 +149,8 @@ def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
 @pytest.mark.parametrize("kind", FLOWS)
 def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case):
     model = flow(kind, {**CASES[case], "image_size": CASES[case]["image_size"] * 2}).cuda()
-    sample = lambda seed: model.sample(3, generator=torch.Generator("cuda").manual_seed(seed))
+    def sample(seed):
+        return model.sample(3, generator=torch.Generator("cuda").manual_seed(seed))
     # Eager (first call at this shape), captured and replayed, then replayed twice more.
     graphed = [sample(seed) for seed in (1, 2, 1, 2)]
     assert len(sequential_solver._GRAPHS[model]["graphs"]) == 1
