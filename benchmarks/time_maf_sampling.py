@@ -81,12 +81,13 @@ def parse_args(argv=None):
 
 
 def random_connections(model, seed=0, std=0.02):
-    """Random weights on every MADE connection (absent ones stay zero), small enough that samples stay finite."""
+    """Random weights on every MADE connection (absent ones stay zero), small enough that samples stay finite. Drawn
+    on the CPU (the same weights on any device, and the CPU generator works under a `torch.device` context)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, MaskedLinear):
-                noise = torch.randn(module.weight.shape, generator=generator).to(module.weight.device)
+                noise = torch.randn(module.weight.shape, generator=generator, device="cpu").to(module.weight.device)
                 module.weight.copy_(noise * std * module.mask())
     return model
 
