@@ -11,9 +11,9 @@ cut into all patches at ``config.patch_stride`` (``torch.nn.functional.unfold``)
 embedding of the patch's location to its first hidden layer (``condition_on_position``). Per-pixel maps of a patch
 model average each pixel's terms over the patches that contain it (``fold``).
 
-This file imports only torch, transformers and its sibling files (configuration, anomaly scores, image processor,
-sample refinement, the ``anomaly-detection`` pipeline), so a Hub repo made by ``save_pretrained`` loads with
-``trust_remote_code=True`` without this package installed, pipeline included.
+This file imports only torch, transformers and its sibling files (configuration, anomaly scores, block-sparse matmul,
+image processor, sample refinement, the ``anomaly-detection`` pipeline), so a Hub repo made by ``save_pretrained``
+loads with ``trust_remote_code=True`` without this package installed, pipeline included.
 """
 
 import contextlib
@@ -47,6 +47,7 @@ from .anomaly_scores import (
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
+from .masked_matmul import block_sparse_linear
 from .pipeline_maf import AnomalyDetectionPipeline
 from .refinement_maf import annealed_langevin, check_refinement_arguments
 
@@ -220,6 +221,10 @@ class MaskedLinear(nn.Linear):
             if self.linear_with_grad is not None:
                 return self.linear_with_grad(hidden_states, weight, self.bias)
             weight = _MaskGradient.apply(weight, self.mask())
+        else:  # no weight gradient: the matmul can skip the zero tiles (None where the dense GEMM runs instead)
+            outputs = block_sparse_linear(self, hidden_states)
+            if outputs is not None:
+                return outputs
         return F.linear(hidden_states, weight, self.bias)
 
 
