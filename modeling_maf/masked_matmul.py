@@ -254,8 +254,9 @@ def _launch(layer, inputs, weight, bias, compute_dtype, transposed: bool, config
     if splits > 1:  # the slices' partial sums, in a fixed order: the result does not change from call to call
         summed = target.sum(0)
         if bias is not None:
-            summed += bias
-        out.copy_(summed)
+            torch.add(summed, bias, out=out)
+        else:
+            out.copy_(summed)
     return out
 
 
@@ -305,7 +306,9 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
         _, block_n, block_k, _, _ = config or default_config(inputs.shape[0], compute_dtype)
         if _plan(layer, False, block_n, block_k, inputs.device).covered_fraction > MAX_COVERED_FRACTION:
             return None
-    return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
+    if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
+        return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
+    return _launch(layer, inputs, weight, bias, compute_dtype, transposed=False, config=config)
 
 
 def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
