@@ -11,7 +11,9 @@ Rows (median ms over --repeats rounds in which the variants take turns, so a dri
   - the floor: bytes a log_prob must move (the connected weights once, the pixels, each block's input read and output
     written) over the copy bandwidth measured here; and the multiply-adds of the connected weights (GFLOP);
   - every layer of one MADE alone: dense F.linear against the kernel's default tile shapes and, with --sweep, the
-    fastest of a few others (what `masked_matmul.default_config` should pick);
+    fastest of a few others (what `masked_matmul.default_config` should pick); and the input gradient
+    (grad_output @ weight, dense against the kernel over the transposed tiles): at batch 8 these are the training
+    step's forward and input-gradient GEMMs, which say whether the kernel would pay in training too;
   - the kernel's log_prob against the dense path's (largest absolute and relative difference).
 """
 
@@ -145,9 +147,22 @@ def layer_rows(model, batch, dtype, repeats, calls, sweep_until):
                     return F.linear(x, layer.weight, layer.bias)
                 return masked_matmul.block_sparse_linear(layer, x, force=True, config=config)
 
-        medians = time_in_turns({"dense": (lambda: call("dense"), {}), "kernel": (call, SPARSE)}, repeats, calls)
+        # The input gradient (training's other GEMM on the weight's tiles): grad_output @ weight.
+        upstream = torch.randn(batch, layer.out_features, device=device, generator=generator).to(compute)
+        weight = layer.weight.detach()
+
+        def input_grad_dense(upstream=upstream, weight=weight):
+            return upstream @ weight.to(compute)
+
+        def input_grad_kernel(upstream=upstream, weight=weight, layer=layer):
+            return masked_matmul._launch(layer, upstream, weight, None, compute, transposed=True)
+
+        medians = time_in_turns({"dense": (lambda: call("dense"), {}), "kernel": (call, SPARSE),
+                                 "input_grad_dense": (input_grad_dense, {}),
+                                 "input_grad_kernel": (input_grad_kernel, SPARSE)}, repeats, calls)
         row = {"layer": index, "shape": list(layer.weight.shape), "batch": batch, "dtype": dtype,
                "dense_ms": medians["dense"], "kernel_ms": medians["kernel"],
+               "input_grad_dense_ms": medians["input_grad_dense"], "input_grad_kernel_ms": medians["input_grad_kernel"],
                "default_config": list(masked_matmul.default_config(batch, compute)),
                "covered_fraction": masked_matmul.covered_fraction(layer)}
         best = None
@@ -172,7 +187,9 @@ def layer_rows(model, batch, dtype, repeats, calls, sweep_until):
         rows.append(row)
         print(f"layer {index} {tuple(layer.weight.shape)} b{batch} {dtype}: dense {row['dense_ms']:.3f} ms, kernel "
               f"{row['kernel_ms']:.3f} ms {row['default_config']}"
-              + (f", best {best[1]:.3f} ms {best[0]}" if best else ""), flush=True)
+              + (f", best {best[1]:.3f} ms {best[0]}" if best else "")
+              + f"; input grad dense {row['input_grad_dense_ms']:.3f} ms, kernel {row['input_grad_kernel_ms']:.3f} ms",
+              flush=True)
     return rows
 
 

@@ -143,6 +143,7 @@ class _Plan:
         row_degrees, col_degrees = _degrees(layer, transposed)
         self.ranges = tile_ranges(row_degrees, col_degrees, layer.strict, block_n, block_k)
         self.lengths = self.ranges[:, 1] - self.ranges[:, 0]  # column tiles per row tile
+        self.num_row_tiles, self.longest = len(self.lengths), int(self.lengths.max())
         self.covered_fraction = _covered_fraction(self.ranges, block_n, block_k, len(row_degrees), len(col_degrees))
         self.block_n, self.block_k, self.device = block_n, block_k, device
         self.items = {}  # splits -> (int32 work items on the device, number of items)
@@ -151,6 +152,7 @@ class _Plan:
         """Every row tile's range cut into ``splits`` near-equal slices (some may be empty: their programs write
         zeros, or the bias), as (n_tile, k_begin, k_end, slot) rows in elements."""
         if splits not in self.items:
+            _refuse_during_capture(self.device)
             first, lengths = self.ranges[:, 0], self.lengths
             slot = torch.arange(splits)
             begin = first[:, None] + lengths[:, None] * slot[None, :] // splits
@@ -166,10 +168,20 @@ class _Plan:
 _PLANS = weakref.WeakKeyDictionary()
 
 
+class _NotPlanned(RuntimeError):
+    """A plan is missing during a CUDA graph capture, which forbids the host-to-device copy that makes it."""
+
+
+def _refuse_during_capture(device):
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise _NotPlanned
+
+
 def _plan(layer, transposed: bool, block_n: int, block_k: int, device) -> _Plan:
     plans = _PLANS.setdefault(layer, {})
     key = (device, transposed, block_n, block_k)
     if key not in plans:
+        _refuse_during_capture(device)
         plans[key] = _Plan(layer, transposed, block_n, block_k, device)
     return plans[key]
 
@@ -188,8 +200,8 @@ def _fp32_precision() -> str:
         return "tf32"
     precision = os.environ.get(FP32_PRECISION_ENV, "tf32x3").strip().lower()
     if precision not in FP32_PRECISIONS:
-        raise ValueError(f"{FP32_PRECISION_ENV}={precision!r} is not a float32 precision of the block-sparse matmul; use "
-                         f"one of {', '.join(FP32_PRECISIONS)}.")
+        raise ValueError(f"{FP32_PRECISION_ENV}={precision!r} is not a float32 precision of the block-sparse matmul; "
+                         f"use one of {', '.join(FP32_PRECISIONS)}.")
     return precision
 
 
@@ -236,8 +248,10 @@ def _launch(layer, inputs, weight, bias, compute_dtype, transposed: bool, config
     block_m, block_n, block_k, num_warps, num_stages = config or default_config(num_rows, compute_dtype)
     plan = _plan(layer, transposed, block_n, block_k, inputs.device)
     num_row_tiles = -(-num_rows // block_m)
-    unsplit = num_row_tiles * len(plan.lengths)
-    splits = max(1, min(-(-_num_programs_wanted(inputs.device) // unsplit), int(plan.lengths.max()),
+    # Too few (row tile, column tile) programs to fill the device (a wide first layer: 8 column tiles): every
+    # range is cut into slices whose float32 partial sums are added afterwards.
+    unsplit = num_row_tiles * plan.num_row_tiles
+    splits = max(1, min(-(-_num_programs_wanted(inputs.device) // unsplit), plan.longest,
                         (2**31 - 1) // (num_rows * num_outputs)))
     items, num_items = plan.work_items(splits)
     out = torch.empty(num_rows, num_outputs, device=inputs.device, dtype=compute_dtype)
@@ -250,7 +264,8 @@ def _launch(layer, inputs, weight, bias, compute_dtype, transposed: bool, config
         target.stride(-1), target.stride(0) if splits > 1 else 0,
         HAS_BIAS=bias is not None, SPLIT=splits > 1, EVEN_N=num_outputs % block_n == 0,
         EVEN_K=num_inputs % block_k == 0, COMPUTE_DTYPE=_TRITON_DTYPES[compute_dtype], PRECISION=precision,
-        UPCAST_DOT=_interpreting() and compute_dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        UPCAST_DOT=_interpreting() and compute_dtype != torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:  # the slices' partial sums, in a fixed order: the result does not change from call to call
         summed = target.sum(0)
         if bias is not None:
@@ -287,11 +302,11 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     """``F.linear(inputs, layer.weight, layer.bias)`` over the connected tiles of the MADE layer ``layer`` (a
     ``MaskedLinear``), or None where the dense path should run instead: no Triton, switched off, not on CUDA (CPU only
     under the Triton interpreter), a dtype it does not take, a weight that needs a gradient, a CUDA graph capture
-    before the layer's first eager call, or (unless ``force``) tiles that skip too little of the matrix to pay.
+    before an eager call of the same shape, or (unless ``force``) tiles that skip too little of the matrix to pay.
     ``config`` (benchmarks): the kernel's ``(block_m, block_n, block_k, num_warps, num_stages)``, default
     ``default_config``."""
     weight, bias = layer.weight, layer.bias
-    if not block_sparse_enabled() or inputs.ndim != 2 or inputs.shape[1] != weight.shape[1]:
+    if not block_sparse_enabled() or inputs.ndim != 2 or inputs.shape[1] != weight.shape[1] or not len(inputs):
         return None
     if not (inputs.is_cuda or (_interpreting() and inputs.device.type == "cpu")) or weight.device != inputs.device:
         return None
@@ -300,15 +315,16 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     compute_dtype = _compute_dtype(inputs, weight)
     if compute_dtype is None or max(inputs.numel(), weight.numel(), inputs.shape[0] * weight.shape[0]) >= 2**31:
         return None  # the kernel's offsets are int32
-    if inputs.is_cuda and torch.cuda.is_current_stream_capturing() and layer not in _PLANS:
-        return None  # a first call builds the tile plan on the host, which a capture forbids
-    if not force:
-        _, block_n, block_k, _, _ = config or default_config(inputs.shape[0], compute_dtype)
-        if _plan(layer, False, block_n, block_k, inputs.device).covered_fraction > MAX_COVERED_FRACTION:
-            return None
-    if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
-        return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
-    return _launch(layer, inputs, weight, bias, compute_dtype, transposed=False, config=config)
+    try:
+        if not force:
+            _, block_n, block_k, _, _ = config or default_config(inputs.shape[0], compute_dtype)
+            if _plan(layer, False, block_n, block_k, inputs.device).covered_fraction > MAX_COVERED_FRACTION:
+                return None
+        if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
+            return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
+        return _launch(layer, inputs, weight, bias, compute_dtype, transposed=False, config=config)
+    except _NotPlanned:  # a capture before the first eager call of this shape: the dense GEMM is captured instead
+        return None
 
 
 def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
