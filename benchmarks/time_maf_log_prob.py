@@ -157,12 +157,14 @@ def layer_rows(model, batch, dtype, repeats, calls, sweep_until):
         def input_grad_kernel(upstream=upstream, weight=weight, layer=layer):
             return masked_matmul._launch(layer, upstream, weight, None, compute, transposed=True)
 
-        medians = time_in_turns({"dense": (lambda: call("dense"), {}), "kernel": (call, SPARSE),
-                                 "input_grad_dense": (input_grad_dense, {}),
-                                 "input_grad_kernel": (input_grad_kernel, SPARSE)}, repeats, calls)
+        variants = {"dense": (lambda: call("dense"), {}), "kernel": (call, SPARSE)}
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # else no Triton kernel runs here
+            variants.update(input_grad_dense=(input_grad_dense, {}), input_grad_kernel=(input_grad_kernel, SPARSE))
+        medians = time_in_turns(variants, repeats, calls)
         row = {"layer": index, "shape": list(layer.weight.shape), "batch": batch, "dtype": dtype,
                "dense_ms": medians["dense"], "kernel_ms": medians["kernel"],
-               "input_grad_dense_ms": medians["input_grad_dense"], "input_grad_kernel_ms": medians["input_grad_kernel"],
+               "input_grad_dense_ms": medians.get("input_grad_dense", float("nan")),
+               "input_grad_kernel_ms": medians.get("input_grad_kernel", float("nan")),
                "default_config": list(masked_matmul.default_config(batch, compute)),
                "covered_fraction": masked_matmul.covered_fraction(layer)}
         best = None
