@@ -33,9 +33,10 @@ from modeling_maf import masked_matmul
 
 BATCHES = (132, 8)
 DTYPES = ("fp32", "bf16")
-SWEEP = [(block_m, block_n, block_k, warps, stages)
-         for block_m in (16, 32, 64) for block_n, block_k in ((64, 32), (64, 64), (128, 32), (32, 64), (128, 64))
-         for warps, stages in ((4, 3), (8, 3), (4, 4))]
+# Tile shapes (block_m, block_n, block_k, num_warps, num_stages) the sweep tries, most different ones first (each
+# layer gets a slice of --sweep_budget_s; compiling a shape takes about a second).
+SWEEP = [(block_m, block_n, block_k, warps, stages) for warps, stages in ((4, 3), (8, 3), (4, 4))
+         for block_n, block_k in ((64, 32), (64, 64), (128, 32), (32, 64), (128, 64)) for block_m in (64, 32, 16)]
 
 
 def parse_args(argv=None):
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--calls", type=int, default=5, help="Calls per round.")
     parser.add_argument("--skip_nflows", action="store_true", help="Do not run nflows even when importable.")
     parser.add_argument("--sweep", action="store_true", help="Also time the kernel's other tile shapes per layer.")
-    parser.add_argument("--sweep_budget_s", type=float, default=150.0, help="Stop the sweep after this long.")
+    parser.add_argument("--sweep_budget_s", type=float, default=180.0,
+                        help="Time for the whole sweep, shared equally by the layers, batches and dtypes.")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes on whatever device is present.")
     return parser.parse_args(argv)
 
@@ -130,9 +132,9 @@ def nflows_flow(config, device):
                                         use_residual_blocks=False).eval()
 
 
-def layer_rows(model, batch, dtype, repeats, calls, sweep_until):
+def layer_rows(model, batch, dtype, repeats, calls, sweep_seconds):
     """Each layer of block 1 (reversed order) alone: dense vs the kernel's default tile shapes (vs the fastest of the
-    sweep while time is left)."""
+    sweep's tile shapes tried within `sweep_seconds` per layer)."""
     rows = []
     device = model.device
     generator = torch.Generator(device=device).manual_seed(batch)
@@ -167,7 +169,7 @@ def layer_rows(model, batch, dtype, repeats, calls, sweep_until):
                "input_grad_kernel_ms": medians.get("input_grad_kernel", float("nan")),
                "default_config": list(masked_matmul.default_config(batch, compute)),
                "covered_fraction": masked_matmul.covered_fraction(layer)}
-        best = None
+        best, sweep_until = None, time.perf_counter() + sweep_seconds
         for config in SWEEP:
             if time.perf_counter() > sweep_until:
                 break
@@ -250,10 +252,11 @@ def main(argv=None):
         print(f"floor b{batch}: {floor['ms_at_measured_bandwidth']:.3f} ms ({floor['bytes'] / 1e9:.2f} GB at "
               f"{results['copy_bandwidth_GBps']:.0f} GB/s), {floor['gflop']:.1f} GFLOP", flush=True)
     del flow
-    sweep_until = time.perf_counter() + (args.sweep_budget_s if args.sweep else 0.0)
+    sweep_seconds = args.sweep_budget_s / (len(batches) * len(DTYPES) * len(model.blocks[1].made.layers)) \
+        if args.sweep else 0.0
     for batch in batches:
         for dtype in DTYPES:
-            results["layers"] += layer_rows(model, batch, dtype, args.repeats, args.calls, sweep_until)
+            results["layers"] += layer_rows(model, batch, dtype, args.repeats, args.calls, sweep_seconds)
     for row in results["agreement"]:
         print("agreement", row)
     if args.output_json:

@@ -257,7 +257,7 @@ def _launch(layer, inputs, weight, bias, compute_dtype, transposed: bool, config
     out = torch.empty(num_rows, num_outputs, device=inputs.device, dtype=compute_dtype)
     target = out if splits == 1 else torch.empty(splits, num_rows, num_outputs, device=inputs.device,
                                                  dtype=torch.float32)
-    precision = "ieee" if compute_dtype != torch.float32 else _fp32_precision()
+    precision = "tf32" if compute_dtype != torch.float32 else _fp32_precision()  # ignored for half operands
     _block_sparse_linear_kernel[(num_items * num_row_tiles,)](
         inputs, weight, bias if bias is not None else out, target, items, num_rows, num_outputs, num_inputs,
         num_row_tiles, inputs.stride(0), inputs.stride(1), stride_wn, stride_wk, target.stride(-2),
