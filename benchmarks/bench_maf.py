@@ -7,7 +7,9 @@ nflows 0.14 in the same process.
 Measures (median over repeated runs, CUDA-event timed after warm-up):
   - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory; eager
     with fused and with plain Adam, and on a GPU also replayed as one CUDA graph (train_maf.py's default there);
-  - log_prob throughput at batch 132 (the capsule test-set size);
+  - log_prob at batch 132 (the capsule test-set size) and 8, fp32 and bf16 autocast, with the MADE matmuls dense
+    (HF_DGM_BLOCK_SPARSE=0) and block-sparse (modeling_maf/masked_matmul.py, the default on CUDA), and its floor: the
+    bytes a log_prob must move over the measured copy bandwidth;
   - sampling 5 images: replayed as one CUDA graph (the default on a GPU; first and capture calls reported with it) and
     eager, with the sequential MADE evaluations per block;
   - IAF at the same size: sampling, density and train-step time;
@@ -19,6 +21,7 @@ Prints a table and writes bench_maf.json in --output_dir.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -29,6 +32,8 @@ import torch
 
 from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
+from modeling_maf.masked_matmul import DISABLE_ENV
+from modeling_maf.modeling_maf import MaskedLinear
 from time_maf_sampling import pass_floor_bytes
 
 
@@ -150,7 +155,44 @@ def nflows_log_prob(flow, pixels):
     return flow.log_prob(pixels.flatten(1))
 
 
-def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, make_optimizer):
+# log_prob's MADE matmuls: (label, value of HF_DGM_BLOCK_SPARSE); nflows has one way only.
+MATMULS = (("block-sparse", None), ("dense", "0"))
+
+
+@contextlib.contextmanager
+def block_sparse_setting(value):
+    """HF_DGM_BLOCK_SPARSE set to `value` (None: unset, the default) for the duration."""
+    saved = os.environ.get(DISABLE_ENV)
+    try:
+        if value is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = value
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = saved
+
+
+def log_prob_floor(model, batch_size, bandwidth_gbs):
+    """What a log_prob of `batch_size` images must move: the connected MADE weights (float32) once, the pixels, and
+    each block's input read and output written (float32); in bytes and in ms at `bandwidth_gbs`. Also the
+    multiply-adds of the connected weights, in GFLOP."""
+    layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
+    connected = sum(int(layer.fan_in().sum()) for layer in layers)  # counted from the degrees
+    features, blocks = model.config.num_features, model.config.num_blocks
+    floor_bytes = 4 * connected + 4 * batch_size * features * (1 + 2 * blocks)
+    return {"batch": batch_size, "bytes": floor_bytes, "gflop": 2 * batch_size * connected / 1e9,
+            "ms_at_measured_bandwidth": floor_bytes / (bandwidth_gbs * 1e9) * 1e3 if bandwidth_gbs == bandwidth_gbs
+            else None}
+
+
+def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, make_optimizer,
+                                 matmuls=((None, None),), log_prob=True):
+    """Train-step rows at batch 8, then (with `log_prob`) log_prob rows at the big batch and at 8, each way of
+    `matmuls` ((label, HF_DGM_BLOCK_SPARSE value) pairs)."""
     rows = []
     for dtype in ("fp32", "bf16"):
         optimizer = make_optimizer(model)
@@ -161,12 +203,18 @@ def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big,
         release_optimizer(optimizer)
         del optimizer
         gc.collect()
+    if not log_prob:
+        return rows
     model.eval()
-    for dtype in ("fp32", "bf16"):
-        timer.reset_peak()
-        ms = timer.median_ms(log_prob_fn(model, log_prob_of, pixels_big, dtype), repeats)
-        rows.append({"model": name, "measure": f"log_prob b{pixels_big.shape[0]} {dtype}", "ms": ms,
-                     "images_per_s": pixels_big.shape[0] / ms * 1e3, "peak_gib": timer.peak_gib()})
+    for pixels in (pixels_big, pixels_8):
+        for dtype in ("fp32", "bf16"):
+            for label, setting in matmuls:
+                with block_sparse_setting(setting):
+                    timer.reset_peak()
+                    ms = timer.median_ms(log_prob_fn(model, log_prob_of, pixels, dtype), repeats)
+                measure = f"log_prob b{pixels.shape[0]} {dtype}" + (f" {label}" if label else "")
+                rows.append({"model": name, "measure": measure, "ms": ms, "images_per_s": pixels.shape[0] / ms * 1e3,
+                             "peak_gib": timer.peak_gib()})
     model.train()
     return rows
 
@@ -237,11 +285,11 @@ def main(argv=None):
     num_params = model.num_parameters()
     results["parameters"] = num_params
     rows += measure_training_and_density("hf-dgm MAF (fused Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("fused", m, device))
+                                         args.repeats, lambda m: make_optimizer("fused", m, device), matmuls=MATMULS)
     rows += measure_training_and_density("hf-dgm MAF (plain Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("plain", m, device))[:2]
+                                         args.repeats, lambda m: make_optimizer("plain", m, device), log_prob=False)
     rows += measure_training_and_density("hf-dgm MAF (MaskedAdam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("masked", m, device))[:2]
+                                         args.repeats, lambda m: make_optimizer("masked", m, device), log_prob=False)
     if device.type == "cuda":
         for kind, label in (("fused", "fused Adam"), ("masked", "MaskedAdam")):
             for dtype in ("fp32", "bf16"):
@@ -263,6 +311,11 @@ def main(argv=None):
     masked_bytes = num_params * (2 * 4 + 6 * 4 * fractions["tiles"])
     results["floor_masked_adam"] = {"bytes_per_fp32_step": masked_bytes, "fractions": fractions,
                                     "ms_at_measured_bandwidth": masked_bytes / (bandwidth * 1e9) * 1e3}
+    results["floor_log_prob"] = [log_prob_floor(model, pixels.shape[0], bandwidth) for pixels in (pixels_big, pixels_8)]
+    for floor in results["floor_log_prob"] if bandwidth == bandwidth else ():  # rows only with a measured bandwidth
+        ms = floor["ms_at_measured_bandwidth"]
+        rows.append({"model": "floor (bytes / copy bandwidth)", "measure": f"log_prob b{floor['batch']}", "ms": ms,
+                     "images_per_s": floor["batch"] / ms * 1e3, "bytes": floor["bytes"], "gflop": floor["gflop"]})
     model = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -13,12 +13,13 @@ embedding of the patch's location to its first hidden layer (``condition_on_posi
 
 ``MAFModel`` is the flow. Anomaly scores, thresholds and their calibration are ``MAFAnomalyScorer``
 (anomaly_scorer_maf.py), which the model hands its NLL maps; sampling and refinement are ``MAFSamplingMixin``
-(sampling_maf.py).
+(sampling_maf.py), the sampling direction's sequential solve is sequential_solver.py, and the MADE matmuls
+without weight gradients run block-sparse (masked_matmul.py).
 
 This file imports only torch, transformers and its sibling files (configuration, patch layout, anomaly scorer and
-scores, image processor, sampling and refinement, the ``anomaly-detection`` pipeline), all imported relatively, so a
-Hub repo made by ``save_pretrained`` (which copies them) loads with ``trust_remote_code=True`` without this package
-installed, pipeline included.
+scores, block-sparse matmul, image processor, sampling, sequential solver and refinement, the
+``anomaly-detection`` pipeline), all imported relatively, so a Hub repo made by ``save_pretrained`` (which copies
+them) loads with ``trust_remote_code=True`` without this package installed, pipeline included.
 """
 
 import json
@@ -44,6 +45,7 @@ from .anomaly_scores import (
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
+from .masked_matmul import block_sparse_linear
 from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
 from .sampling_maf import MAFSamplingMixin
@@ -196,6 +198,10 @@ class MaskedLinear(nn.Linear):
             if self.linear_with_grad is not None:
                 return self.linear_with_grad(hidden_states, weight, self.bias)
             weight = _MaskGradient.apply(weight, self.mask())
+        else:  # no weight gradient: the matmul can skip the zero tiles (None where the dense GEMM runs instead)
+            outputs = block_sparse_linear(self, hidden_states)
+            if outputs is not None:
+                return outputs
         return F.linear(hidden_states, weight, self.bias)
 
 
