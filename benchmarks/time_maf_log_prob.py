@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_maf import log_prob_floor
-from modeling_maf import MAFConfig, MAFModel
-from modeling_maf import masked_matmul
+from modeling_maf import MAFConfig, MAFModel, masked_matmul
+
 
 BATCHES = (132, 8)
 DTYPES = ("fp32", "bf16")

@@ -25,7 +25,7 @@ import os
 import weakref
 
 import torch
-import torch.nn.functional as F
+
 
 try:  # Triton ships with CUDA builds of torch; without it (CPU wheels) the dense path runs.
     import triton

@@ -16,6 +16,7 @@ import torch
 from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.masked_matmul import DISABLE_ENV, block_sparse_linear, covered_fraction, tile_ranges
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

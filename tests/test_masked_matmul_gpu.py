@@ -12,6 +12,7 @@ bound, and MaskedLinear.forward takes the kernel.
 import pytest
 import torch
 
+
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
