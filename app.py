@@ -193,7 +193,7 @@ def build_demo(detector, maf_message, translator, cyclegan_message, maf_examples
                         inputs = [num_samples, seed, temperature]
                         if refine:
                             inputs.append(gr.Slider(0, 1000, value=0, step=10, label="Refinement steps (refine_steps; "
-                                                    "300 gives data-like samples, docs/maf.md §7)",
+                                                    "300 gives data-like samples, docs/maf.md: What samples look like)",
                                                     elem_id="sampling-refine"))
                         sample_button = gr.Button("Sample", variant="primary", elem_id="sampling-button")
                     gallery = gr.Gallery(label="Samples", format="png", columns=4, height=IMAGE_HEIGHT,

@@ -48,11 +48,10 @@ import sys
 import time
 import warnings
 
-
 import torch
 
-from hf_dgm_training import ImagePool
-from hf_dgm_training.cyclegan_step import (
+from hf_dgm_training.cyclegan import ImagePool
+from hf_dgm_training.cyclegan.step import (
     STEP_LOSS_NAMES,
     CycleGANTrainStep,
     FastPathOptions,
@@ -60,12 +59,13 @@ from hf_dgm_training.cyclegan_step import (
     new_batch_buffers,
     prepare_model,
 )
+from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANModel
-from modeling_cyclegan.data import UnpairedSampler, default_load_size
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), batch 1, as measured in docs/RESULTS.md.
+# The reference implementation (junyanz/pytorch-CycleGAN-and-pix2pix), batch 1, on an H100 as quoted in
+# docs/RESULTS.md#cyclegan-speed.
 REFERENCE_IT_PER_S = {(128, 6): 12.9, (256, 9): 10.7}
 VARIANTS = ("plain", "bf16_eager", "fast", "fast_compile")
 
@@ -218,13 +218,14 @@ def run_case(size, blocks, batch, variant, options, args, device) -> dict:
         "first_step_losses": {name: first_losses[name] for name in LOSS_NAMES},
         "finite": bool(torch.isfinite(history).all()),
     }
-    del model, optimizer_g, optimizer_d, step, images, sampler, history
+    model = optimizer_g = optimizer_d = step = images = sampler = history = None  # free the GPU memory
     return result
 
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return result.stdout.strip() or None
     except OSError:
         return None
 
@@ -252,7 +253,8 @@ def format_table(results: list[dict]) -> str:
             number(r["ms_per_iteration"], 2), number(r["iterations_per_second"]), number(r["images_per_second"]),
             number(r.get("speedup_vs_plain"), 2), number(r.get("speedup_vs_reference"), 2),
             number(r["graph_replay_ms_per_iteration"], 2), number(r["peak_memory_mib"], 0),
-            number(r["startup_seconds"]), number(r["host_syncs_per_step"], 2), number(r.get("max_loss_diff_vs_plain"), 4),
+            number(r["startup_seconds"]), number(r["host_syncs_per_step"], 2),
+            number(r.get("max_loss_diff_vs_plain"), 4),
         ))
         for fallback in options.get("fallbacks", []):
             notes.append(f"- {r['size']}^2/{r['residual_blocks']} blocks/batch {r['batch']} {r['variant']}: {fallback}")
@@ -295,7 +297,8 @@ def add_comparisons(results: list[dict], device, filters: int) -> None:
                 abs(r["first_step_losses"][n] - base["first_step_losses"][n]) for n in LOSS_NAMES
             )
             r["max_relative_loss_diff_vs_plain"] = max(
-                abs(r["first_step_losses"][n] - base["first_step_losses"][n]) / max(abs(base["first_step_losses"][n]), 1e-8)
+                abs(r["first_step_losses"][n] - base["first_step_losses"][n])
+                / max(abs(base["first_step_losses"][n]), 1e-8)
                 for n in LOSS_NAMES
             )
         reference = REFERENCE_IT_PER_S.get((r["size"], r["residual_blocks"]))
@@ -327,7 +330,8 @@ def main(argv=None):
             "warmup": args.warmup,
             "time_budget_s": args.time_budget_s,
             "reference_iterations_per_second": {f"{s}x{s}, {b} blocks": v for (s, b), v in REFERENCE_IT_PER_S.items()},
-            "images_per_second_counts": "images of one domain per second (each iteration also processes as many of the other)",
+            "images_per_second_counts": "images of one domain per second (each iteration also processes as many of "
+                                        "the other)",
             "seconds": time.perf_counter() - started,
             "results": results,
             "compile_vs_fast": compile_comparison(results),

@@ -1,21 +1,27 @@
-"""Seed-spec MAF/IAF speed on one GPU, side by side with nflows 0.14 in the same process.
+"""Default-size MAF/IAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks) speed on one GPU, side by side with
+nflows 0.14 in the same process.
 
-    python benchmarks/bench_maf.py --output_dir runs/bench_maf          # GPU, spec size (128x128x3, 512-512, 7 blocks)
+    python benchmarks/bench_maf.py --output_dir runs/bench_maf          # GPU, default size
     python benchmarks/bench_maf.py --smoke                              # CPU, tiny sizes: checks that it runs
 
 Measures (median over repeated runs, CUDA-event timed after warm-up):
   - train step (forward, backward, Adam) at batch 8, fp32 and bf16 autocast: ms/step, images/s, peak memory; eager
     with fused and with plain Adam, and on a GPU also replayed as one CUDA graph (train_maf.py's default there);
-  - log_prob throughput at batch 132 (the capsule test-set size);
-  - sampling 5 images: seconds and sequential MADE evaluations per block;
+  - log_prob at batch 132 (the capsule test-set size) and 8, fp32 and bf16 autocast, with the MADE matmuls dense
+    (HF_DGM_BLOCK_SPARSE=0) and block-sparse (modeling_maf/masked_matmul.py, the default on CUDA), and its floor: the
+    bytes a log_prob must move over the measured copy bandwidth;
+  - sampling 5 images: replayed as one CUDA graph (the default on a GPU; first and capture calls reported with it) and
+    eager, with the sequential MADE evaluations per block;
   - IAF at the same size: sampling, density and train-step time;
   - nflows MaskedAutoregressiveFlow at the identical layer shapes (when nflows is importable): train step, log_prob,
     and sampling timed in full at 3x32x32 and 3x64x64, extrapolated to 3x128x128 (it needs D passes per layer);
-  - the floor: bytes of weights (and Adam state) an fp32 step must move, over the measured copy bandwidth.
+  - the floor: bytes of weights (and Adam state) an fp32 step must move, over the measured copy bandwidth; the same
+    for one sequential sampling pass (the weights of one segment and the middle layers).
 Prints a table and writes bench_maf.json in --output_dir.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -24,8 +30,11 @@ import time
 
 import torch
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction
+from modeling_maf.masked_matmul import DISABLE_ENV
+from modeling_maf.modeling_maf import MaskedLinear
+from time_maf_sampling import pass_floor_bytes
 
 
 def parse_args(argv=None):
@@ -88,7 +97,8 @@ def train_step_fn(model, log_prob_of, batch, optimizer, dtype):
 
 def make_optimizer(kind, model, device, capturable=False):
     """'masked': MaskedAdam (train_maf.py's default for a MAF); 'fused': torch.optim.Adam's fused CUDA kernel;
-    'plain': torch.optim.Adam with its defaults (foreach on CUDA). Release a MaskedAdam after use (release_optimizer)."""
+    'plain': torch.optim.Adam with its defaults (foreach on CUDA). Release a MaskedAdam after use
+    (release_optimizer)."""
     fused = device.type == "cuda" or None
     if kind == "masked":
         return MaskedAdam(model, lr=1e-4, fused=fused, capturable=capturable)
@@ -122,7 +132,7 @@ def graphed_train_step_ms(model, batch, timer, repeats, dtype, kind):
     peak = timer.peak_gib()
     described = runner.describe()
     release_optimizer(optimizer)
-    del runner, optimizer
+    runner = optimizer = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache()
     return ms, peak, described
@@ -145,7 +155,44 @@ def nflows_log_prob(flow, pixels):
     return flow.log_prob(pixels.flatten(1))
 
 
-def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, make_optimizer):
+# log_prob's MADE matmuls: (label, value of HF_DGM_BLOCK_SPARSE); nflows has one way only.
+MATMULS = (("block-sparse", None), ("dense", "0"))
+
+
+@contextlib.contextmanager
+def block_sparse_setting(value):
+    """HF_DGM_BLOCK_SPARSE set to `value` (None: unset, the default) for the duration."""
+    saved = os.environ.get(DISABLE_ENV)
+    try:
+        if value is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = value
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = saved
+
+
+def log_prob_floor(model, batch_size, bandwidth_gbs):
+    """What a log_prob of `batch_size` images must move: the connected MADE weights (float32) once, the pixels, and
+    each block's input read and output written (float32); in bytes and in ms at `bandwidth_gbs`. Also the
+    multiply-adds of the connected weights, in GFLOP."""
+    layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
+    connected = sum(int(layer.fan_in().sum()) for layer in layers)  # counted from the degrees
+    features, blocks = model.config.num_features, model.config.num_blocks
+    floor_bytes = 4 * connected + 4 * batch_size * features * (1 + 2 * blocks)
+    return {"batch": batch_size, "bytes": floor_bytes, "gflop": 2 * batch_size * connected / 1e9,
+            "ms_at_measured_bandwidth": floor_bytes / (bandwidth_gbs * 1e9) * 1e3 if bandwidth_gbs == bandwidth_gbs
+            else None}
+
+
+def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big, timer, repeats, make_optimizer,
+                                 matmuls=((None, None),), log_prob=True):
+    """Train-step rows at batch 8, then (with `log_prob`) log_prob rows at the big batch and at 8, each way of
+    `matmuls` ((label, HF_DGM_BLOCK_SPARSE value) pairs)."""
     rows = []
     for dtype in ("fp32", "bf16"):
         optimizer = make_optimizer(model)
@@ -156,14 +203,57 @@ def measure_training_and_density(name, model, log_prob_of, pixels_8, pixels_big,
         release_optimizer(optimizer)
         del optimizer
         gc.collect()
+    if not log_prob:
+        return rows
     model.eval()
-    for dtype in ("fp32", "bf16"):
-        timer.reset_peak()
-        ms = timer.median_ms(log_prob_fn(model, log_prob_of, pixels_big, dtype), repeats)
-        rows.append({"model": name, "measure": f"log_prob b{pixels_big.shape[0]} {dtype}", "ms": ms,
-                     "images_per_s": pixels_big.shape[0] / ms * 1e3, "peak_gib": timer.peak_gib()})
+    for pixels in (pixels_big, pixels_8):
+        for dtype in ("fp32", "bf16"):
+            for label, setting in matmuls:
+                with block_sparse_setting(setting):
+                    timer.reset_peak()
+                    ms = timer.median_ms(log_prob_fn(model, log_prob_of, pixels, dtype), repeats)
+                measure = f"log_prob b{pixels.shape[0]} {dtype}" + (f" {label}" if label else "")
+                rows.append({"model": name, "measure": measure, "ms": ms, "images_per_s": pixels.shape[0] / ms * 1e3,
+                             "peak_gib": timer.peak_gib()})
     model.train()
     return rows
+
+
+def sampling_rows(model, generator, timer, repeats):
+    """Exact sampling of 5 images: the default (on a GPU from the third call at a shape on: one CUDA graph of every
+    block; the first call runs eagerly, the second captures) and eager (``sampling_cuda_graphs = False``)."""
+    rows, passes = [], model.num_sequential_passes()[0]
+    def sample():
+        return model.sample(5, generator=generator)
+    if timer.device.type == "cuda":
+        calls = []
+        for _ in range(2):  # eager first call, then the capture call
+            started = time.perf_counter()
+            sample()
+            timer.sync()
+            calls.append((time.perf_counter() - started) * 1e3)
+        ms = timer.median_ms(sample, repeats=repeats, warmup=1)
+        rows.append({"model": "hf-dgm MAF", "measure": "sample 5 (CUDA graph)", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                     "sequential_passes_per_block": passes, "first_call_ms": calls[0], "capture_call_ms": calls[1]})
+    model.sampling_cuda_graphs = False
+    try:
+        ms = timer.median_ms(sample, repeats=max(3, repeats // 4), warmup=1)
+    finally:
+        model.sampling_cuda_graphs = True
+    rows.append({"model": "hf-dgm MAF", "measure": "sample 5 (eager)", "ms": ms, "images_per_s": 5 / ms * 1e3,
+                 "sequential_passes_per_block": passes})
+    return rows
+
+
+def sampling_floor(model, bandwidth):
+    """Bytes of weights one sequential pass must read (mean over a block's passes; time_maf_sampling.py), and every
+    pass of a sample call, over the measured copy bandwidth."""
+    per_pass = pass_floor_bytes(model)
+    total = sum(per_pass) * len(model.blocks)
+    known = bandwidth == bandwidth
+    return {"mean_bytes_per_pass": statistics.mean(per_pass), "bytes_all_passes": total,
+            "us_per_pass_at_measured_bandwidth": statistics.mean(per_pass) / (bandwidth * 1e9) * 1e6 if known else None,
+            "ms_all_passes_at_measured_bandwidth": total / (bandwidth * 1e9) * 1e3 if known else None}
 
 
 def main(argv=None):
@@ -195,11 +285,11 @@ def main(argv=None):
     num_params = model.num_parameters()
     results["parameters"] = num_params
     rows += measure_training_and_density("hf-dgm MAF (fused Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("fused", m, device))
+                                         args.repeats, lambda m: make_optimizer("fused", m, device), matmuls=MATMULS)
     rows += measure_training_and_density("hf-dgm MAF (plain Adam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("plain", m, device))[:2]
+                                         args.repeats, lambda m: make_optimizer("plain", m, device), log_prob=False)
     rows += measure_training_and_density("hf-dgm MAF (MaskedAdam)", model, ours_log_prob, pixels_8, pixels_big, timer,
-                                         args.repeats, lambda m: make_optimizer("masked", m, device))[:2]
+                                         args.repeats, lambda m: make_optimizer("masked", m, device), log_prob=False)
     if device.type == "cuda":
         for kind, label in (("fused", "fused Adam"), ("masked", "MaskedAdam")):
             for dtype in ("fp32", "bf16"):
@@ -208,20 +298,25 @@ def main(argv=None):
                              "ms": ms, "images_per_s": 8 / ms * 1e3, "peak_gib": peak, "graph": described})
     model.eval()
     sample_generator = torch.Generator(device=device).manual_seed(0)
-    ms = timer.median_ms(lambda: model.sample(5, generator=sample_generator), repeats=max(3, args.repeats // 4), warmup=1)
-    rows.append({"model": "hf-dgm MAF", "measure": "sample 5", "ms": ms, "images_per_s": 5 / ms * 1e3,
-                 "sequential_passes_per_block": model.num_sequential_passes()[0]})
+    rows += sampling_rows(model, sample_generator, timer, args.repeats)
+    results["floor_sampling_pass"] = sampling_floor(model, bandwidth)
     # Weight traffic floor of an fp32 Adam step: forward reads W, backward reads W and writes dW, the gradient mask
     # reads and writes dW, Adam reads W, dW, m, v and writes W, m, v: 11 x 4 bytes per parameter (+ the bool mask).
     floor_bytes = num_params * (11 * 4 + 1)
     results["floor"] = {"bytes_per_fp32_step": floor_bytes,
-                        "ms_at_measured_bandwidth": floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
+                        "ms_at_measured_bandwidth":
+                            floor_bytes / (bandwidth * 1e9) * 1e3 if bandwidth == bandwidth else None}
     # MaskedAdam: forward and backward read W; the update reads and writes W, m, v of the connected tiles only.
     fractions = connected_fraction(model)
     masked_bytes = num_params * (2 * 4 + 6 * 4 * fractions["tiles"])
     results["floor_masked_adam"] = {"bytes_per_fp32_step": masked_bytes, "fractions": fractions,
                                     "ms_at_measured_bandwidth": masked_bytes / (bandwidth * 1e9) * 1e3}
-    del model
+    results["floor_log_prob"] = [log_prob_floor(model, pixels.shape[0], bandwidth) for pixels in (pixels_big, pixels_8)]
+    for floor in results["floor_log_prob"] if bandwidth == bandwidth else ():  # rows only with a measured bandwidth
+        ms = floor["ms_at_measured_bandwidth"]
+        rows.append({"model": "floor (bytes / copy bandwidth)", "measure": f"log_prob b{floor['batch']}", "ms": ms,
+                     "images_per_s": floor["batch"] / ms * 1e3, "bytes": floor["bytes"], "gflop": floor["gflop"]})
+    model = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -247,7 +342,7 @@ def main(argv=None):
         rows.append({"model": "hf-dgm IAF", "measure": "train step b8 bf16", "ms": ms, "images_per_s": 8 / ms * 1e3,
                      "peak_gib": timer.peak_gib()})
         del optimizer
-    del iaf
+    iaf = None  # free the GPU memory
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -287,14 +382,20 @@ def main(argv=None):
         rows.append({"model": "nflows 0.14 MAF", "measure": f"sample 5 at 3x{side}x{side} (extrapolated)",
                      "ms": extrapolated, "images_per_s": 5 / extrapolated * 1e3,
                      "sequential_passes_per_block": 3 * side * side,
-                     "note": f"{per_pass[-1]:.3f} ms per pass at 3x{small_sides[-1]}x{small_sides[-1]} x D passes x {layers} layers"})
+                     "note": f"{per_pass[-1]:.3f} ms per pass at 3x{small_sides[-1]}x{small_sides[-1]} x D passes x "
+                             f"{layers} layers"})
 
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "bench_maf.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"\n{results['device']}, torch {results['torch']}, {num_params:,} parameters, copy bandwidth "
-          f"{bandwidth:.0f} GB/s, fp32-step floor {results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
+          f"{bandwidth:.0f} GB/s, fp32-step floor "
+          f"{results['floor']['ms_at_measured_bandwidth'] or float('nan'):.2f} ms "
           f"(torch Adam), {results['floor_masked_adam']['ms_at_measured_bandwidth']:.2f} ms (MaskedAdam)")
+    floor = results["floor_sampling_pass"]
+    print(f"sampling pass floor: {floor['mean_bytes_per_pass'] / 1e6:.2f} MB of weights, "
+          f"{floor['us_per_pass_at_measured_bandwidth'] or float('nan'):.2f} us; all passes of a call "
+          f"{floor['ms_all_passes_at_measured_bandwidth'] or float('nan'):.2f} ms")
     print(f"{'model':28s} {'measure':40s} {'ms':>12s} {'img/s':>10s} {'peak GiB':>9s} {'passes':>7s}")
     for row in rows:
         print(f"{row['model']:28s} {row['measure']:40s} {row['ms']:12.2f} {row['images_per_s']:10.1f} "

@@ -1,14 +1,16 @@
-"""One spec MAF training step under DDP, timed by phase: one process against several, MaskedAdam against torch Adam.
+"""One default-size MAF training step under DDP, timed by phase: one process against several, MaskedAdam against
+torch Adam.
 
     torchrun --nproc_per_node 1 benchmarks/bench_maf_ddp.py --output_dir runs/ddp     # one GPU
     torchrun --nproc_per_node 2 benchmarks/bench_maf_ddp.py --output_dir runs/ddp     # two GPUs (same call)
     torchrun --nproc_per_node 2 benchmarks/bench_maf_ddp.py --smoke                   # CPU, gloo, tiny sizes
 
-Every process builds the seed-spec MAF (128x128x3, 512-512, 7 blocks) at batch 8 per process and times, after
-warm-up, eager steps (CUDA graphs are for one process) as train_maf.py runs them under accelerate: bf16 autocast,
-DDP around the model, the optimizer built before DDP. For each optimizer it reports the median step and its
-phases, each closed by a device synchronisation: forward, backward (for torch Adam this includes DDP's gradient
-all-reduce of every weight), optimizer step (for MaskedAdam this includes its all-gather of the layer factors).
+Every process builds the default-size MAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks) at batch 8 per
+process and times, after warm-up, eager steps (CUDA graphs are for one process) as train_maf.py runs them under
+accelerate: bf16 autocast, DDP around the model, the optimizer built before DDP. For each optimizer it reports the
+median step and its phases, each closed by a device synchronisation: forward, backward (for torch Adam this includes
+DDP's gradient all-reduce of every weight), optimizer step (for MaskedAdam this includes its all-gather of the layer
+factors).
 Images/s counts all processes. Rank 0 writes bench_maf_ddp_<N>gpu.json.
 """
 
@@ -21,8 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
 
 
 def parse_args(argv=None):

@@ -27,10 +27,10 @@ from transformers import AutoModel
 
 import modeling_maf  # noqa: F401  (registers the maf/iaf Auto classes)
 from hf_dgm_training import device_description, resolve_device, write_json
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, split_validation
+from hf_dgm_training.metrics import roc_auc, roc_auc_per_group
+from hf_dgm_training.metrics.evaluation import counts_at_threshold, image_metrics_note, nll_maps_of, pixel_metrics
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID, ScoreParameters, calibrate_scores, compute_score
-from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
-from modeling_maf.metrics.evaluation import counts_at_threshold, image_metrics_note, nll_maps_of, pixel_metrics
-from modeling_maf.metrics import roc_auc, roc_auc_per_group
 
 
 def parse_args(argv=None):
@@ -163,7 +163,7 @@ def main(argv=None):
     for model_dir in args.model_dirs:
         per_model.append(study_one_model(args, model_dir, dataset, device))
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # the next model (2 GB at the spec) starts from a clean cache
+            torch.cuda.empty_cache()  # the next model (2 GB at the default size) starts from a clean cache
     summary = summarize(per_model)
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "anomaly_study.json"), {

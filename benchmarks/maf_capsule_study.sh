@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The seed-spec MAF study on MVTec AD capsule (docs/RESULTS.md): every configuration trained for 100 epochs with
-# bf16 on 3 seeds, each followed by sampling (temperature 1.0 and 0.7) and the anomaly report.
+# The default-size MAF study on MVTec AD capsule (docs/RESULTS.md#maf-quality): every configuration trained for 100
+# epochs with bf16 on 3 seeds, each followed by sampling (temperature 1.0 and 0.7) and the anomaly report.
 #
 #   bash benchmarks/maf_capsule_study.sh runs/study            # needs a GPU (~9 GB of GPU memory per run)
 #
-# Runs go one after another (PARALLEL=1): 8 spec trainings at once on one H200 were ~4x slower in aggregate
+# Runs go one after another (PARALLEL=1): 8 default-size trainings at once on one H200 were ~4x slower in aggregate
 # (11.7 vs 45 steps/s). Each run takes ~1.5-2 min, so one 10-minute device command holds about 4 of them;
 # ONLY="spread-none sequential-none" restricts the configurations. EXTRA adds flags to every training run
 # (e.g. EXTRA="--image_size 16 --num_train_epochs 1" for a quick check). The small outputs (JSON, PNG, JSONL)

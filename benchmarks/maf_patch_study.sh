@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The patch MAF on MVTec AD capsule (docs/maf.md, "Patch MAF"): 3 seeds of the default patch configuration, then
-# benchmarks/maf_anomaly_study.py over them (every score, patch-z-top3 included: image AUROC mean ± std), then, while
-# the time budget allows, the same for each variant.
+# The patch MAF on MVTec AD capsule (docs/maf.md#8-patch-maf-a-density-of-local-patches): 3 seeds of the default
+# patch configuration, then benchmarks/maf_anomaly_study.py over them (every score, patch-z-top3 included: image
+# AUROC mean ± std), then, while the time budget allows, the same for each variant.
 #
 #   bash benchmarks/maf_patch_study.sh runs/patch_study data/mvtec_capsule      # one GPU, ~7 minutes
 #

@@ -6,7 +6,7 @@
 For every model: the data's own measures (training and test-good images of --data_dir at the model's image size);
 --num_samples exact samples at --temperature from --seed; then, from the same starting points, refined samples
 (`model.sample(..., refine_steps=K, refine_step_size=eps, refine_temperature=tau)`) for every K x eps x tau of the
-grid. Measures (modeling_maf.metrics.sample_quality, on the 8-bit images): bits/dim under the model, roughness and
+grid. Measures (hf_dgm_training.metrics.sample_quality, on the 8-bit images): bits/dim under the model, roughness and
 diversity relative to the training images, distance to the nearest training image relative to test-good images,
 and seconds (refined runs include the exact pass they start from, after a warm-up). A run passes when
 
@@ -28,9 +28,9 @@ import time
 import torch
 from transformers import AutoModel
 
-from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
-from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from hf_dgm_training import device_description, resolve_device, save_labelled_grids, write_json
+from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
 
 
 def parse_args(argv=None):

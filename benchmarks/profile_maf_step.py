@@ -1,6 +1,6 @@
-"""Where the time of one seed-spec MAF train step goes, on one GPU (the evidence behind bench_maf's train-step row).
+"""Where the time of one default-size MAF train step goes, on one GPU (the evidence behind bench_maf's train-step row).
 
-    python benchmarks/profile_maf_step.py --output_dir runs/profile_maf          # GPU, spec size
+    python benchmarks/profile_maf_step.py --output_dir runs/profile_maf          # GPU, default size
     python benchmarks/profile_maf_step.py --smoke                               # tiny sizes, any device
 
 Measures, at batch 8, fp32, fused Adam (median of --repeats, CUDA-synchronised):
@@ -10,7 +10,7 @@ Measures, at batch 8, fp32, fused Adam (median of --repeats, CUDA-synchronised):
   - the whole step replayed as one CUDA graph (capturable fused Adam), which removes all host work;
   - the whole step with TF32 matmuls allowed;
   - fused Adam over tensors the size of a 16-rectangle cover of the connections that exist (what storing only
-    those would save; at the spec the masks keep 50.0 % of each matrix and the cover 53.1 %);
+    those would save; at the default size the masks keep 50.0 % of each matrix and the cover 53.1 %);
   - a torch.profiler table of the kernels of three steps, by total GPU time.
 Writes profile_maf_step.json (and the profiler table as profile_maf_step_kernels.txt) in --output_dir.
 """

@@ -10,6 +10,7 @@ import statistics
 import sys
 from collections import defaultdict
 
+
 FIELDS = [
     ("train bits/dim", lambda t, a, s: t["final_train_bits_per_dim"]),
     ("test-good bits/dim", lambda t, a, s: a["test_good_bits_per_dim"]),

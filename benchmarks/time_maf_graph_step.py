@@ -1,6 +1,7 @@
-"""Time the seed-spec MAF training step with MaskedAdam replayed as one CUDA graph (fp32, batch 8), in one process:
+"""Time the default-size MAF training step with MaskedAdam replayed as one CUDA graph (fp32, batch 8), in one process:
 `plain` (no guard), `found_inf` (the non-finite guard train_maf.py uses: MaskedAdam's check of the gradient factors
-and the kernel's skip of a flagged step) and `found_inf_clip` (that and clipping at norm 1, train_maf.py's default). Every variant has its own model, optimizer and graph; their repeats take turns,
+and the kernel's skip of a flagged step) and `found_inf_clip` (that and clipping at norm 1, train_maf.py's default).
+Every variant has its own model, optimizer and graph; their repeats take turns,
 so a drift of the GPU's clocks touches all of them alike. Prints the median ms per step of repeats 3-N (N repeats of
 50 steps) per variant, and writes them to --output_json when given.
 
@@ -18,8 +19,8 @@ import time
 
 import torch
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
 
 
 try:
@@ -51,7 +52,8 @@ def parse_args(argv=None):
 
 
 def graph_step(variant: str):
-    """A spec MAF with MaskedAdam (capturable, fused) and its training step as a CUDAGraphStep."""
+    """A default-size MAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks) with MaskedAdam (capturable, fused)
+    and its training step as a CUDAGraphStep."""
     torch.manual_seed(0)
     model = MAFModel(MAFConfig()).cuda()
     max_grad_norm = 1.0 if variant == "found_inf_clip" else None

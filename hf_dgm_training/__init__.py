@@ -1,20 +1,30 @@
 # Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
-"""Training infrastructure shared by the hf-dgm scripts, installed with the package.
+"""The library the hf-dgm scripts build on (training and inference), installed with the package.
+
+Layers point one way: scripts -> this package -> the model packages (`modeling_maf`, `modeling_cyclegan`). The
+model packages hold what loading a model needs and import nothing from here.
 
 - `arguments`: the flags every training script shares, and config fields as flags.
 - `checkpoints`: atomic `accelerate` checkpoints and exact resume.
 - `hub`: the Hub token and a background pusher that never stops training.
 - `trainer`: the one training loop; a script supplies a `TrainingTask` (its data, its step, its evaluation).
-- `cuda_graphs`: a whole training step replayed as one CUDA graph.
-- `cyclegan_step`: CycleGAN's training step and the options of its fast path.
-- `outputs`: metrics, JSON, plots, image grids, model cards.
+- `cuda_graphs`: a whole training step replayed as one CUDA graph, and the one decision of `--cuda_graphs`.
 - `sampler`: a shuffle that depends only on (seed, epoch), so a resumed run sees the same batches.
 - `model_selection`: the best epoch's weights by a validation metric, and early stopping.
-- `inference`: the prologue of the inference scripts (device, output folder, model).
-- `image_pool`: CycleGAN's image history buffer.
+- `tracking`: the accelerator set up from the flags, metrics.jsonl and the trackers, JSON results.
+- `figures`: loss curves and image grids.
+- `model_cards`: the model card written next to a trained model.
+- `model_loading`: `--model_name_or_path` checked and loaded (never sending a local-looking path to the Hub), and
+  the prologue of the inference scripts (device, output folder, model).
 - `errors`: the errors a user can fix, and `run_main`, the entry point that prints them as one line.
-- `loading`: `--model_name_or_path` checked and loaded, never sending a local-looking path to the Hub.
-- `images`: images decoded from files and `datasets` columns with errors that name the damaged file.
+- `data/`: images decoded with errors that name the file (`images`), anomaly-detection data (`anomaly/`),
+  CycleGAN's unpaired domains (`unpaired`).
+- `metrics/`: the `anomaly_detection` evaluate module (loaded by path), anomaly evaluation, sample quality.
+- `maf/`: MAF's optimizer (`MaskedAdam`) and the non-finite check of its step.
+- `cyclegan/`: CycleGAN's training step, its fast-path options, and the image pool.
+
+The names below are the ones every script uses; `data`, `metrics`, `maf` and `cyclegan` are imported from their
+subpackages (they pull in `datasets` and the model packages).
 """
 
 from .arguments import (
@@ -27,7 +37,8 @@ from .arguments import (
     finish_common_args,
 )
 from .checkpoints import CHECKPOINT_PREFIX, TRAINING_STATE_NAME, CheckpointManager
-from .cuda_graphs import CUDAGraphStep
+from .cuda_graphs import CUDAGraphStep, use_cuda_graphs
+from .data.images import check_dataset_images, iter_dataset_images, open_image
 from .errors import (
     DataError,
     HfDgmError,
@@ -38,24 +49,18 @@ from .errors import (
     is_user_error,
     run_main,
 )
+from .figures import plot_curves, save_image_grid, save_labelled_grids, save_small_grid
 from .hub import HUB_STAGING_PREFIX, HubPusher, resolve_hub_token
-from .image_pool import ImagePool
-from .images import check_dataset_images, iter_dataset_images, open_image
-from .trainer import PhaseTimer, TrainingLoop, TrainingTask, seconds_since_process_start
+from .model_cards import write_model_card
+from .model_loading import load_model_for_inference, load_pretrained, looks_local, resolve_device, resolve_model_path
 from .model_selection import BestModelKeeper
 from .sampler import EpochSeededSampler
-from .inference import load_model_for_inference, resolve_device
-from .loading import load_pretrained, looks_local, resolve_model_path
-from .outputs import (
+from .tracking import (
     MetricsLogger,
     device_description,
     metrics_series,
-    plot_curves,
     read_metrics,
-    save_image_grid,
-    save_labelled_grids,
-    save_small_grid,
     setup_accelerator,
     write_json,
-    write_model_card,
 )
+from .trainer import PhaseTimer, TrainingLoop, TrainingTask, seconds_since_process_start

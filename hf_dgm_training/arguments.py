@@ -221,8 +221,10 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
             kwargs["nargs"] = "+"
         elif element_type is _str2bool:
             kwargs.update(nargs="?", const=True)
-        default_text = "" if parameter.default is inspect.Parameter.empty else f" (config default: {parameter.default!r})"
-        group.add_argument(option, help=f"Overrides `{config_class.__name__}.{parameter.name}`{default_text}.", **kwargs)
+        default = parameter.default
+        default_text = "" if default is inspect.Parameter.empty else f" (config default: {default!r})"
+        group.add_argument(option, help=f"Overrides `{config_class.__name__}.{parameter.name}`{default_text}.",
+                           **kwargs)
         added.append(parameter.name)
 
     # Remember which flags belong to the config, so fields skipped here never leak into the overrides.

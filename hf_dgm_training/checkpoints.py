@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 
-from .outputs import write_json
+from .tracking import write_json
 
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class CheckpointManager:
         accelerator.save_state(temp_dir)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json(os.path.join(temp_dir, TRAINING_STATE_NAME), {"step": step, "epoch": epoch, "extra": extra or {}})
+            write_json(os.path.join(temp_dir, TRAINING_STATE_NAME),
+                       {"step": step, "epoch": epoch, "extra": extra or {}})
             if os.path.exists(final_dir):  # saving the same step again (e.g. the end of an epoch): replace it
                 shutil.rmtree(final_dir)
             os.replace(temp_dir, final_dir)

@@ -1,9 +1,22 @@
 # Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
-"""A whole training step replayed as one CUDA graph."""
+"""A whole training step replayed as one CUDA graph, and the decision of `--cuda_graphs` for every trainer."""
 
 from __future__ import annotations
 
 import logging
+
+from .errors import UsageError
+
+
+def use_cuda_graphs(flag: str, device, num_processes: int, fast_path: bool) -> bool:
+    """Whether a trainer replays its step as CUDA graphs, from `--cuda_graphs` ('auto' / 'true' / 'false'): auto is on
+    for one process on a CUDA device on the fast path; 'true' anywhere else is a `UsageError`."""
+    on_cuda, single = device.type == "cuda", num_processes == 1
+    if flag == "auto":
+        return on_cuda and single and fast_path
+    if flag == "true" and not (on_cuda and single):
+        raise UsageError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+    return flag == "true"
 
 
 class CUDAGraphStep:
@@ -51,7 +64,8 @@ class CUDAGraphStep:
             try:
                 self._capture(inputs)
             except Exception as error:  # noqa: BLE001 - reported in fallbacks and as a warning, then eager
-                self.fallbacks.append(f"CUDA graph capture failed, running eagerly: {type(error).__name__}: {error}"[:500])
+                reason = f"CUDA graph capture failed, running eagerly: {type(error).__name__}: {error}"
+                self.fallbacks.append(reason[:500])
                 logging.getLogger(__name__).warning(self.fallbacks[-1])
                 self.graph, self.enabled = None, False
                 torch.cuda.synchronize()

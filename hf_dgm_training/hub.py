@@ -82,7 +82,8 @@ class HubPusher:
         except OSError as error:
             logger.warning(f"Could not prepare {folder} for upload ({error}); it stays local only.")
             return
-        self._queue.put((folder, staging, path_in_repo, commit_message or f"Upload {os.path.basename(folder)}", patterns))
+        commit_message = commit_message or f"Upload {os.path.basename(folder)}"
+        self._queue.put((folder, staging, path_in_repo, commit_message, patterns))
         if self._worker is None:
             # Daemon: an upload stuck on a dead connection must not keep the finished process alive.
             self._worker = threading.Thread(target=self._run, name="hub-pusher", daemon=True)

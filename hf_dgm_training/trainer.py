@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from .checkpoints import CheckpointManager
 from .hub import HubPusher, resolve_hub_token
-from .outputs import MetricsLogger, device_description, read_metrics, truncate_metrics, write_json
+from .tracking import MetricsLogger, device_description, read_metrics, truncate_metrics, write_json
 
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class TrainingTask:
         raise NotImplementedError
 
     def end_epoch(self, epoch: int, epoch_means: dict[str, float]) -> dict:
-        """Evaluation at the end of an epoch; returns metrics to log (keys as logged, e.g. "epoch/test_bits_per_dim")."""
+        """Evaluation at the end of an epoch; returns metrics to log (keys as logged, e.g.
+        "epoch/test_bits_per_dim")."""
         return {}
 
     def should_stop(self) -> bool:
@@ -200,7 +201,8 @@ class TrainingLoop:
 
         args, task, state, accelerator = self.args, self.task, self.state, self.accelerator
         self._metrics = MetricsLogger(accelerator, self.metrics_path)
-        self._history, self._pending = None, []  # device rows of the steps not fetched yet, and their (step, epoch, extras)
+        # Device rows of the steps not fetched yet, and their (step, epoch, extras).
+        self._history, self._pending = None, []
         max_steps = self.total_steps()
         self._progress = tqdm(total=max_steps, initial=min(state.global_step, max_steps), desc="training", unit="step",
                               disable=not accelerator.is_local_main_process)
@@ -376,6 +378,16 @@ class TrainingLoop:
     def records(self) -> list[dict]:
         """Every line of metrics.jsonl (one per step and per epoch, the last line of a step winning)."""
         return read_metrics(self.metrics_path)
+
+    def summary(self, results: dict) -> str:
+        """The last line of a training script, from what `finish` wrote."""
+        rate, steady = results["steps_per_second"], results["steady_steps_per_second"]
+        speed = f"{rate:.2f} it/s" if rate else "no steps this run"
+        if steady:
+            speed += f", steady {steady:.2f} it/s"
+        return (f"Training done: {results['global_step']}/{results['total_steps']} steps, "
+                f"{results['train_seconds']:.1f} s of training ({speed}), {results['script_seconds']:.1f} s in all. "
+                f"Model, metrics and train_results.json in {self.args.output_dir}.")
 
     def finish(self, results: dict) -> dict:
         """Writes train_results.json (with the script's phases and total seconds) and pushes the output folder; main

@@ -127,7 +127,8 @@ class CycleGANConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"CycleGANConfig.{name} must be a number >= 0, got {value!r}.")
         if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0:
-            raise ValueError(f"CycleGANConfig.pool_size must be an integer >= 0 (0 disables the pool), got {self.pool_size!r}.")
+            raise ValueError("CycleGANConfig.pool_size must be an integer >= 0 (0 disables the pool), got "
+                             f"{self.pool_size!r}.")
         if isinstance(self.init_gain, bool) or not isinstance(self.init_gain, (int, float)) or self.init_gain <= 0:
             raise ValueError(f"CycleGANConfig.init_gain must be a positive number, got {self.init_gain!r}.")
 

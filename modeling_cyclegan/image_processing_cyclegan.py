@@ -110,12 +110,14 @@ class CycleGANImageProcessor(BaseImageProcessor):
         self.do_resize = do_resize
         self.resample = int(resample)
 
-    def preprocess(self, images, size=None, do_resize: bool | None = None, return_tensors="pt", **kwargs) -> BatchFeature:
+    def preprocess(self, images, size=None, do_resize: bool | None = None, return_tensors="pt",
+                   **kwargs) -> BatchFeature:
         """Images (one or a list) -> `BatchFeature` with `pixel_values` of shape (N, 3, H, W) in [-1, 1]."""
         if kwargs:
             raise ValueError(f"Unexpected arguments {sorted(kwargs)}; CycleGANImageProcessor takes size and do_resize.")
         if return_tensors not in ("pt", None):
-            raise ValueError(f"CycleGANImageProcessor returns torch tensors (return_tensors='pt'), got {return_tensors!r}.")
+            raise ValueError("CycleGANImageProcessor returns torch tensors (return_tensors='pt'), got "
+                             f"{return_tensors!r}.")
         size = self.size if size is None else _size_dict(size)
         do_resize = self.do_resize if do_resize is None else do_resize
         if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.ndim <= 3):
@@ -164,4 +166,6 @@ class CycleGANImageProcessor(BaseImageProcessor):
         return arrays if output_type == "np" else [Image.fromarray(array) for array in arrays]
 
 
-__all__ = ["CycleGANImageProcessor", "levels_to_pixel_values", "pixel_values_to_levels", "pixel_values_to_unit_interval"]
+__all__ = [
+    "CycleGANImageProcessor", "levels_to_pixel_values", "pixel_values_to_levels", "pixel_values_to_unit_interval"
+]

@@ -245,7 +245,8 @@ class CycleGANPreTrainedModel(PreTrainedModel):
         custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
         for task, pipeline_class in self.pipelines.items():
             module = pipeline_class.__module__.rsplit(".", 1)[-1]
-            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"],
+                                      "type": "image"}
         self.config.custom_pipelines = custom_pipelines
         return super().save_pretrained(save_directory, *args, **kwargs)
 

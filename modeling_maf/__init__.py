@@ -1,14 +1,25 @@
 """hf-dgm: Masked Autoregressive Flow (MAF) and Inverse Autoregressive Flow (IAF) as transformers models."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .anomaly_scorer_maf import AnomalyPrediction, MAFAnomalyScorer
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_feature_maf import FeatureMAFConfig
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import MAFImageProcessor
+from .modeling_efficientnet_lite import (
+    EfficientNetLiteBackbone,
+    EfficientNetLiteForImageClassification,
+    EfficientNetLitePreTrainedModel,
+    efficientnet_lite0_weights_file,
+    pretrained_efficientnet_lite0,
+)
 from .modeling_feature_maf import FeatureMAFModel, FeatureMAFOutput
-from .modeling_maf import AnomalyPrediction, IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .modeling_maf import IAFModel, MAFModel, MAFModelOutput, MAFPreTrainedModel
+from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
+
 
 AutoConfig.register("maf", MAFConfig, exist_ok=True)
 AutoConfig.register("iaf", IAFConfig, exist_ok=True)
@@ -30,32 +41,22 @@ MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
 FeatureMAFModel.register_for_auto_class("AutoModel")
 MAFImageProcessor.register_for_auto_class("AutoImageProcessor")
-# pipeline("anomaly-detection", model=<MAFModel or IAFModel>) in this process; saved folders and Hub repos name the
+# pipeline("anomaly-detection", model=<MAFModel, IAFModel or FeatureMAFModel>) in this process; saved folders and Hub repos name the
 # pipeline in config.json themselves (MAFPreTrainedModel.save_pretrained).
 PIPELINE_REGISTRY.register_pipeline("anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel,
                                     type="image")
-
-__all__ = ["FeatureMAFConfig", "FeatureMAFModel", "FeatureMAFOutput", "AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
-           "MAFPreTrainedModel", "MAFImageProcessor", "AnomalyDetectionPipeline"]
-
 # EfficientNet-Lite, the frozen ImageNet feature backbone: AutoConfig / AutoBackbone / load_backbone know it, and a
 # saved backbone folder carries its code (auto_map) like the models above.
-from transformers import AutoBackbone, AutoModelForImageClassification  # noqa: E402
-
-from .configuration_efficientnet_lite import EfficientNetLiteConfig  # noqa: E402
-from .modeling_efficientnet_lite import (  # noqa: E402
-    EfficientNetLiteBackbone,
-    EfficientNetLiteForImageClassification,
-    EfficientNetLitePreTrainedModel,
-    efficientnet_lite0_weights_file,
-    pretrained_efficientnet_lite0,
-)
-
 AutoConfig.register("efficientnet_lite", EfficientNetLiteConfig, exist_ok=True)
 AutoBackbone.register(EfficientNetLiteConfig, EfficientNetLiteBackbone, exist_ok=True)
 AutoModelForImageClassification.register(EfficientNetLiteConfig, EfficientNetLiteForImageClassification, exist_ok=True)
 EfficientNetLiteConfig.register_for_auto_class()
 EfficientNetLiteBackbone.register_for_auto_class("AutoBackbone")
 EfficientNetLiteForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-__all__ += ["EfficientNetLiteConfig", "EfficientNetLiteBackbone", "EfficientNetLiteForImageClassification",
-            "EfficientNetLitePreTrainedModel", "efficientnet_lite0_weights_file", "pretrained_efficientnet_lite0"]
+
+__all__ = ["AnomalyPrediction", "MAFConfig", "IAFConfig", "MAFModel", "IAFModel", "MAFModelOutput",
+           "MAFPreTrainedModel", "MAFImageProcessor", "AnomalyDetectionPipeline", "EfficientNetLiteConfig",
+           "EfficientNetLiteBackbone", "EfficientNetLiteForImageClassification", "EfficientNetLitePreTrainedModel",
+           "efficientnet_lite0_weights_file", "pretrained_efficientnet_lite0", "FeatureMAFConfig", "FeatureMAFModel",
+           "FeatureMAFOutput"]
+

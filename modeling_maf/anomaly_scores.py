@@ -21,8 +21,9 @@ maps of its grid into the map it looks at and one number per image, higher = mor
 
 The standardised scores need per-location statistics (`LocationStatistics`, one pair per grid) of good images;
 `calibrate_scores` computes them and a decision threshold per score at a target false-positive rate. A new score is
-one function decorated with `@register_score(name)` in this file (`grid=PATCH_GRID` to read the patch NLL). The
-model brings a patch-grid score's map to pixels by the same overlap averaging as its NLL maps.
+one function decorated with `@register_score(name)` in this file (`grid=PATCH_GRID` to read the patch NLL). These are
+functions of maps and statistics; `MAFAnomalyScorer` (anomaly_scorer_maf.py) holds a model's statistics and
+thresholds, and brings a patch-grid score's map to pixels.
 
 This file imports only torch: it travels with modeling_maf.py into Hub repos (`trust_remote_code=True`).
 """
@@ -33,7 +34,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 NLL = "nll"
@@ -41,8 +41,8 @@ PIXEL_GRID = "pixel"
 PATCH_GRID = "patch"
 PATCH_TOP_K = 3
 # The score of a calibrated model when none is named, chosen by measurement over 3 seeds: for a whole-image flow
-# the image NLL (docs/RESULTS.md §5, §7.2), for a patch flow the top-3 patch z-scores (§10). An uncalibrated model
-# uses NLL.
+# the image NLL (docs/RESULTS.md#whole-image-detector), for a patch flow the top-3 patch z-scores
+# (docs/RESULTS.md#patch-detector). An uncalibrated model uses NLL.
 DEFAULT_CALIBRATED_SCORE = NLL
 DEFAULT_CALIBRATED_PATCH_SCORE = "patch-z-top3"
 MIN_CALIBRATION_IMAGES = 3
@@ -327,43 +327,6 @@ def calibrate_scores(nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParamete
     return (statistics if isinstance(nll_maps, NLLMaps) else statistics[PIXEL_GRID]), thresholds, fprs
 
 
-class AnomalyStatistics(nn.Module):
-    """The per-location statistics of a calibrated model, as persistent buffers (saved in model.safetensors):
-    `location_mean` and `location_std` at the pixel grid, (H, W) each, and `patch_location_mean` and
-    `patch_location_std` at the patch grid, (Lh, Lw) each; zeros and ones until calibrated."""
-
-    def __init__(self, height: int, width: int, grid_height: int = 1, grid_width: int = 1):
-        super().__init__()
-        self.register_buffer("location_mean", torch.zeros(height, width))
-        self.register_buffer("location_std", torch.ones(height, width))
-        self.register_buffer("patch_location_mean", torch.zeros(grid_height, grid_width))
-        self.register_buffer("patch_location_std", torch.ones(grid_height, grid_width))
-
-    def _buffers_by_grid(self):
-        return {PIXEL_GRID: (self.location_mean, self.location_std),
-                PATCH_GRID: (self.patch_location_mean, self.patch_location_std)}
-
-    def reset_parameters(self, skip_loaded: bool = False):
-        """Zeros and ones; with `skip_loaded`, buffers loaded from a checkpoint (`_is_hf_initialized`) are kept."""
-        with torch.no_grad():
-            for mean, std in self._buffers_by_grid().values():
-                for tensor, value in ((mean, 0.0), (std, 1.0)):
-                    if not (skip_loaded and getattr(tensor, "_is_hf_initialized", False)):
-                        tensor.fill_(value)
-
-    def store(self, statistics: dict) -> dict:
-        """Copy the statistics (per grid name) into the buffers (their dtype and device); return them as stored."""
-        with torch.no_grad():
-            for grid, (mean, std) in self._buffers_by_grid().items():
-                mean.copy_(statistics[grid].mean)
-                std.copy_(statistics[grid].std)
-        return self.get()
-
-    def get(self) -> dict:
-        """The statistics per grid name."""
-        return {grid: LocationStatistics(mean, std) for grid, (mean, std) in self._buffers_by_grid().items()}
-
-
 __all__ = [
     "ANOMALY_SCORES",
     "DEFAULT_CALIBRATED_PATCH_SCORE",
@@ -375,7 +338,6 @@ __all__ = [
     "PIXEL_GRID",
     "NLLMaps",
     "AnomalyScore",
-    "AnomalyStatistics",
     "LocationStatistics",
     "ScoreParameters",
     "box_mean",

@@ -13,8 +13,8 @@ class MAFConfig(PreTrainedConfig):
     Configuration of a [`MAFModel`]: a stack of affine MADE blocks over flattened images, or over the square patches
     of the images (`patch_size`).
 
-    The defaults are the seed specification: 128x128x3 images (D = 49,152 dimensions), MADE with two hidden
-    layers of 512 units (Linear(D->512), Linear(512->512), Linear(512->2D), all masked) and 7 blocks.
+    The defaults: 128x128x3 images (D = 49,152 dimensions), MADE with two hidden layers of 512 units
+    (Linear(D->512), Linear(512->512), Linear(512->2D), all masked) and 7 blocks.
 
     Args:
         image_size (`int`, *optional*, defaults to 128):
@@ -183,7 +183,8 @@ class MAFConfig(PreTrainedConfig):
         positive_int("patch_stride", self.patch_stride)
         size, patch, stride = self.image_size, self.patch_size, self.patch_stride
         if patch > size:
-            raise ValueError(f"`patch_size` {patch} exceeds `image_size` {size}; use 1..{size} (or None: whole images).")
+            raise ValueError(f"`patch_size` {patch} exceeds `image_size` {size}; use 1..{size} (or None: whole "
+                             "images).")
         if stride > patch:
             raise ValueError(f"`patch_stride` {stride} exceeds `patch_size` {patch}, so some pixels would be in no "
                              f"patch; use 1..{patch}.")

@@ -2,8 +2,8 @@
 
 Self-contained (torch, numpy, PIL and transformers only): `save_pretrained` copies this file next to the processor's
 config, so that a Hub repository loads with `AutoImageProcessor.from_pretrained(repo_id, trust_remote_code=True)`
-without this package. Training tensors are built through the same class (`modeling_maf.data`), so training and
-inference preprocess the same way.
+without this package. Training tensors are built through the same class (`hf_dgm_training.data.anomaly`), so
+training and inference preprocess the same way.
 """
 
 import os
@@ -29,8 +29,8 @@ def pixel_values_to_levels(pixel_values: torch.Tensor) -> torch.Tensor:
     return (pixel_values.detach().float().clamp(0, 1) * (NUM_LEVELS - 1)).round().to(torch.uint8)
 
 
-# Colour conversion, the one set of rules for the data sets (applied once when they are built, modeling_maf.data) and
-# for the model's input (applied here):
+# Colour conversion, the one set of rules for the data sets (applied once when they are built,
+# hf_dgm_training.data.anomaly) and for the model's input (applied here):
 # - RGB and L images are kept; 1-bit images become L; 16-bit grayscale becomes L (divided by 257); every other mode
 #   (palette, CMYK, ...) becomes RGB.
 # - Images with transparency (RGBA, LA, palette + transparency) are composited over black: a pixel's colour is scaled
@@ -143,8 +143,9 @@ class MAFImageProcessor(BaseImageProcessor):
                  do_rescale: bool = True, **kwargs):
         super().__init__(**kwargs)
         if num_channels not in (1, 3):
-            raise ValueError(f"MAFImageProcessor makes RGB (num_channels=3) or grayscale (num_channels=1) pixel values, "
-                             f"got num_channels={num_channels!r}; build tensors of other channel counts yourself.")
+            raise ValueError("MAFImageProcessor makes RGB (num_channels=3) or grayscale (num_channels=1) pixel "
+                             f"values, got num_channels={num_channels!r}; build tensors of other channel counts "
+                             "yourself.")
         self.size = _size_dict(size)
         self.num_channels = num_channels
         self.do_resize = do_resize
@@ -221,4 +222,6 @@ class MAFImageProcessor(BaseImageProcessor):
         return [Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array) for array in arrays]
 
 
-__all__ = ["MAFImageProcessor", "levels_to_pixel_values", "normalize_mode", "pixel_values_to_levels", "to_mode", "to_rgb"]
+__all__ = [
+    "MAFImageProcessor", "levels_to_pixel_values", "normalize_mode", "pixel_values_to_levels", "to_mode", "to_rgb"
+]

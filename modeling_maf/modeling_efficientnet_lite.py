@@ -33,27 +33,41 @@ class EfficientNetLiteConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
                          bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of `hidden_states`, with `weight` and `bias` in place of the module's own when given."""
         if self.stride[0] > 1:
             height, width = hidden_states.shape[-2:]
             top, bottom = tf_same_padding(height, self.kernel_size[0], self.stride[0])
             left, right = tf_same_padding(width, self.kernel_size[1], self.stride[1])
             hidden_states = F.pad(hidden_states, (left, right, top, bottom))
-        return super().forward(hidden_states)
+        return self._conv_forward(hidden_states, self.weight if weight is None else weight, bias)
 
 
 class EfficientNetLiteConvLayer(nn.Module):
-    """Convolution, batch norm and (optionally) the activation."""
+    """Convolution, batch norm and (optionally) the activation. In eval mode the batch norm (then an affine map with
+    its running statistics) is folded into the convolution's weight and bias on the fly: the same function in one
+    pass over the feature map instead of two; the parameters and checkpoints stay those of conv + norm."""
 
     def __init__(self, config: EfficientNetLiteConfig, in_channels: int, out_channels: int, kernel_size: int,
                  stride: int = 1, groups: int = 1, activation: bool = True):
         super().__init__()
         self.conv = EfficientNetLiteConv2d(in_channels, out_channels, kernel_size, stride=stride, groups=groups)
         self.norm = nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
-        self.act = ACT2FN[config.hidden_act] if activation else nn.Identity()
+        if not activation:
+            self.act = nn.Identity()
+        elif config.hidden_act == "relu6":  # in place: the convolution's output is not needed by autograd
+            self.act = nn.ReLU6(inplace=True)
+        else:
+            self.act = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(hidden_states)))
+        if self.training:
+            return self.act(self.norm(self.conv(hidden_states)))
+        scale = self.norm.weight * torch.rsqrt(self.norm.running_var + self.norm.eps)
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        bias = self.norm.bias - self.norm.running_mean * scale
+        return self.act(self.conv(hidden_states, weight, bias))
 
 
 class EfficientNetLiteBlock(nn.Module):

@@ -12,12 +12,13 @@ This is preconditioned Langevin dynamics (Li et al., 2016, "pSGLD"): at a fixed 
 is close to p(x)^(1 / tau) (tau = 1: the model itself; tau -> 0: gradient ascent to a mode), and the RMSprop
 preconditioner G makes every coordinate move about eps per step however steep log p is along it, as Adam does;
 the floor rho (relative to the sample's mean over coordinates) keeps a coordinate whose first gradients happen to
-be near 0 from taking a huge noise step. The temperature falls linearly from tau_0 to 0 at the last step: noise keeps the samples apart early, the last
-steps sharpen them. The results are no longer draws from the model.
+be near 0 from taking a huge noise step. The temperature falls linearly from tau_0 to 0 at the last step: noise keeps
+the samples apart early, the last steps sharpen them. The results are no longer draws from the model.
 
 This file imports only torch, so a Hub repo made by ``save_pretrained`` loads with ``trust_remote_code=True``.
 """
 
+import contextlib
 import math
 
 import torch
@@ -40,6 +41,24 @@ def check_refinement_arguments(steps, step_size, temperature, batch_size) -> Non
         raise ValueError(f"refine_temperature must be a finite number >= 0 (0 = no noise), got {temperature!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"refine_batch_size must be an integer >= 1, got {batch_size!r}.")
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """Eval mode (running statistics) and parameters without requires_grad, so that a gradient with respect to the
+    inputs forms nothing else (no weight gradients, nothing handed to an optimizer's gradient sink); the module is
+    left as it was."""
+    parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    was_training = module.training
+    module.eval()
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        module.train(was_training)
 
 
 def annealed_langevin(start, log_density, *, steps, step_size, temperature, batch_size, generator=None,

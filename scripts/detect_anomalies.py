@@ -5,7 +5,7 @@ good from defective images.
     python scripts/detect_anomalies.py --model_name_or_path runs/maf --data_dir data/mvtec_capsule
 
 Data: MVTec's layout (ground_truth/ masks for all, some or no defect types), the plain layout train/good,
-test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see modeling_maf/data.
+test/good, test/<any name>, or a Hub dataset with image + label (--dataset_name); see hf_dgm_training/data/anomaly/.
 
 Scores (modeling_maf/anomaly_scores.py; all are reported, --score picks the headline one): nll, map-max, map-topk,
 and, for a calibrated model, standardized-map, standardized-topk, positive-z-sum (per-location z-scores against
@@ -25,17 +25,25 @@ import os
 
 import numpy as np
 
-from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
-from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
-from modeling_maf.data import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
-from modeling_maf.metrics.evaluation import (
+from hf_dgm_training import (
+    UsageError,
+    add_debug_arg,
+    device_description,
+    load_model_for_inference,
+    run_main,
+    write_json,
+)
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
+from hf_dgm_training.metrics import load_anomaly_metric
+from hf_dgm_training.metrics.evaluation import (
     evaluate_scores,
     image_metrics_note,
-    load_metric,
     nll_maps_of,
     score_all,
 )
-from hf_dgm_training import UsageError, add_debug_arg, device_description, load_model_for_inference, run_main, write_json
+from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
+from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
+
 
 VALIDATION = "validation"
 
@@ -179,7 +187,8 @@ def print_summary(report, output_dir):
         print(report["image_metrics_note"])
     else:
         print(f"image AUROC ({method}) {report['image_auroc']:.4f}, AUPR {report['aupr']:.4f}, "
-              f"F1-max {report['f1_max']:.4f}; " + ", ".join(f"{name} {m['auroc']:.4f}" for name, m in report["metrics_by_score"].items()))
+              f"F1-max {report['f1_max']:.4f}; "
+              + ", ".join(f"{name} {m['auroc']:.4f}" for name, m in report["metrics_by_score"].items()))
     if report["pixel_auroc"] is not None:
         print(f"pixel AUROC ({method}) {report['pixel_auroc']:.4f} over the {report['pixel_metrics_images']} test "
               f"images with masks ({report['pixel_metrics_images_without_mask']} without)")
@@ -290,8 +299,8 @@ def pick_examples(scores, labels, defect_types, limit):
     def median_of(indices):
         return sorted(indices, key=lambda i: scores[i])[len(indices) // 2]
 
-    defects = sorted(set(d for d, l in zip(defect_types, labels) if l == 1))
-    good = [i for i, l in enumerate(labels) if l == 0]
+    defects = sorted(set(d for d, label in zip(defect_types, labels) if label == 1))
+    good = [i for i, label in enumerate(labels) if label == 0]
     good_picks = list(dict.fromkeys([median_of(good), max(good, key=lambda i: scores[i])])) if good else []
     chosen = [median_of([i for i, d in enumerate(defect_types) if d == defect and labels[i] == 1])
               for defect in defects]
@@ -344,7 +353,7 @@ def main(argv=None):
     scored = score_all(model, nll_maps_of(model, test.pixel_values, args.batch_size, device))
     labels = test.labels.numpy()
     metrics = evaluate_scores(model, scored, labels, test.defect_types, test.masks.numpy(), test.has_masks.numpy(),
-                              metric=load_metric() if image_metrics_note(labels) is None else None)
+                              metric=load_anomaly_metric() if image_metrics_note(labels) is None else None)
     report = build_report(args, model, device, test, scored, metrics, method, calibration_source)
     write_json(os.path.join(output_dir, "anomaly_report.json"), report)
     plot_figures(output_dir, test, scored, metrics, method, report["decision_threshold"], args.num_examples)

@@ -6,15 +6,15 @@ Hub dataset repo.
 
 Afterwards `load_dataset("<user>/mvtec-capsule")` (or `--dataset_name <user>/mvtec-capsule` in the scripts)
 gives splits train/test with the columns image, label (good/anomaly), defect_type, mask (None where a defective
-image has none) and file, exactly as `modeling_maf.data.load_anomaly_dataset` builds them from the folder. One
-category per repo (the default config).
+image has none) and file, exactly as `hf_dgm_training.data.anomaly.load_anomaly_dataset` builds them from the folder.
+One category per repo (the default config).
 """
 
 import argparse
 from typing import Optional, Sequence
 
 from hf_dgm_training import add_debug_arg, run_main
-from modeling_maf.data import MVTEC_HOMEPAGE, MVTEC_URLS, load_mvtec
+from hf_dgm_training.data.anomaly import MVTEC_HOMEPAGE, MVTEC_URLS, load_anomaly_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def build_dataset(args: argparse.Namespace):
-    """The DatasetDict that gets pushed: `load_mvtec` on the local category."""
-    return load_mvtec(args.data_dir, download=args.download, category=args.category, cache_dir=args.cache_dir)
+    """The DatasetDict that gets pushed: `load_anomaly_dataset` on the local category."""
+    return load_anomaly_dataset(args.data_dir, download=args.download, category=args.category, cache_dir=args.cache_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

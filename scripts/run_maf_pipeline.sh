@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then train a MAF on an MVTec AD category, sample 5 images (exact and refined), and write the
-# anomaly report; with the spec preset, also train the patch MAF anomaly detector and write its report.
+# anomaly report; with the spec preset (train_maf.py's defaults), also train the patch MAF anomaly detector and write its report.
 #
-#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # seed spec (GPU): 128x128, 100 epochs
+#   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule                 # default configuration (GPU): 128x128, 100 epochs
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec_capsule --preset cpu    # 64x64 preset: a minute or two on 2 CPU cores
 #   bash scripts/run_maf_pipeline.sh --data_dir data/mvtec --download              # fetch MVTec's capsule archive first
 #
@@ -13,8 +13,8 @@
 #
 # The patch detector (--patch_detector on|off; on for --preset spec, off for --preset cpu): a patch MAF (16x16
 # patches at stride 8 of the 128x128 images, given their location; 5 blocks of 512-512, lr 1e-3, 250 epochs, bf16),
-# scored by patch-z-top3. It detects defects far better than the whole-image model (docs/RESULTS.md §10) in about
-# a minute on a GPU; on a few CPU cores it would take hours, so the CPU preset leaves it out.
+# scored by patch-z-top3. It detects defects far better than the whole-image model (docs/RESULTS.md#patch-detector)
+# in about a minute on a GPU; on a few CPU cores it would take hours, so the CPU preset leaves it out.
 # It goes to OUTPUT_DIR/patch_detector, its report to OUTPUT_DIR/patch_detector/anomaly. Of the extra flags only
 # --seed reaches its training (the others, --push_to_hub included, are the whole-image model's); PATCH_EXTRA adds
 # flags to its training, last, so they win (e.g. PATCH_EXTRA="--num_train_epochs 100").
@@ -42,8 +42,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$PRESET" in
-  spec) PRESET_ARGS=() ;;  # the seed spec: 128x128x3, 512-512, 7 blocks, batch 8, 100 epochs, lr 1e-4
-  # 64x64 images, smaller MADEs, fewer blocks and epochs: a minute or two on 2 CPU cores (docs/RESULTS.md).
+  spec) PRESET_ARGS=() ;;  # train_maf.py's defaults: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs, lr 1e-4
+  # 64x64 images, smaller MADEs, fewer blocks and epochs: a minute or two on 2 CPU cores
+  # (docs/RESULTS.md#start-up-and-end-to-end-times).
   cpu) PRESET_ARGS=(--image_size 64 --hidden_sizes 256 256 --num_blocks 3 --num_train_epochs 8) ;;
   *) echo "unknown --preset $PRESET (spec or cpu)" >&2; exit 2 ;;
 esac
@@ -52,7 +53,8 @@ case "${PATCH_DETECTOR:-default}" in
   default) if [ "$PRESET" = spec ]; then PATCH_DETECTOR=on; else PATCH_DETECTOR=off; fi ;;
   *) echo "unknown --patch_detector $PATCH_DETECTOR (on or off)" >&2; exit 2 ;;
 esac
-# The patch detector's configuration (docs/maf.md §8), measured in docs/RESULTS.md §10.
+# The patch detector's configuration (docs/maf.md#8-patch-maf-a-density-of-local-patches), measured in
+# docs/RESULTS.md#patch-detector.
 PATCH_ARGS=(--image_size 128 --patch_size 16 --patch_stride 8 --num_blocks 5 --hidden_sizes 512 512
             --learning_rate 1e-3 --num_train_epochs 250 --mixed_precision bf16)
 

@@ -14,7 +14,7 @@ Writes to --output_dir, for each temperature T: sample_t<T>_<i>.png and samples_
 refined_t<T>_<i>.png and refined_t<T>.png (refined), exact_vs_refined_t<T>.png (both grids side by side, labelled),
 and samples.json: seconds in total and per image for exact and refined samples (refined seconds include the exact
 pass they start from), sequential MADE evaluations per block, device, and the measures of
-modeling_maf.metrics.sample_quality on the 8-bit images: bits/dim under the model, roughness (mean |Laplacian| in
+hf_dgm_training.metrics.sample_quality on the 8-bit images: bits/dim under the model, roughness (mean |Laplacian| in
 8-bit levels) and diversity (mean pairwise L2). With --data_dir or --dataset_name (the data the model was trained
 on) also roughness and diversity relative to the training images and the distance to the nearest training image
 relative to that of the test-good images (refined samples must not be copies of training images).
@@ -26,8 +26,6 @@ import time
 
 import torch
 
-from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
-from modeling_maf.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from hf_dgm_training import (
     add_debug_arg,
     device_description,
@@ -37,6 +35,8 @@ from hf_dgm_training import (
     save_labelled_grids,
     write_json,
 )
+from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
 
 
 DEFAULT_REFINE_STEPS = 300
@@ -45,7 +45,8 @@ DEFAULT_REFINE_STEPS = 300
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="Folder written by train_maf.py, or a Hub id.")
-    parser.add_argument("--output_dir", default=None, help="Where images and samples.json go (default: <model>/samples).")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where images and samples.json go (default: <model>/samples).")
     parser.add_argument("--num_samples", type=int, default=5, help="Images to generate per temperature.")
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0],
                         help="Standard deviation(s) of the base noise; below 1 trades diversity for cleaner images.")

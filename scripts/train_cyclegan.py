@@ -27,7 +27,6 @@ import torch
 from accelerate.logging import get_logger
 
 from hf_dgm_training import (
-    ImagePool,
     TrainingLoop,
     TrainingTask,
     UsageError,
@@ -43,9 +42,10 @@ from hf_dgm_training import (
     write_model_card,
 )
 from hf_dgm_training.arguments import auto_bool
-from hf_dgm_training.cyclegan_step import (
+from hf_dgm_training.cyclegan import (
     STEP_LOSS_NAMES,
     CycleGANTrainStep,
+    ImagePool,
     build_optimizers,
     learning_rate_factor,
     make_gradient_averager,
@@ -53,14 +53,14 @@ from hf_dgm_training.cyclegan_step import (
     prepare_model,
     resolve_fast_path,
 )
-from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values, pixel_values_to_unit_interval
-from modeling_cyclegan.data import (
+from hf_dgm_training.data.unpaired import (
     UnpairedSampler,
     default_load_size,
     images_to_uint8_tensor,
     load_unpaired_split,
 )
+from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values, pixel_values_to_unit_interval
 
 
 logger = get_logger(__name__)
@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("speed (the maths is the same on every path)")
     group.add_argument("--torch_compile", type=auto_bool, default="auto",
                        help="torch.compile the generator and discriminator loss computations (auto: off, as it is "
-                            "slower than the CUDA-graph step here; docs/RESULTS.md). If compiling fails the step runs "
-                            "eagerly and train_results.json says why.")
+                            "slower than the CUDA-graph step here; docs/RESULTS.md#cyclegan-speed). If compiling "
+                            "fails the step runs eagerly and train_results.json says why.")
     group.add_argument("--torch_compile_mode", type=str, default="default", help="Mode for torch.compile.")
     group.add_argument("--channels_last", type=auto_bool, default="auto",
                        help="channels_last tensors (auto: on CUDA on the fast path).")
@@ -233,7 +233,8 @@ def save_epoch_grid(model, grid_a, grid_b, path: str, colors: int = 192, tile_si
 
 
 def grid_images(domain, count: int, size: int, device) -> torch.Tensor:
-    return levels_to_pixel_values(images_to_uint8_tensor(domain.select(range(count)), size, "grid images", False)).to(device)
+    levels = images_to_uint8_tensor(domain.select(range(count)), size, "grid images", False)
+    return levels_to_pixel_values(levels).to(device)
 
 
 def evaluate_cycle_consistency(model, test_a, test_b, size: int, device, batch_size: int = 16) -> dict:
@@ -331,9 +332,11 @@ def main(argv=None):
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         train_a, train_b = load_unpaired_split(args.data_dir, args.dataset_name, "train", token=args.hub_token)
         try:
-            test_a, test_b = load_unpaired_split(args.data_dir, args.dataset_name, evaluation_split, token=args.hub_token)
+            test_a, test_b = load_unpaired_split(args.data_dir, args.dataset_name, evaluation_split,
+                                                 token=args.hub_token)
         except (FileNotFoundError, ValueError) as error:
-            logger.warning(f"No test images ({error}); grids and evaluation use training images.", main_process_only=True)
+            logger.warning(f"No test images ({error}); grids and evaluation use training images.",
+                           main_process_only=True)
             test_a, test_b, evaluation_split = train_a, train_b, "train"
     images_a = images_to_uint8_tensor(train_a, load_size, "domain A", is_main).to(device)
     images_b = images_to_uint8_tensor(train_b, load_size, "domain B", is_main).to(device)
@@ -365,12 +368,14 @@ def main(argv=None):
         evaluation = evaluate_cycle_consistency(model, test_a, test_b, config.image_size, device)
         results = {
             **loop.results(),
-            "images_per_second_counts": "images of one domain per second; every step also processes as many of the other",
+            "images_per_second_counts":
+                "images of one domain per second; every step also processes as many of the other",
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "load_size": load_size,
             "train_images": {"A": len(images_a), "B": len(images_b)},
             "fast_path": task.step.describe(),
-            "final_epoch_mean_losses": {name: epoch_rows[-1][f"epoch/{name}"] for name in LOSS_NAMES} if epoch_rows else {},
+            "final_epoch_mean_losses":
+                {name: epoch_rows[-1][f"epoch/{name}"] for name in LOSS_NAMES} if epoch_rows else {},
             "evaluation": evaluation,
             "evaluation_split": evaluation_split,
             "repo_id": args.hub_model_id or os.path.abspath(args.output_dir),
@@ -386,17 +391,17 @@ def main(argv=None):
         data_name = args.dataset_name or os.path.basename(os.path.normpath(args.data_dir))
         eval_results = [{"task_type": "image-to-image", "dataset_type": args.dataset_name or data_name,
                          "dataset_name": data_name, "dataset_split": evaluation_split,
-                         "metric_type": f"cycle_l1_{domain}", "metric_name": f"Cycle-consistency L1, {domain} -> {other} -> {domain}",
-                         "metric_value": evaluation[f"cycle_l1_{domain}"]} for domain, other in (("A", "B"), ("B", "A"))]
+                         "metric_type": f"cycle_l1_{domain}",
+                         "metric_name": f"Cycle-consistency L1, {domain} -> {other} -> {domain}",
+                         "metric_value": evaluation[f"cycle_l1_{domain}"]}
+                        for domain, other in (("A", "B"), ("B", "A"))]
         write_model_card(args.output_dir, model_name=os.path.basename(os.path.abspath(args.output_dir)), metadata={
             "library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "image-to-image",
             "tags": ["cyclegan", "image-to-image", "unpaired-image-translation", "hf-dgm"],
             **({"datasets": [args.dataset_name]} if args.dataset_name else {}), "eval_results": eval_results,
         }, body=model_card_body(args, config, results, data_name))
-        loop.finish(results)
-        logger.info(f"Done: {loop.state.global_step}/{results['total_steps']} steps, "
-                    f"{results['steps_per_second'] or 0:.1f} it/s (steady {results['steady_steps_per_second'] or 0:.1f}"
-                    f" it/s). Results in {args.output_dir}.", main_process_only=True)
+        results = loop.finish(results)
+        logger.info(loop.summary(results), main_process_only=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

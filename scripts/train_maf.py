@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Train a Masked Autoregressive Flow (or IAF) on the normal images of an MVTec AD category. Defaults are the seed
-specification: 128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs, Adam at lr 1e-4.
+"""Train a Masked Autoregressive Flow (or IAF) on the normal images of an MVTec AD category. The default configuration:
+128x128x3 images, MADE 49152->512->512->2*49152, 7 blocks, batch 8, 100 epochs, Adam at lr 1e-4.
 
     accelerate launch scripts/train_maf.py --data_dir data/mvtec_capsule --output_dir runs/maf --mixed_precision bf16
     python scripts/train_maf.py --data_dir data/mvtec_capsule --image_size 32 --num_train_epochs 2 --hidden_sizes 64 64
@@ -38,11 +38,12 @@ from hf_dgm_training import (
     plot_curves,
     run_main,
     setup_accelerator,
+    use_cuda_graphs,
     write_model_card,
 )
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
+from hf_dgm_training.maf import MaskedAdam, flag_non_finite_
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
-from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
-from modeling_maf.optimization_maf import MaskedAdam, flag_non_finite_
 
 
 logger = get_logger(__name__)
@@ -70,12 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--target_fpr", type=float, default=0.05,
                         help="False-positive rate on the validation images at which the decision threshold is set.")
     parser.add_argument("--max_grad_norm", type=float, default=1.0,
-                        help="Clip the global gradient norm to this value; 0 turns clipping off (the seed spec's "
-                             "recipe). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
+                        help="Clip the global gradient norm to this value; 0 turns clipping off (plain "
+                             "Adam). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
                              "mid-training and leave it with a worse fit and rougher samples (docs/maf.md).")
     parser.add_argument("--optimizer", choices=("auto", "masked_adam", "adam"), default="auto",
-                        help="'masked_adam': modeling_maf.optimization_maf.MaskedAdam, Adam that forms each MADE weight "
-                             "gradient inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
+                        help="'masked_adam': hf_dgm_training.maf.MaskedAdam, Adam that forms each MADE weight gradient "
+                             "inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
                              "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
     args = finish_common_args(parser, parser.parse_args(argv))
@@ -95,7 +96,8 @@ def build_model(args, num_channels: int, device):
     overrides = {"num_channels": num_channels,
                  **config_overrides_from_args(args, MAFConfig, with_fields={"image_size": args.image_size})}
     if args.model_name_or_path:
-        model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,), token=args.hub_token)
+        model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,),
+                                token=args.hub_token)
         if model.config.image_size != args.image_size:
             raise UsageError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
@@ -141,10 +143,7 @@ class FlowTask(TrainingTask):
         self.args, self.accelerator = args, accelerator
         device = accelerator.device
         on_cuda, fast = device.type == "cuda", args.fast_path != "false"
-        self.use_graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and on_cuda and fast
-                                                         and accelerator.num_processes == 1)
-        if self.use_graphs and (not on_cuda or accelerator.num_processes > 1):
-            raise UsageError("--cuda_graphs true needs one process on a CUDA device; leave it on auto or pass false.")
+        self.use_graphs = use_cuda_graphs(args.cuda_graphs, device, accelerator.num_processes, fast)
         self.use_masked_adam = args.optimizer == "masked_adam" or (
             args.optimizer == "auto" and args.flow_type == "maf" and on_cuda and fast)
         # Fused Adam (CPU and CUDA) reads `found_inf` and skips a flagged step on the device; the plain path checks
@@ -233,7 +232,8 @@ def calibrate(model, validation, args) -> dict | None:
 
 def plot_nll_curve(records, path):
     curves = {label: metrics_series(records, key) for label, key in (
-        ("train bits/dim (per step)", "train/bits_per_dim"), ("train bits/dim (epoch mean)", "epoch/train/bits_per_dim"),
+        ("train bits/dim (per step)", "train/bits_per_dim"),
+        ("train bits/dim (epoch mean)", "epoch/train/bits_per_dim"),
         ("validation bits/dim (eval)", "epoch/validation_bits_per_dim"),
         ("test-good bits/dim (eval)", "epoch/test_good_bits_per_dim"))}
     plot_curves({label: series for label, series in curves.items() if series[0]}, path,
@@ -372,8 +372,9 @@ def main(argv=None):
         eval_results = []
         if results["test_good_bits_per_dim"] is not None:
             eval_results.append({"task_type": "unconditional-image-generation", "dataset_type": "mvtec_ad",
-                                 "dataset_name": f"MVTec AD {args.category} (test/good)", "metric_type": "bits_per_dim",
-                                 "metric_name": "test-good bits/dim", "metric_value": results["test_good_bits_per_dim"]})
+                                 "dataset_name": f"MVTec AD {args.category} (test/good)",
+                                 "metric_type": "bits_per_dim", "metric_name": "test-good bits/dim",
+                                 "metric_value": results["test_good_bits_per_dim"]})
         write_model_card(args.output_dir, model_name=f"{args.flow_type}-{args.category}", body=model_card_body(
             args, unwrapped.config, results), metadata={
                 "library_name": "transformers", "license": "cc-by-nc-sa-4.0", "datasets": ["mvtec_ad"],
@@ -381,8 +382,8 @@ def main(argv=None):
                 "pipeline_tag": "unconditional-image-generation", "eval_results": eval_results})
         phases.lap("save")
         results = loop.finish(results)
-        print(f"Training done: {loop.state.global_step} steps in {results['train_seconds']:.1f} s of training, "
-              f"{results['script_seconds']:.1f} s in all; model, metrics and nll_curve.png in {args.output_dir}")
+        logger.info(loop.summary(results), main_process_only=True)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

@@ -38,9 +38,8 @@ from hf_dgm_training import (
     save_image_grid,
     write_json,
 )
-
+from hf_dgm_training.data.unpaired import IMAGE_EXTENSIONS
 from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.data import IMAGE_EXTENSIONS
 
 
 logger = logging.getLogger(__name__)
@@ -60,10 +59,12 @@ def parse_args(argv=None):
         help="Image column of the dataset (default: imageA for a_to_b and imageB for b_to_a when present, else image).",
     )
     parser.add_argument("--direction", default="a_to_b", choices=["a_to_b", "b_to_a"], help="Which generator to use.")
-    parser.add_argument("--output_dir", default=None, help="Where the images go (default: <model>/translated_<direction>"
-                        " for a local model, ./translated_<direction> for a Hub model).")
+    parser.add_argument("--output_dir", default=None,
+                        help="Where the images go (default: <model>/translated_<direction> for a local model, "
+                             "./translated_<direction> for a Hub model).")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass.")
-    parser.add_argument("--image_size", type=int, default=None, help="Resize inputs to this size (default: the model's).")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="Resize inputs to this size (default: the model's).")
     parser.add_argument("--keep_size", action="store_true", help="Resize each output back to its input's size.")
     parser.add_argument("--save_grids", action="store_true", help="Also write input | translation grids.")
     parser.add_argument("--grid_rows", type=int, default=8, help="Image pairs per grid file.")
@@ -176,7 +177,8 @@ def main(argv=None):
             if args.save_grids:
                 pairs.extend([image.resize(output.size, resample=processor.resample), output])
         while args.save_grids and len(pairs) >= 2 * args.grid_rows:
-            save_image_grid(pairs[: 2 * args.grid_rows], os.path.join(output_dir, "grids", f"grid_{grid_index:03d}.png"), nrow=2)
+            grid_path = os.path.join(output_dir, "grids", f"grid_{grid_index:03d}.png")
+            save_image_grid(pairs[: 2 * args.grid_rows], grid_path, nrow=2)
             del pairs[: 2 * args.grid_rows]
             grid_index += 1
 

@@ -218,6 +218,7 @@ class HubFixture:
 def hub_server():
     """A Hub-compatible server on 127.0.0.1 (the port in HF_ENDPOINT), for the whole session."""
     import datasets.config
+
     from hub_server import HubServer
 
     _point_libraries_at_the_test_hub()

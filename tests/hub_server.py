@@ -505,7 +505,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 return self._paths_info(repo, args[0])
             if method == "GET" and action == "refs":
                 return self._send_json(200, {
-                    "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in repo.branches.items()],
+                    "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c}
+                                 for n, c in repo.branches.items()],
                     "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in repo.tags.items()],
                     "converts": [], "pullRequests": []})
             if method == "GET" and action == "commits":
@@ -859,7 +860,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             else:  # suffix range: the last N bytes
                 start, end = max(0, len(content) - int(end_text)), len(content) - 1
             if start >= len(content) and len(content) > 0:
-                raise HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{len(content)}"})
+                raise HubError(416, "Requested range not satisfiable",
+                               headers={"Content-Range": f"bytes */{len(content)}"})
             end = min(end, len(content) - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
             content, status = content[start : end + 1], 206

@@ -8,17 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_maf.data import (
+from hf_dgm_training.data.anomaly import (
     ANOMALY_FEATURES,
     AnomalyDataError,
     load_anomaly_dataset,
     load_good_images,
-    load_mvtec,
     load_split_as_tensors,
     num_channels_of,
     split_validation,
 )
-
 from synthetic_data import make_mvtec_category
 
 
@@ -54,7 +52,7 @@ def test_mvtec_layout_with_masks_for_all_some_or_none(tmp_path, cache_dir, masks
 def test_plain_layout_with_one_merged_defect_folder(tmp_path, cache_dir):
     folder = make_mvtec_category(str(tmp_path / "parts"), size=10, num_train=4, num_test_good=2,
                                  defects=(("defective", 3),), masks="none")
-    dataset = load_mvtec(folder, cache_dir=cache_dir)
+    dataset = load_anomaly_dataset(folder, cache_dir=cache_dir)
     test = dataset["test"]
     assert sorted(set(test["defect_type"])) == ["defective", "good"]
     assert sum(test["label"]) == 3 and len(dataset["train"]) == 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from modeling_maf.metrics import (
+from hf_dgm_training.metrics import (
     ANOMALY_METRIC_PATH,
     average_precision,
     f1_max,

@@ -29,7 +29,6 @@ from modeling_maf.anomaly_scores import (
     register_score,
     threshold_at_fpr,
 )
-
 from tiny_models import randomize_flow
 
 
@@ -241,6 +240,24 @@ def test_calibration_round_trips_through_save_pretrained(tmp_path):
     test = torch.cat([images(3, 4), with_defect(images(3, 5))])
     assert_same_predictions(model, loaded, test)
     assert torch.equal(loaded.anomaly_statistics.location_std, model.anomaly_statistics.location_std)
+
+
+def test_save_pretrained_copies_every_sibling_file_the_modeling_code_imports(tmp_path):
+    """trust_remote_code loads the model from the files next to the weights: every file of modeling_maf that
+    modeling_maf.py imports (relatively, directly or through another such file) is copied there."""
+    package = os.path.dirname(sys.modules[MAFModel.__module__].__file__)
+    needed, pending = set(), ["modeling_maf.py"]
+    while pending:
+        with open(os.path.join(package, pending.pop())) as file:
+            for line in file:
+                if line.startswith("from ."):
+                    name = line.split()[1][1:] + ".py"
+                    if name not in needed:
+                        needed.add(name)
+                        pending.append(name)
+    assert {"anomaly_scorer_maf.py", "patches_maf.py", "sampling_maf.py", "refinement_maf.py"} <= needed
+    tiny_model().save_pretrained(tmp_path)
+    assert needed <= set(os.listdir(tmp_path))
 
 
 def test_checkpoint_without_statistics_loads_uncalibrated(tmp_path):

@@ -9,8 +9,7 @@ from synthetic_data import make_mvtec_category, make_unpaired_folder
 
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e .[demo])")
-from app import (  # noqa: E402
-    describe_maf, example_images, format_score, format_verdict, load_pipeline, looks_like_a_path)
+from app import describe_maf, example_images, format_score, format_verdict, load_pipeline, looks_like_a_path  # noqa: E402
 
 
 def test_a_missing_default_model_says_how_to_get_one(tmp_path, monkeypatch):

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from hf_dgm_training import DataError, UnreadableImageError, run_main
-from modeling_cyclegan.data import images_to_uint8_tensor, load_unpaired_split
-from modeling_maf.data import MVTecDataError
-from modeling_maf.data.hub import normalize_split
-
+from hf_dgm_training.data.anomaly import AnomalyDataError
+from hf_dgm_training.data.anomaly.hub import normalize_split
+from hf_dgm_training.data.unpaired import images_to_uint8_tensor, load_unpaired_split
 from synthetic_data import make_mvtec_category, make_unpaired_folder
 from tiny_models import save_tiny_cyclegan
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ def test_hub_rows_with_damaged_bytes_are_named():
     with pytest.raises(UnreadableImageError, match=r"Cannot read image the image of row 1 \(001.png\) of user/data"):
         normalize_split(split, "user/data split test", "test")
     assert len(normalize_split(split.select([0]), "user/data split test", "test")) == 1
-    assert issubclass(MVTecDataError, DataError) and issubclass(MVTecDataError, ValueError)
+    assert issubclass(AnomalyDataError, DataError) and issubclass(AnomalyDataError, ValueError)
 
 
 # ------------------------------------------------------------------------------------------------ translate

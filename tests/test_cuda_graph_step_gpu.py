@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 
+from hf_dgm_training import CUDAGraphStep
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from modeling_maf import MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam
 from test_masked_adam import tiny_maf
 from test_masked_adam import train as train_steps
-from hf_dgm_training import CUDAGraphStep
+
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

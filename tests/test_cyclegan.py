@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 import modeling_cyclegan.configuration_cyclegan as configuration_cyclegan
+from hf_dgm_training.cyclegan import ImagePool
 from modeling_cyclegan import (
     CycleGANConfig,
     CycleGANDiscriminator,
@@ -30,11 +31,11 @@ from modeling_cyclegan.image_processing_cyclegan import (
     pixel_values_to_unit_interval,
 )
 from modeling_cyclegan.modeling_cyclegan import DISCRIMINATOR_CLASSES, GENERATOR_CLASSES
-from hf_dgm_training import ImagePool
 
 
 def tiny_config(**overrides):
-    values = dict(image_size=16, generator_filters=4, num_residual_blocks=1, discriminator_filters=4, discriminator_layers=2)
+    values = dict(image_size=16, generator_filters=4, num_residual_blocks=1, discriminator_filters=4,
+                  discriminator_layers=2)
     values.update(overrides)
     return CycleGANConfig(**values)
 
@@ -238,7 +239,8 @@ def test_gan_loss_hand_computed():
     assert gan_loss(prediction, False).item() == pytest.approx((0.25 + 4.0) / 2)
     sigmoid = torch.sigmoid(prediction)
     assert gan_loss(prediction, True, "vanilla").item() == pytest.approx(-torch.log(sigmoid).mean().item(), rel=1e-5)
-    assert gan_loss(prediction, False, "vanilla").item() == pytest.approx(-torch.log(1 - sigmoid).mean().item(), rel=1e-5)
+    expected = -torch.log(1 - sigmoid).mean().item()
+    assert gan_loss(prediction, False, "vanilla").item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="gan_mode"):
         gan_loss(prediction, True, "hinge")
 

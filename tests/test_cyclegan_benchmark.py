@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_cyclegan", os.path.join(ROOT, "benchmarks", "bench_cyclegan.py"))
+    path = os.path.join(ROOT, "benchmarks", "bench_cyclegan.py")
+    spec = importlib.util.spec_from_file_location("bench_cyclegan", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

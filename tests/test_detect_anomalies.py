@@ -8,12 +8,12 @@ import pytest
 
 import detect_anomalies
 from hf_dgm_training import UsageError
+from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, split_validation
 from modeling_maf import MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, DEFAULT_CALIBRATED_SCORE
-from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
-
 from synthetic_data import make_mvtec_category
 from tiny_models import save_tiny_maf
+
 
 FIGURES = ("roc_curve.png", "score_histogram.png", "anomaly_maps.png", "misses.png")
 

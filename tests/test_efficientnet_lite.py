@@ -212,3 +212,16 @@ def test_imagenet_lite0_file_loads_with_every_tensor_used():
     with torch.no_grad():
         maps = backbone(torch.zeros(1, 3, 64, 64)).feature_maps
     assert [tuple(m.shape) for m in maps] == [(1, 40, 8, 8), (1, 112, 4, 4)] and all(m.isfinite().all() for m in maps)
+
+
+def test_training_mode_uses_batch_statistics_and_backpropagates():
+    model = randomize_batch_norms(EfficientNetLiteBackbone(tiny_config(out_features=["stage4"], drop_connect_rate=0.5)))
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        evaluated = model.eval()(pixels).feature_maps[0]
+    running_mean = model.encoder.stem.norm.running_mean.clone()
+    trained = model.train()(pixels).feature_maps[0]
+    trained.square().mean().backward()  # the in-place ReLU6 must leave autograd a valid graph
+    assert not torch.allclose(trained, evaluated)
+    assert not torch.equal(model.encoder.stem.norm.running_mean, running_mean)
+    assert all(p.grad is not None for p in model.encoder.stem.parameters())

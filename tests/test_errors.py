@@ -12,6 +12,7 @@ import torch
 from hf_dgm_training import DataError, ModelLoadError, UnreadableImageError, UsageError, is_user_error, run_main
 from hf_dgm_training.errors import EXIT_INTERRUPTED
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

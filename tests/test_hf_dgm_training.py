@@ -11,9 +11,9 @@ import threading
 import pytest
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedConfig
 
 import hf_dgm_training
-from hf_dgm_training import outputs as training_outputs
 from hf_dgm_training import (
     CheckpointManager,
     HubPusher,
@@ -29,7 +29,7 @@ from hf_dgm_training import (
     write_json,
     write_model_card,
 )
-from transformers import PreTrainedConfig
+from hf_dgm_training import tracking as training_outputs
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +78,8 @@ def test_common_args_defaults_and_choices():
 
 def test_config_overrides_lists_bools_and_skips():
     parser = make_parser()
-    args = parser.parse_args(["--hidden_sizes", "32", "64", "--use_bias", "false", "--clamp", "2.5", "--num_blocks", "3"])
+    args = parser.parse_args(["--hidden_sizes", "32", "64", "--use_bias", "false", "--clamp", "2.5",
+                              "--num_blocks", "3"])
     overrides = config_overrides_from_args(args, TinyConfig)
     assert overrides == {"hidden_sizes": [32, 64], "use_bias": False, "clamp": 2.5, "num_blocks": 3}
     assert TinyConfig(**overrides).hidden_sizes == [32, 64]
@@ -412,7 +413,8 @@ def test_phase_timer_counts_from_the_process_start_and_adds_up(tmp_path):
     if not os.path.exists("/proc/self/stat"):
         pytest.skip("the process start time comes from /proc (Linux)")
     result = subprocess.run([sys.executable, "-c", PROCESS_AGE], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                            env=dict(os.environ,
+                                     PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr[-2000:]
     age, imports, work, total = map(float, result.stdout.split())
     assert 0.5 <= age <= imports < age + 0.1  # /proc counts in 10 ms ticks
@@ -465,8 +467,8 @@ def test_push_to_hub_without_hub_model_id_is_named_after_the_output_folder_in_bo
         assert args.hub_model_id == "my-model"
 
 
-@pytest.mark.parametrize("value, expected", [("epoch", "epoch"), ("25", 25), ("no", "no"), ("None", "no"), ("90s", 90.0),
-                                             ("10min", 600.0), ("1.5h", 5400.0), (None, None)])
+@pytest.mark.parametrize("value, expected", [("epoch", "epoch"), ("25", 25), ("no", "no"), ("None", "no"),
+                                             ("90s", 90.0), ("10min", 600.0), ("1.5h", 5400.0), (None, None)])
 def test_checkpointing_interval_reads_steps_epochs_and_durations(value, expected):
     assert checkpointing_interval(value) == expected
 

@@ -17,13 +17,12 @@ import torch
 from huggingface_hub import HfApi
 from PIL import Image
 
+from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
-
 from synthetic_data import make_mvtec_category
 from tiny_models import randomize_flow
-from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def randomize(model, seed=0, std=0.1):
@@ -220,13 +219,13 @@ def test_mvtec_dataset_push_and_load_dataset_round_trip(hub_server, tmp_path):
     import datasets
 
     push_mvtec_dataset = pytest.importorskip("push_mvtec_dataset")
-    from modeling_maf.data import load_mvtec
+    from hf_dgm_training.data.anomaly import load_anomaly_dataset
 
     category = make_mvtec_category(tmp_path / "capsule")
     repo_id = hub_server.repo_id("mvtec-capsule")
     assert push_mvtec_dataset.main(["--data_dir", str(category), "--hub_dataset_id", repo_id]) == 0
 
-    local = load_mvtec(str(category), cache_dir=str(tmp_path / "cache-local"))
+    local = load_anomaly_dataset(str(category), cache_dir=str(tmp_path / "cache-local"))
     loaded = datasets.load_dataset(repo_id, cache_dir=str(tmp_path / "cache-hub"))
     assert set(loaded) == set(local) == {"train", "test"}
     for split in local:
@@ -238,4 +237,4 @@ def test_mvtec_dataset_push_and_load_dataset_round_trip(hub_server, tmp_path):
             for key in original:
                 assert np.array_equal(pushed[key], original[key]), (split, key)
     # The scripts' own Hub path reads it back too.
-    assert load_mvtec(dataset_name=repo_id, cache_dir=str(tmp_path / "cache-hub"))["test"].num_rows == 3
+    assert load_anomaly_dataset(dataset_name=repo_id, cache_dir=str(tmp_path / "cache-hub"))["test"].num_rows == 3

@@ -63,7 +63,8 @@ FOLDERS = ("trainA", "trainB", "testA", "testB")
 SCRIPTS = {
     "train_maf": (maf_argv, make_mvtec_category, maf_model_class,
                   {"config.json", "model.safetensors", "README.md", "nll_curve.png", "train_results.json"}),
-    "train_cyclegan": (cyclegan_argv, lambda root: make_unpaired_folder(root, counts=[(f, 3) for f in FOLDERS], size=20),
+    "train_cyclegan": (cyclegan_argv,
+                       lambda root: make_unpaired_folder(root, counts=[(f, 3) for f in FOLDERS], size=20),
                        cyclegan_model_class,
                        {"config.json", "model.safetensors", "README.md", "preprocessor_config.json",
                         "train_results.json"}),

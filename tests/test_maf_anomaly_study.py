@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 
-
 from modeling_maf.anomaly_scores import ANOMALY_SCORES
-
 from synthetic_data import make_mvtec_category
 from tiny_models import save_tiny_maf
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

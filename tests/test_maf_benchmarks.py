@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,6 +25,22 @@ def test_bench_maf_smoke_has_every_optimizer_row_and_both_floors(tmp_path):
     fractions = report["floor_masked_adam"]["fractions"]
     assert 0.4 < fractions["connected"] <= fractions["tiles"]
     assert "MaskedAdam" in result.stdout  # the printed floors
+    for batch in (16, 8):
+        for dtype in ("fp32", "bf16"):
+            for matmul in ("block-sparse", "dense"):
+                assert ("hf-dgm MAF (fused Adam)", f"log_prob b{batch} {dtype} {matmul}") in measures
+    assert [floor["batch"] for floor in report["floor_log_prob"]] == [16, 8]
+    assert all(floor["bytes"] > 0 and floor["gflop"] > 0 for floor in report["floor_log_prob"])
+
+
+def test_time_maf_log_prob_smoke(tmp_path):
+    output = tmp_path / "log_prob.json"
+    result = run(["benchmarks/time_maf_log_prob.py", "--smoke", "--skip_nflows", "--output_json", str(output)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    variants = {(row["variant"], row["batch"], row["dtype"]) for row in report["log_prob"]}
+    assert {("dense", 8, "bf16"), ("block-sparse", 8, "bf16"), ("block-sparse ieee", 20, "fp32")} <= variants
+    assert len(report["layers"]) == 12 and len(report["floor"]) == 2
 
 
 def test_bench_maf_ddp_smoke_two_processes(tmp_path):

@@ -1,6 +1,6 @@
 """MAFImageProcessor: the one preprocessing contract of the flows (resize rule, colour mode, [0, 1] output), saved with
 the model, loaded by AutoImageProcessor (from a folder, and by Hub id with trust_remote_code), and used by
-modeling_maf.data to build training tensors."""
+hf_dgm_training.data.anomaly to build training tensors."""
 
 import json
 import os
@@ -11,9 +11,13 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
+from hf_dgm_training.data.anomaly import (
+    anomaly_transform,
+    images_to_tensor,
+    load_anomaly_dataset,
+    load_split_as_tensors,
+)
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
-from modeling_maf.data import images_to_tensor, load_mvtec, load_split_as_tensors, mvtec_transform
-
 from synthetic_data import make_mvtec_category
 
 
@@ -125,12 +129,12 @@ def test_auto_image_processor_by_hub_id_with_trust_remote_code(hub_server, tmp_p
 
 def test_training_tensors_come_from_the_processor(tmp_path):
     category = make_mvtec_category(tmp_path / "capsule")
-    test = load_mvtec(str(category), cache_dir=str(tmp_path / "cache"))["test"]
+    test = load_anomaly_dataset(str(category), cache_dir=str(tmp_path / "cache"))["test"]
     processor = MAFImageProcessor(size={"height": 6, "width": 8}, resample=Image.NEAREST)
     tensors = load_split_as_tensors(test, image_processor=processor)
     assert torch.equal(tensors.pixel_values, processor(test["image"])["pixel_values"])
     assert tensors.masks.shape == (len(test), 6, 8)
-    batch = test.with_transform(mvtec_transform(image_processor=processor))[:2]
+    batch = test.with_transform(anomaly_transform(image_processor=processor))[:2]
     assert torch.equal(batch["pixel_values"], tensors.pixel_values[:2])
     # The default is the processor of the size: RGB, bilinear, / 255.
     default = load_split_as_tensors(test, 8)

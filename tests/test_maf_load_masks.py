@@ -15,8 +15,8 @@ from transformers import AutoModel
 
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
-
 from tiny_models import randomize_flow
+
 
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]
 
@@ -30,7 +30,8 @@ def perturbed_state_dict(model, seed=1):
     """The model's state dict with noise on every absent connection; returns it and how many entries changed."""
     generator = torch.Generator().manual_seed(seed)
     state, count = {}, 0
-    masks = {f"{name}.weight": module.mask() for name, module in model.named_modules() if isinstance(module, MaskedLinear)}
+    masks = {f"{name}.weight": module.mask() for name, module in model.named_modules()
+             if isinstance(module, MaskedLinear)}
     for name, tensor in model.state_dict().items():
         tensor = tensor.clone()
         if name in masks:

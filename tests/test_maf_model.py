@@ -11,6 +11,7 @@ from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.configuration_maf import DEGREE_ASSIGNMENTS
 from modeling_maf.modeling_maf import DEGREE_RULES, MaskedLinear, hidden_degrees
 
+
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]
 
 
@@ -64,7 +65,8 @@ def test_spread_degrees_cover_the_whole_input_range():
     for layer in model.blocks[0].made.layers[:-1]:
         assert int(layer.out_degrees.min()) == 1 and int(layer.out_degrees.max()) == config.num_features - 1
     # The modulo rule of nflows, by contrast, only reaches the first H degrees.
-    sequential = MAFModel(tiny_config(image_size=8, num_channels=3, hidden_sizes=[16, 16], degree_assignment="sequential"))
+    sequential = MAFModel(tiny_config(image_size=8, num_channels=3, hidden_sizes=[16, 16],
+                                      degree_assignment="sequential"))
     assert int(sequential.blocks[0].made.layers[0].out_degrees.max()) == 16
 
 
@@ -83,7 +85,8 @@ def test_degree_rule_contract_is_enforced_in_one_place(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     monkeypatch.setitem(DEGREE_RULES, "below", lambda features, width, lowest, g: torch.full((width,), lowest - 1))
     monkeypatch.setitem(DEGREE_RULES, "too_high", lambda features, width, lowest, g: torch.full((width,), features))
-    monkeypatch.setitem(DEGREE_RULES, "short", lambda features, width, lowest, g: torch.ones(width - 1, dtype=torch.long))
+    monkeypatch.setitem(DEGREE_RULES, "short",
+                        lambda features, width, lowest, g: torch.ones(width - 1, dtype=torch.long))
     monkeypatch.setitem(DEGREE_RULES, "top", lambda features, width, lowest, g: torch.full((width,), features - 1))
     with pytest.raises(ValueError, match=r"'below'.*must lie in \[2, 9\]"):
         hidden_degrees("below", 10, 4, 2, generator)
@@ -109,7 +112,8 @@ def test_log_prob_equals_change_of_variables_with_autograd_jacobian(model_class,
     log_prob = model(pixels).log_prob
     for index in range(2):
         # Eval dequantisation puts the point at x_256 = 255 * pixel + 0.5, so dz/dx_256 = dz/dpixel / 255.
-        jacobian = torch.autograd.functional.jacobian(lambda p: model.encode(p.view(1, 2, 2, 2))[0], pixels[index].flatten())
+        jacobian = torch.autograd.functional.jacobian(lambda p: model.encode(p.view(1, 2, 2, 2))[0],
+                                                      pixels[index].flatten())
         latents = model.encode(pixels[index : index + 1])[0]
         expected = (
             -0.5 * latents.square().sum() - 0.5 * 8 * math.log(2 * math.pi)
@@ -133,8 +137,13 @@ def test_segment_inverse_equals_naive_inverse(assignment, permutation):
     config = tiny_config(image_size=4, hidden_sizes=[9, 7], degree_assignment=assignment, permutation=permutation)
     model = randomize(MAFModel(config).double(), seed=3)
     known = torch.randn(3, config.num_features, dtype=torch.float64)
-    generate = lambda z, shift, a: z * torch.exp(a) + shift  # MAF sampling
-    density = lambda x, shift, a: (x - shift) * torch.exp(-a)  # IAF density
+
+    def generate(z, shift, a):  # MAF sampling
+        return z * torch.exp(a) + shift
+
+    def density(x, shift, a):  # IAF density
+        return (x - shift) * torch.exp(-a)
+
     for block in model.blocks:
         last_degrees = block.made.layers[-1].in_degrees
         assert block.num_sequential_passes == len(torch.unique(last_degrees)) + 1 <= 7 + 1

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from synthetic_data import make_mvtec_category
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image_size", "8", "--hidden_sizes", "16", "16", "--num_blocks", "2", "--per_device_train_batch_size", "4"]
 
@@ -151,7 +152,8 @@ def test_validation_split_best_epoch_calibration_and_early_stopping(tmp_path):
     run("train_maf.py", "--data_dir", category, "--output_dir", out, "--num_train_epochs", 6,
         "--early_stopping_patience", 1, "--learning_rate", 0.05, *TINY)
     results = json.loads((out / "train_results.json").read_text())
-    assert len(results["validation_files"]) == 3 and all(f.startswith("train/good/") for f in results["validation_files"])
+    assert len(results["validation_files"]) == 3
+    assert all(f.startswith("train/good/") for f in results["validation_files"])
     lines = read_jsonl(out / "metrics.jsonl")
     validation = [r["epoch/validation_bits_per_dim"] for r in lines if "epoch/validation_bits_per_dim" in r]
     assert results["best_validation_bits_per_dim"] == min(validation)
@@ -182,8 +184,8 @@ def test_non_finite_steps_are_skipped_and_the_weights_stay_finite(category, tmp_
 
 
 def test_gradient_clipping_is_on_by_default_and_zero_turns_it_off(tmp_path):
-    """--max_grad_norm defaults to 1 (chosen by the spec clipping study, docs/RESULTS.md §7); 0 turns it off and a
-    negative value is refused with a one-line usage error."""
+    """--max_grad_norm defaults to 1 (chosen by the clipping study at the default size, docs/RESULTS.md#maf-quality); 0
+    turns it off and a negative value is refused with a one-line usage error."""
     import train_maf
 
     base = ["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]

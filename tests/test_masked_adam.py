@@ -1,4 +1,4 @@
-"""MaskedAdam (modeling_maf.optimization_maf): the same training as torch.optim.Adam, without dense MADE gradients.
+"""MaskedAdam (hf_dgm_training.maf.masked_adam): the same training as torch.optim.Adam, without dense MADE gradients.
 
 The torch path is checked against torch.optim.Adam; the Triton kernel runs on CPU through Triton's interpreter
 (TRITON_INTERPRET=1, in a subprocess) against the torch path at a size with many tiles in both directions; the
@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam, connected_fraction, connected_tiles
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.optimization_maf import MaskedAdam, connected_fraction, connected_tiles
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,7 +183,7 @@ def test_iaf_is_plain_adam():
 
 
 def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
-    import modeling_maf.optimization_maf as optimization_maf
+    import hf_dgm_training.maf.masked_adam as masked_adam
 
     class FailingKernel:  # what a kernel that does not compile on this machine does at its first launch
         def __getitem__(self, grid):
@@ -190,8 +191,8 @@ def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
                 raise RuntimeError("no compiler for this GPU")
             return launch
 
-    monkeypatch.setattr(optimization_maf, "_masked_adam_kernel", FailingKernel(), raising=False)
-    monkeypatch.setattr(optimization_maf, "_masked_grad_square_sum_kernel", FailingKernel(), raising=False)
+    monkeypatch.setattr(masked_adam, "_masked_adam_kernel", FailingKernel(), raising=False)
+    monkeypatch.setattr(masked_adam, "_masked_grad_square_sum_kernel", FailingKernel(), raising=False)
     reference = tiny_maf().eval()
     model = copy.deepcopy(reference)
     data = batches(count=3)
@@ -206,7 +207,7 @@ def test_a_failing_triton_kernel_falls_back_to_the_torch_path(monkeypatch):
     with pytest.raises(RuntimeError, match="no compiler"):  # an explicit backend="triton" does not hide the failure
         explicit = MaskedAdam(copy.deepcopy(reference), lr=1e-2, backend="torch")
         explicit.backend = "triton"
-        explicit._launch(optimization_maf._masked_adam_kernel, 1)
+        explicit._launch(masked_adam._masked_adam_kernel, 1)
 
 
 def test_bad_arguments_are_named():
@@ -233,14 +234,15 @@ def test_tiles_cover_every_connection_and_little_else():
         # every listed tile holds a connection
         for row, col in tiles.tolist():
             assert mask[row * 16:(row + 1) * 16, col * 32:(col + 1) * 32].any()
-    # In the natural order (the spec's first block) the tiles cover about half of the weights, like the masks.
+    # In the natural order (the default configuration's first block) the tiles cover about half of the weights, like
+    # the masks.
     fractions = connected_fraction(MAFModel(MAFConfig(image_size=16, hidden_sizes=[256, 256], num_blocks=1)))
     assert 0.49 < fractions["connected"] < 0.52 and fractions["connected"] < fractions["tiles"] < 0.65
 
 
 TRITON_CHECK = r"""
 import copy, torch
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from test_masked_adam import tiny_maf
 model = tiny_maf(image_size=16, hidden_sizes=[256, 192], num_blocks=2)
 reference = copy.deepcopy(model)
@@ -304,7 +306,7 @@ def test_triton_kernel_matches_the_torch_maths_in_the_interpreter():
 
 DDP_WORKER = r"""
 import os, sys, torch, torch.distributed as dist
-from modeling_maf.optimization_maf import MaskedAdam
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from test_masked_adam import tiny_maf
 rank, world = int(sys.argv[1]), 2
 dist.init_process_group("gloo", init_method=f"file://{os.environ['RENDEZVOUS']}", rank=rank, world_size=world)
@@ -325,8 +327,8 @@ dist.destroy_process_group()
 def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
     data = batches(count=3, size=8)
     torch.save(data, tmp_path / "data.pt")
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), DATA=str(tmp_path / "data.pt"), RESULT=str(tmp_path / "result"),
-               RENDEZVOUS=str(tmp_path / "rendezvous"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"), DATA=str(tmp_path / "data.pt"),
+               RESULT=str(tmp_path / "result"), RENDEZVOUS=str(tmp_path / "rendezvous"))
     workers = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(rank)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
@@ -345,7 +347,7 @@ def test_two_processes_update_like_one_process_on_the_whole_batch(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_flag_non_finite_reads_any_float_dtype_and_never_clears(dtype):
-    from modeling_maf.optimization_maf import flag_non_finite_
+    from hf_dgm_training.maf.masked_adam import flag_non_finite_
 
     found = torch.zeros(())
     flag_non_finite_(found, [torch.ones(3, dtype=dtype), torch.full((2,), 6e4, dtype=dtype)])

@@ -61,7 +61,8 @@ def test_folder_without_config_is_named(runs):
     with pytest.raises(ModelLoadError, match=r"training there has not finished.*--resume_from_checkpoint latest"):
         load_pretrained(AutoModel, "runs/partial")
     (runs / "partial" / "checkpoints" / "step_5" / "training_state.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match=r"is a training checkpoint .*--resume_from_checkpoint runs/partial/checkpoints/step_5"):
+    with pytest.raises(ModelLoadError,
+                       match=r"is a training checkpoint .*--resume_from_checkpoint runs/partial/checkpoints/step_5"):
         load_pretrained(AutoModel, "runs/partial/checkpoints/step_5")
     with pytest.raises(ModelLoadError, match=r"runs/maf/config.json is a file; pass the folder"):
         load_pretrained(AutoModel, "runs/maf/config.json")

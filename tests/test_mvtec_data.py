@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-import modeling_maf.data as mvtec_data
-from modeling_maf.data import (
-    MVTEC_FEATURES,
-    MVTecDataError,
+import hf_dgm_training.data.anomaly as mvtec_data
+from hf_dgm_training.data.anomaly import (
+    ANOMALY_FEATURES,
+    AnomalyDataError,
+    anomaly_transform,
     download_mvtec,
     images_to_tensor,
-    load_mvtec,
+    load_anomaly_dataset,
     load_split_as_tensors,
-    mvtec_transform,
 )
 
 
@@ -79,10 +79,10 @@ def _rows(split):
 
 
 def test_columns_labels_and_masks(category, cache_dir):
-    dataset = load_mvtec(category, cache_dir=cache_dir)
+    dataset = load_anomaly_dataset(category, cache_dir=cache_dir)
     assert sorted(dataset) == ["test", "train"]
     for split in dataset.values():
-        assert split.features == MVTEC_FEATURES
+        assert split.features == ANOMALY_FEATURES
     assert dataset["train"].features["label"].names == ["good", "anomaly"]
 
     train = list(dataset["train"])
@@ -107,7 +107,7 @@ def test_columns_labels_and_masks(category, cache_dir):
 
 
 def test_grayscale_stays_gray_and_rgba_is_composited_on_black(category, cache_dir):
-    dataset = load_mvtec(category, cache_dir=cache_dir)["train"]
+    dataset = load_anomaly_dataset(category, cache_dir=cache_dir)["train"]
     undecoded = dataset.cast_column("image", datasets.Image(decode=False))
     train = {Path(row["image"]["path"]).name: row for row in undecoded}
     assert train["002.png"]["image"]["bytes"] is None  # L is kept: the row points at the original file
@@ -126,14 +126,15 @@ def test_grayscale_stays_gray_and_rgba_is_composited_on_black(category, cache_di
 
 
 def test_data_dir_may_be_the_folder_that_holds_the_category(category, cache_dir):
-    dataset = load_mvtec(category.parent, category="toy", cache_dir=cache_dir)
+    dataset = load_anomaly_dataset(category.parent, category="toy", cache_dir=cache_dir)
     assert dataset["test"].num_rows == 4
 
 
 def test_changed_mask_is_picked_up_despite_the_cache(category, cache_dir):
-    load_mvtec(category, cache_dir=cache_dir)
+    load_anomaly_dataset(category, cache_dir=cache_dir)
     Image.new("L", (SIZE, SIZE), 0).save(category / "ground_truth/crack/000_mask.png")
-    crack = [row for row in load_mvtec(category, cache_dir=cache_dir)["test"] if row["defect_type"] == "crack"]
+    test = load_anomaly_dataset(category, cache_dir=cache_dir)["test"]
+    crack = [row for row in test if row["defect_type"] == "crack"]
     assert sorted(bool(np.asarray(row["mask"]).any()) for row in crack) == [False, True]
 
 
@@ -143,14 +144,14 @@ def test_changed_mask_is_picked_up_despite_the_cache(category, cache_dir):
 def test_missing_data_dir_says_where_and_offers_download(tmp_path, cache_dir):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as error:
-        load_mvtec(missing, category="capsule", cache_dir=cache_dir)
+        load_anomaly_dataset(missing, category="capsule", cache_dir=cache_dir)
     message = str(error.value)
     assert str(missing) in message and "--download" in message and "train/good" in message
 
 
 def test_neither_data_dir_nor_dataset_name():
-    with pytest.raises(MVTecDataError, match="--data_dir.*--dataset_name"):
-        load_mvtec()
+    with pytest.raises(AnomalyDataError, match="--data_dir.*--dataset_name"):
+        load_anomaly_dataset()
 
 
 @pytest.mark.parametrize(
@@ -164,27 +165,27 @@ def test_neither_data_dir_nor_dataset_name():
 def test_corrupt_image_names_the_file(category, cache_dir, corruption):
     bad = category / "test/crack/001.png"
     corruption(bad)
-    with pytest.raises(MVTecDataError, match=f"Cannot read image file {bad}"):
-        load_mvtec(category, cache_dir=cache_dir)
+    with pytest.raises(AnomalyDataError, match=f"Cannot read image file {bad}"):
+        load_anomaly_dataset(category, cache_dir=cache_dir)
 
 
 def test_corrupt_mask_names_the_file(category, cache_dir):
     bad = category / "ground_truth/crack/000_mask.png"
     bad.write_bytes(b"\x89PNG broken")
-    with pytest.raises(MVTecDataError, match=f"Cannot read image file {bad}"):
-        load_mvtec(category, cache_dir=cache_dir)
+    with pytest.raises(AnomalyDataError, match=f"Cannot read image file {bad}"):
+        load_anomaly_dataset(category, cache_dir=cache_dir)
 
 
 def test_mask_without_image_is_named(category, cache_dir):
     _mask(0, 255).save(category / "ground_truth/crack/007_mask.png")
     orphan = r"1 mask\(s\) without a matching test image.*ground_truth/crack/007_mask.png"
-    with pytest.raises(MVTecDataError, match=orphan):
-        load_mvtec(category, cache_dir=cache_dir)
+    with pytest.raises(AnomalyDataError, match=orphan):
+        load_anomaly_dataset(category, cache_dir=cache_dir)
 
 
 def test_defective_image_without_mask_loads_with_mask_none(category, cache_dir):
     (category / "ground_truth/crack/001_mask.png").unlink()
-    test = load_mvtec(category, cache_dir=cache_dir)["test"]
+    test = load_anomaly_dataset(category, cache_dir=cache_dir)["test"]
     masks = {row["file"]: row["mask"] for row in test}
     assert masks["test/crack/001.png"] is None and masks["test/crack/000.png"] is not None
     tensors = load_split_as_tensors(test, 8)
@@ -194,8 +195,8 @@ def test_defective_image_without_mask_loads_with_mask_none(category, cache_dir):
 
 def test_mask_of_another_size(category, cache_dir):
     Image.new("L", (SIZE + 1, SIZE), 255).save(category / "ground_truth/crack/000_mask.png")
-    with pytest.raises(MVTecDataError, match="is 17x16 but its image .*000.png is 16x16"):
-        load_mvtec(category, cache_dir=cache_dir)
+    with pytest.raises(AnomalyDataError, match="is 17x16 but its image .*000.png is 16x16"):
+        load_anomaly_dataset(category, cache_dir=cache_dir)
 
 
 def _empty_train_good(category):
@@ -227,8 +228,8 @@ def _empty_test(category):
 )
 def test_broken_layout(category, cache_dir, break_layout, message):
     break_layout(category)
-    with pytest.raises(MVTecDataError, match=message):
-        load_mvtec(category, cache_dir=cache_dir)
+    with pytest.raises(AnomalyDataError, match=message):
+        load_anomaly_dataset(category, cache_dir=cache_dir)
 
 
 # ------------------------------------------------------------------------------------------- download
@@ -265,7 +266,7 @@ def test_download_fetches_unpacks_and_loads(tmp_path, file_server, cache_dir, mo
     root = tmp_path / "data"
 
     monkeypatch.setitem(mvtec_data.MVTEC_URLS, "toy", f"{base_url}/toy.tar.xz")
-    dataset = load_mvtec(root, category="toy", download=True, cache_dir=cache_dir)
+    dataset = load_anomaly_dataset(root, category="toy", download=True, cache_dir=cache_dir)
     assert dataset["train"].num_rows == 4 and dataset["test"].num_rows == 4
     assert sorted(p.name for p in root.iterdir()) == ["toy"]  # no archive, .part or temporary folder left
     assert (root / "toy/ground_truth/crack/000_mask.png").is_file()
@@ -280,7 +281,7 @@ def test_download_refuses_members_outside_the_target(tmp_path, file_server):
     payload.write_text("escape")
     _tar_xz(served / "evil.tar.xz", {"../evil.txt": payload})
     root = tmp_path / "data"
-    with pytest.raises(MVTecDataError, match=r"member '\.\./evil.txt' would land outside"):
+    with pytest.raises(AnomalyDataError, match=r"member '\.\./evil.txt' would land outside"):
         download_mvtec("toy", root, url=f"{base_url}/evil.tar.xz")
     assert not (tmp_path / "evil.txt").exists() and not (root / "evil.txt").exists()
     assert not (root / "toy").exists()
@@ -293,16 +294,16 @@ def test_download_rejects_archive_without_category_and_http_errors(tmp_path, fil
     (other / "readme.txt").write_text("no images here")
     _tar_xz(served / "other.tar.xz", {"other": other})
     root = tmp_path / "data"
-    with pytest.raises(MVTecDataError, match="holds no MVTec category"):
+    with pytest.raises(AnomalyDataError, match="holds no MVTec category"):
         download_mvtec("toy", root, url=f"{base_url}/other.tar.xz")
-    with pytest.raises(MVTecDataError, match=r"Could not download .*/missing.tar.xz.*404"):
+    with pytest.raises(AnomalyDataError, match=r"Could not download .*/missing.tar.xz.*404"):
         download_mvtec("toy", root, url=f"{base_url}/missing.tar.xz")
     assert not (root / "toy").exists()
     assert not any(p.name.endswith(".part") or p.name.startswith(".toy-") for p in root.iterdir())
 
 
 def test_unknown_category_has_no_url(tmp_path):
-    with pytest.raises(MVTecDataError, match="No download address known for category 'nope'"):
+    with pytest.raises(AnomalyDataError, match="No download address known for category 'nope'"):
         download_mvtec("nope", tmp_path)
 
 
@@ -310,7 +311,7 @@ def test_unknown_category_has_no_url(tmp_path):
 
 
 def test_load_split_as_tensors(category, cache_dir):
-    test = load_mvtec(category, cache_dir=cache_dir)["test"]
+    test = load_anomaly_dataset(category, cache_dir=cache_dir)["test"]
     tensors = load_split_as_tensors(test, 8)
     assert tensors.pixel_values.shape == (4, 3, 8, 8) and tensors.pixel_values.dtype == torch.float32
     assert 0.0 <= tensors.pixel_values.min() and tensors.pixel_values.max() <= 1.0
@@ -336,12 +337,13 @@ def test_images_to_tensor_uint8_and_rectangular():
 
 
 def test_with_transform_feeds_a_dataloader(category, cache_dir):
-    train = load_mvtec(category, cache_dir=cache_dir)["train"].with_transform(mvtec_transform(8))
+    train = load_anomaly_dataset(category, cache_dir=cache_dir)["train"].with_transform(anomaly_transform(8))
     batch = next(iter(torch.utils.data.DataLoader(train, batch_size=3)))
     assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].tolist() == [0, 0, 0] and batch["defect_types"] == ["good"] * 3
     assert batch["masks"].shape == (3, 8, 8) and not batch["masks"].any()
-    assert batch["has_masks"].all() and batch["files"] == ["train/good/000.png", "train/good/001.png", "train/good/002.png"]
+    assert batch["has_masks"].all()
+    assert batch["files"] == ["train/good/000.png", "train/good/001.png", "train/good/002.png"]
 
 
 # --------------------------------------------------------------------------------------- push script
@@ -389,7 +391,7 @@ def test_push_script_converts_and_pushes(category, cache_dir, monkeypatch):
     assert code == 0
     assert (pushed["repo_id"], pushed["token"], pushed["private"]) == ("me/mv", "t", None)
     assert {split: ds.num_rows for split, ds in pushed["dataset"].items()} == {"train": 4, "test": 4}
-    assert pushed["dataset"]["test"].features == MVTEC_FEATURES
+    assert pushed["dataset"]["test"].features == ANOMALY_FEATURES
 
 
 def test_push_script_missing_data_fails_before_pushing(tmp_path, cache_dir):

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_dgm_training.maf.masked_adam import MaskedAdam
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID, NLLMaps, compute_score
 from modeling_maf.modeling_maf import MaskedLinear
-from modeling_maf.optimization_maf import MaskedAdam
-
 from synthetic_data import make_mvtec_category
 from tiny_models import randomize_flow
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]

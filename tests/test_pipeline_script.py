@@ -10,6 +10,7 @@ import sys
 
 from synthetic_data import make_mvtec_category
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "scripts", "run_maf_pipeline.sh")
 TINY = ["--image_size", "8", "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1"]

@@ -16,14 +16,13 @@ import pytest
 from PIL import Image
 from transformers import pipeline
 
+from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
+from hf_dgm_training.data.anomaly import images_to_tensor
 from modeling_cyclegan import ImageTranslationPipeline
 from modeling_maf import AnomalyDetectionPipeline, IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import NOT_CALIBRATED
-from modeling_maf.data import images_to_tensor
 from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors
-
 from test_hub_models import randomize, tiny_cyclegan
-from child_process import WITHOUT_HF_DGM, run_without_hf_dgm
 
 
 def tiny_flow(model_class=MAFModel, config_class=MAFConfig, seed=0):

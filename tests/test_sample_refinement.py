@@ -1,5 +1,5 @@
 """Density-guided refinement of MAF/IAF samples (MAFModel.sample's refine_* arguments), the sample measures
-(modeling_maf.metrics.sample_quality), sample_maf.py's refined grids and measures, and the GPU study script at smoke
+(hf_dgm_training.metrics.sample_quality), sample_maf.py's refined grids and measures, and the GPU study script at smoke
 size (CPU, tiny)."""
 
 import json
@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
-from modeling_maf.metrics.sample_quality import (
+from hf_dgm_training.metrics.sample_quality import (
     ReferenceImages,
     mean_pairwise_distance,
     nearest_distances,
@@ -21,9 +20,11 @@ from modeling_maf.metrics.sample_quality import (
     roughness,
     sample_quality,
 )
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 from synthetic_data import make_mvtec_category
 from test_maf_model import randomize, tiny_config
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOWS = [(MAFModel, MAFConfig), (IAFModel, IAFConfig)]

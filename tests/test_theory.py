@@ -12,6 +12,7 @@ import math
 
 import torch
 
+
 SAMPLES = 400_000
 
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_dgm_training import ImagePool
+from hf_dgm_training.cyclegan import ImagePool
+from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size, load_unpaired_split
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.data import UnpairedSampler, default_load_size, load_unpaired_split
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,8 @@ def test_run_writes_losses_plots_grids_checkpoints_and_model(full_run):
     assert all(np.isfinite(r[name]) for r in records for name in LOSS_NAMES)
     assert {r["epoch"] for r in records} == {1, 2}
     # constant learning rate for the first half, then the reference's linear decay: 2e-4 * (1 - 1/2)
-    assert {r["lr"] for r in records if r["epoch"] == 1} == {2e-4} and {r["lr"] for r in records if r["epoch"] == 2} == {1e-4}
+    assert {r["lr"] for r in records if r["epoch"] == 1} == {2e-4}
+    assert {r["lr"] for r in records if r["epoch"] == 2} == {1e-4}
 
     plots = {"G_A", "G_B", "D_A", "D_B", "cycle", "identity", "all"}
     assert {f"loss_{name}.png" for name in plots} <= set(os.listdir(full_run / "plots"))
@@ -96,9 +97,11 @@ def test_run_writes_losses_plots_grids_checkpoints_and_model(full_run):
 
     results = json.loads((full_run / "train_results.json").read_text())
     assert results["completed"] and results["global_step"] == 12 and results["steps_per_epoch"] == 6
-    assert results["grids"] == {"first": "grids/epoch_001.png", "middle": "grids/epoch_001.png", "last": "grids/epoch_002.png"}
+    assert results["grids"] == {"first": "grids/epoch_001.png", "middle": "grids/epoch_001.png",
+                                "last": "grids/epoch_002.png"}
     assert results["steps_per_second"] > 0 and results["images_per_second"] > 0 and results["train_seconds"] > 0
-    assert len(results["epoch_seconds"]) == 2 and results["final_epoch_mean_losses"]["D_A"] == epoch_rows[1]["epoch/D_A"]
+    assert len(results["epoch_seconds"]) == 2
+    assert results["final_epoch_mean_losses"]["D_A"] == epoch_rows[1]["epoch/D_A"]
     assert results["train_images"] == {"A": 6, "B": 5} and results["load_size"] == default_load_size(32) == 36
     assert set(results["evaluation"]) == {"cycle_l1_A", "cycle_l1_B"} and results["evaluation_split"] == "test"
     assert results["fast_path"]["batch_passes"] is True  # the default fast path (what applies on a CPU)
@@ -125,7 +128,8 @@ def test_resume_after_interruption_continues_exactly(data_dir, full_run, tmp_pat
     assert not results["completed"] and results["stopped_early"] and results["global_step"] == 8
 
     with caplog.at_level(logging.INFO, logger="hf_dgm_training.trainer"):
-        train_in_process("--data_dir", data_dir, "--output_dir", output_dir, *TINY, "--resume_from_checkpoint", "latest")
+        train_in_process("--data_dir", data_dir, "--output_dir", output_dir, *TINY,
+                         "--resume_from_checkpoint", "latest")
     assert "Resumed at step 8 (epoch 2, step 2 of it)" in caplog.text
     results = json.loads((output_dir / "train_results.json").read_text())
     assert results["completed"] and results["global_step"] == 12 and results["steps_this_run"] == 4
@@ -221,7 +225,7 @@ def test_sampler_follows_the_reference_order_and_augmentation():
 
 
 def test_learning_rate_schedule_is_the_references():
-    from hf_dgm_training.cyclegan_step import learning_rate_factor
+    from hf_dgm_training.cyclegan.step import learning_rate_factor
 
     factors = [learning_rate_factor(epoch, 20, 10) for epoch in range(20)]
     assert factors[:10] == [1.0] * 10
@@ -230,18 +234,20 @@ def test_learning_rate_schedule_is_the_references():
 
 
 def make_step(model, options):
-    from hf_dgm_training.cyclegan_step import CycleGANTrainStep, build_optimizers
+    from hf_dgm_training.cyclegan.step import CycleGANTrainStep, build_optimizers
 
     optimizer_g, optimizer_d = build_optimizers(model, 2e-4, (0.5, 0.999), options)
     config = model.config
-    return CycleGANTrainStep(model, optimizer_g, optimizer_d, ImagePool(config.pool_size), ImagePool(config.pool_size), options)
+    return CycleGANTrainStep(model, optimizer_g, optimizer_d, ImagePool(config.pool_size), ImagePool(config.pool_size),
+                             options)
 
 
 def test_fast_and_plain_steps_have_the_same_maths():
-    from hf_dgm_training.cyclegan_step import FastPathOptions
+    from hf_dgm_training.cyclegan.step import FastPathOptions
 
     torch.manual_seed(0)
-    config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8, pool_size=2)
+    config = CycleGANConfig(image_size=32, num_residual_blocks=1, generator_filters=8, discriminator_filters=8,
+                            pool_size=2)
     plain_model = CycleGANModel(config)
     variants = {
         "plain": (plain_model, FastPathOptions()),
@@ -250,8 +256,8 @@ def test_fast_and_plain_steps_have_the_same_maths():
     }
     steps = {name: make_step(model, options) for name, (model, options) in variants.items()}
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1, torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1)
-               for _ in range(4)]
+    batches = [(torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1,
+                torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1) for _ in range(4)]
     losses = {}
     for name, step in steps.items():
         random.seed(0)  # same pool decisions
@@ -266,8 +272,8 @@ def test_fast_and_plain_steps_have_the_same_maths():
 
 
 def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
-    from hf_dgm_training import cyclegan_step
-    from hf_dgm_training.cyclegan_step import FastPathOptions
+    from hf_dgm_training.cyclegan import step as cyclegan_step
+    from hf_dgm_training.cyclegan.step import FastPathOptions
 
     def broken_compile(function, **kwargs):
         def compiled(*args):
@@ -295,7 +301,7 @@ def test_a_failing_torch_compile_falls_back_to_the_same_maths(monkeypatch):
 
 def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
     """A 4-row grid of 128x128 tiles: a fraction of the lossless size as a palette PNG, lossless on request."""
-    from hf_dgm_training.outputs import compact_png, fit_tiles, save_small_grid
+    from hf_dgm_training.figures import compact_png, fit_tiles, save_small_grid
 
     rng = np.random.default_rng(0)
     # smooth colour fields with texture, closer to photos than white noise (which no palette compresses)
@@ -310,7 +316,7 @@ def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
         assert image.size == full.size == (6 * 130 + 2, 4 * 130 + 2) and image.mode == "P" and full.mode == "RGB"
         error = np.abs(np.asarray(image.convert("RGB"), np.float32) - np.asarray(full, np.float32)).mean()
     # mean absolute error in 8-bit levels: ~14 for these random colours spread over the whole RGB cube (a
-    # palette's worst case); ~5 on the real horse2zebra grids of docs/cyclegan.md
+    # palette's worst case); ~5 on the real horse2zebra grids of docs/RESULTS.md#cyclegan-quality
     assert error < 16
 
     assert fit_tiles(images[:2], 128) is not None and fit_tiles(images[:2], 128).shape[-1] == 128
@@ -321,7 +327,7 @@ def test_grid_pngs_are_small_and_optional_lossless(tmp_path):
 
 def test_fast_path_defaults_leave_torch_compile_off():
     """Measured on an H200: CUDA graphs without torch.compile 101 it/s, with it 25.6 it/s; compile is opt-in."""
-    from hf_dgm_training.cyclegan_step import resolve_fast_path
+    from hf_dgm_training.cyclegan.step import resolve_fast_path
     from train_cyclegan import parse_args
 
     config = CycleGANConfig(image_size=32)
@@ -348,4 +354,5 @@ def test_checkpointing_no_writes_no_checkpoint_and_a_bad_value_is_a_clear_error(
     assert (output_dir / "model.safetensors").exists() or any(output_dir.glob("*.safetensors"))
     assert not (output_dir / "checkpoints").exists() or not os.listdir(output_dir / "checkpoints")
     result = run_script("--data_dir", data_dir, "--output_dir", tmp_path / "bad", *TINY, "--checkpointing_steps", "0")
-    assert result.returncode != 0 and "--checkpointing_steps must be 'epoch', a positive number of steps, a duration" in result.stderr
+    assert result.returncode != 0
+    assert "--checkpointing_steps must be 'epoch', a positive number of steps, a duration" in result.stderr

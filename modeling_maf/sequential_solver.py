@@ -1,0 +1,294 @@
+"""The sequential direction of a MADE block (MAF sampling, IAF density), solved exactly one segment at a time, and
+CUDA graphs of a flow's whole sampling direction.
+
+A MADE's output i depends on inputs of degree <= m_L(k) only through last-layer hidden units k with m_L(k) < i. With
+the distinct last-layer degrees s_1 < ... < s_r, the outputs of degrees (s_j, s_{j+1}] therefore depend only on the
+inputs of degree <= s_j: the block is inverted exactly in r + 1 MADE passes, one per segment (docs/maf.md).
+
+One pass here is a fixed, short sequence of kernels: the first layer's pre-activation is updated in place with the
+columns of the segment just solved (each first-layer weight is read once per inversion), the middle layers run on
+(batch, H), and only the segment's output rows are evaluated. Nothing is allocated per pass beyond the small
+(batch, H) and (batch, segment) results, and the solved values and log-scales are written in place into
+preallocated (batch, D) buffers. When a block's ordering is the natural or the reversed one (the ``"reverse"``
+permutation), every segment is a contiguous range of pixel positions, so the weights are used as views, never copied;
+a random ordering gathers the weights into degree order once per call.
+
+``replay_generation`` runs a flow's whole sampling direction (every block, 3,591 passes at the spec size) as one CUDA
+graph, captured per (batch shape, dtype, device, inference mode, parameter storage) on the second call with that key
+(the first runs eagerly, so a one-off call pays no capture) and replayed afterwards: what remains is the kernels
+themselves, without Python or launch overhead. The graph reads the parameters where they live,
+so in-place weight updates (training) are seen by the next replay; a parameter moved to new storage (``.to()``,
+``load_state_dict(assign=True)``) makes a new graph.
+
+This file imports only torch (and Triton where present), so a Hub repo made by ``save_pretrained`` loads with
+``trust_remote_code=True``.
+"""
+
+import collections
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+try:  # Triton ships with CUDA builds of torch; without it the pass's elementwise tail runs as torch kernels
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+
+def affine_generate(noise, shift, log_scale):
+    """MAF sampling (noise -> data): x = z * exp(a) + shift."""
+    return torch.addcmul(shift, noise, torch.exp(log_scale))
+
+
+def affine_density(data, shift, log_scale):
+    """IAF density (data -> noise): z = (x - shift) / exp(a)."""
+    return (data - shift) / torch.exp(log_scale)
+
+
+# On CUDA with Triton, the elementwise tail of a pass (soft clamp and affine solve) is one kernel; False: torch kernels.
+FUSE_WITH_TRITON = True
+# The solves whose elementwise tail a pass can do without calling them (in place, or in one fused kernel).
+_FUSED_SOLVES = {affine_generate: 0, affine_density: 1}
+
+
+def _as_compute(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision results are upcast to float32; float32 and float64 pass through (as the MADE's forward does)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+# Per block: the segment ranges (plain ints) and, per device, the index tensors of a random ordering. Kept off the
+# module so that nothing here is saved, copied or moved with it; built on first use, outside any CUDA graph capture.
+_LAYOUTS = weakref.WeakKeyDictionary()
+
+
+def segment_ranges(block, device) -> tuple[list[tuple[int, int]], torch.Tensor | None, torch.Tensor | None]:
+    """Where each segment of ``block`` lies in the space the solver works in: ``(ranges, order, at_position)``.
+
+    ``order`` is None when the block's ordering is the natural or the reversed one: the solver works at pixel
+    positions and segment (lo, hi] of degrees is the contiguous range of positions [lo, hi) or [D - hi, D - lo).
+    Otherwise ``order`` (D,) lists the positions by degree (the solver works in degree order on gathered weights),
+    ``at_position`` (D,) takes the results back to pixel positions, and the ranges are [lo, hi).
+    """
+    layout = _LAYOUTS.get(block)
+    if layout is None:
+        degrees = block.input_degrees
+        num_features = len(degrees)
+        natural = torch.arange(1, num_features + 1, dtype=degrees.dtype, device=degrees.device)
+        if torch.equal(degrees, natural):
+            ranges, permuted = [(low, high) for low, high in block.segments], False
+        elif torch.equal(degrees, natural.flip(0)):
+            ranges, permuted = [(num_features - high, num_features - low) for low, high in block.segments], False
+        else:
+            ranges, permuted = [(low, high) for low, high in block.segments], True
+        layout = _LAYOUTS[block] = {"ranges": ranges, "permuted": permuted}
+    if not layout["permuted"]:
+        return layout["ranges"], None, None
+    device = torch.device(device)
+    if device not in layout:
+        degrees = block.input_degrees
+        layout[device] = (torch.argsort(degrees).to(device), (degrees - 1).to(device))
+    return layout["ranges"], *layout[device]
+
+
+def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch.Tensor | None = None):
+    """``MADEBlock.solve_sequential``: returns ``(w, log_scale)``, both (batch, D) at pixel positions, with
+    ``w_i = solve_segment(known_i, shift_i(w_<i), log_scale_i(w_<i))`` for every i.
+
+    Without gradients (``torch.no_grad``, or nothing that requires grad) the passes write into preallocated buffers;
+    with them, the same passes build the result out of place so that autograd sees every step.
+    """
+    made = block.made
+    first, *middle, last = made.layers
+    num_features = made.num_features
+    ranges, order, at_position = segment_ranges(block, known.device)
+    batch_size = known.shape[0]
+    differentiable = torch.is_grad_enabled() and (
+        known.requires_grad or any(parameter.requires_grad for parameter in made.parameters()))
+
+    # Absent connections are zero, so the weights serve as they are; with gradients, through the mask (as in
+    # MaskedLinear), so that no gradient reaches an absent connection.
+    weights = [layer.masked_weight() if differentiable else layer.weight for layer in made.layers]
+    first_weight = weights[0]  # (H, D): columns of one segment are a view
+    output_weight = weights[-1].view(2, num_features, -1)  # (shifts | log-scales, D, H): rows of a segment, views
+    output_bias = last.bias.view(2, num_features)
+    if order is not None:
+        first_weight, known = first_weight[:, order], known[:, order]
+        output_weight, output_bias = output_weight[:, order], output_bias[:, order]
+    middle_layers = [(weight, layer.bias) for weight, layer in zip(weights[1:-1], middle)]
+    relu = isinstance(made.activation, nn.ReLU)
+    clamp = made.log_scale_clamp
+    fused = _FUSED_SOLVES.get(solve_segment) if not differentiable else None
+    fused_kernel = fused is not None and FUSE_WITH_TRITON and triton is not None and known.is_cuda
+
+    pre_activation = first.bias.expand(batch_size, -1)
+    offset = made.position_offset(locations, pre_activation)
+    pre_activation = pre_activation + offset if offset is not None else pre_activation.clone()
+    compute_dtype = torch.promote_types(known.dtype, torch.promote_types(pre_activation.dtype, torch.float32))
+    if not differentiable:
+        solved = torch.empty(batch_size, num_features, dtype=compute_dtype, device=known.device)
+        log_scales = torch.empty_like(solved)
+    solved_list, log_scale_list = [], []
+    for low, high in ranges:
+        hidden = made.activation(pre_activation)
+        for weight, bias in middle_layers:
+            if relu and not differentiable:
+                hidden = torch._addmm_activation(bias, hidden, weight.t())
+            else:
+                hidden = made.activation(F.linear(hidden, weight, bias))
+        known_segment = known[:, low:high]
+        if fused_kernel:
+            # Shifts and raw log-scales of the segment in one batched matmul; the bias, soft clamp and solve in one
+            # kernel that writes the output buffers.
+            segment, log_scale = solved[:, low:high], log_scales[:, low:high]
+            products = torch.bmm(hidden.expand(2, -1, -1), output_weight[:, low:high].transpose(1, 2))
+            _affine_tail(products, output_bias[:, low:high], known_segment, segment, log_scale, clamp, fused)
+            pre_activation.addmm_(segment.to(first_weight.dtype), first_weight[:, low:high].t())
+            continue
+        shift = F.linear(hidden, output_weight[0, low:high], output_bias[0, low:high])
+        raw_log_scale = F.linear(hidden, output_weight[1, low:high], output_bias[1, low:high])
+        if differentiable:
+            log_scale = made.soft_clamp(_as_compute(raw_log_scale))
+            segment = solve_segment(known_segment, _as_compute(shift), log_scale)
+            solved_list.append((low, segment))
+            log_scale_list.append((low, log_scale))
+            pre_activation = torch.addmm(pre_activation, segment.to(first_weight.dtype), first_weight[:, low:high].t())
+            continue
+        segment, log_scale = solved[:, low:high], log_scales[:, low:high]
+        if fused is not None:
+            # made.soft_clamp and the solve, in place into the output buffers.
+            torch.div(_as_compute(raw_log_scale), clamp, out=log_scale).tanh_().mul_(clamp)
+            scale = torch.exp(log_scale)
+            if fused == 0:
+                torch.addcmul(_as_compute(shift), known_segment, scale, out=segment)
+            else:
+                torch.div(torch.sub(known_segment, _as_compute(shift)), scale, out=segment)
+        else:
+            log_scale.copy_(made.soft_clamp(_as_compute(raw_log_scale)))
+            segment.copy_(solve_segment(known_segment, _as_compute(shift), log_scale))
+        pre_activation.addmm_(segment.to(first_weight.dtype), first_weight[:, low:high].t())
+    if differentiable:
+        # In the space's order (a reversed ordering solves its positions from the last range to the first).
+        solved = torch.cat([piece for _, piece in sorted(solved_list, key=lambda item: item[0])], dim=1)
+        log_scales = torch.cat([piece for _, piece in sorted(log_scale_list, key=lambda item: item[0])], dim=1)
+    if order is None:
+        return solved, log_scales
+    return solved[:, at_position], log_scales[:, at_position]
+
+
+# ------------------------------------------------------------------------------------- fused elementwise tail
+if triton is not None:
+
+    @triton.jit
+    def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
+                            products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
+                            clamp, INVERT: tl.constexpr, BLOCK: tl.constexpr):
+        """shift = products[0] + bias[0], raw = products[1] + bias[1]; log_scale = clamp * tanh(raw / clamp);
+        solved = known * exp(log_scale) + shift (INVERT=0) or (known - shift) / exp(log_scale) (INVERT=1), over a
+        (rows, width) segment; every operand is addressed by its strides."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = index < total
+        row, column = index // width, index % width
+        at = products_ptr + row * products_stride + column
+        shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
+        shift += tl.load(bias_ptr + column, mask=inside, other=0.0).to(tl.float32)
+        raw += tl.load(bias_ptr + bias_half + column, mask=inside, other=0.0).to(tl.float32)
+        known = tl.load(known_ptr + row * known_stride + column, mask=inside, other=0.0).to(tl.float32)
+        scaled = raw / clamp
+        # tanh(y) = sign(y) * (1 - e) / (1 + e) with e = exp(-2|y|): no overflow for any y.
+        decay = tl.exp(-2.0 * tl.abs(scaled))
+        magnitude = (1.0 - decay) / (1.0 + decay)
+        log_scale = clamp * tl.where(scaled < 0, -magnitude, magnitude)
+        scale = tl.exp(log_scale)
+        if INVERT:
+            solved = (known - shift) / scale
+        else:
+            solved = known * scale + shift
+        tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
+        tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
+
+
+def _affine_tail(products, bias, known, solved, log_scale, clamp, invert):
+    """One kernel for the bias, the soft clamp and the affine solve of one segment: ``products`` (2, rows, width)
+    are the segment's shifts and raw log-scales before their ``bias`` (2, width); writes ``solved`` and ``log_scale``
+    (rows, width views of the output buffers). Every operand's last dimension must be contiguous."""
+    rows, width = solved.shape
+    if min(tensor.stride(-1) for tensor in (products, bias, known, solved, log_scale)) != 1 or width == 0:
+        raise ValueError("the fused tail needs operands whose last dimension is contiguous")
+    total = rows * width
+    block = 256
+    _affine_tail_kernel[(triton.cdiv(total, block),)](
+        products, bias, known, solved, log_scale, width, total, products.stride(0), products.stride(1),
+        bias.stride(0), known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert,
+        BLOCK=block)
+
+
+# ---------------------------------------------------------------------------------- CUDA graphs of sampling
+# Graphs of one model, newest last, at most this many (each holds its own memory pool).
+MAX_GRAPHS_PER_MODEL = 4
+_GRAPHS = weakref.WeakKeyDictionary()
+
+
+def can_replay(latents: torch.Tensor) -> bool:
+    """Whether sampling from ``latents`` may use a CUDA graph: on CUDA, without gradients, outside autocast (whose
+    cache of cast weights must not live in a graph's memory) and not inside another capture."""
+    return (latents.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+            and not torch.cuda.is_current_stream_capturing())
+
+
+class _GenerationGraph:
+    """One captured run of ``generate(latents, locations) -> (logits, log_det)`` on static input buffers. The caller has
+    run ``generate`` eagerly at these shapes before (library handles created, Triton kernels compiled)."""
+
+    def __init__(self, generate, latents, locations):
+        self.latents = latents.clone()
+        self.locations = locations.clone() if locations is not None else None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = generate(self.latents, self.locations)
+
+    def replay(self, latents, locations):
+        self.latents.copy_(latents)
+        if locations is not None:
+            self.locations.copy_(locations)
+        self.graph.replay()
+        return tuple(output.clone() for output in self.outputs)
+
+
+def _graph_key(model, latents, locations):
+    storage = tuple(tensor.data_ptr() for tensor in model.parameters()) + tuple(
+        tensor.data_ptr() for tensor in model.buffers())
+    # Inference mode is part of the key: a graph's static inputs made under it cannot be written outside it.
+    return (tuple(latents.shape), latents.dtype, latents.device, locations is None, torch.is_inference_mode_enabled(),
+            storage)
+
+
+def replay_generation(model, generate, latents: torch.Tensor, locations: torch.Tensor | None = None,
+                      show_progress: bool = False):
+    """``generate(latents, locations, show_progress)`` (a flow's whole sampling direction) through a CUDA graph of
+    ``model``. The first call for a key runs eagerly (a single call costs no more than before, and it warms up what a
+    capture needs); the second captures the graph and replays it; later calls replay it. Returns fresh tensors."""
+    cache = _GRAPHS.setdefault(model, {"graphs": collections.OrderedDict(), "seen": set()})
+    graphs, seen = cache["graphs"], cache["seen"]
+    key = _graph_key(model, latents, locations)
+    graph = graphs.get(key)
+    if graph is None:
+        if key not in seen:
+            if len(seen) >= 16 * MAX_GRAPHS_PER_MODEL:
+                seen.clear()
+            seen.add(key)
+            return generate(latents, locations, show_progress)
+        graph = graphs[key] = _GenerationGraph(generate, latents, locations)
+        while len(graphs) > MAX_GRAPHS_PER_MODEL:
+            graphs.popitem(last=False)
+    graphs.move_to_end(key)
+    return graph.replay(latents, locations)
+
+
+def clear_graphs(model) -> None:
+    """Drops the sampling graphs of ``model`` (and their memory)."""
+    _GRAPHS.pop(model, None)
