@@ -41,8 +41,8 @@ MAFModel.register_for_auto_class("AutoModel")
 IAFModel.register_for_auto_class("AutoModel")
 FeatureMAFModel.register_for_auto_class("AutoModel")
 MAFImageProcessor.register_for_auto_class("AutoImageProcessor")
-# pipeline("anomaly-detection", model=<MAFModel, IAFModel or FeatureMAFModel>) in this process; saved folders and Hub repos name the
-# pipeline in config.json themselves (MAFPreTrainedModel.save_pretrained).
+# pipeline("anomaly-detection", model=<a MAF, IAF or feature detector>) in this process; saved folders and Hub
+# repos name the pipeline in config.json themselves (MAFPreTrainedModel.save_pretrained).
 PIPELINE_REGISTRY.register_pipeline("anomaly-detection", pipeline_class=AnomalyDetectionPipeline, pt_model=AutoModel,
                                     type="image")
 # EfficientNet-Lite, the frozen ImageNet feature backbone: AutoConfig / AutoBackbone / load_backbone know it, and a

@@ -12,7 +12,7 @@ IMAGE_SCORES = ("map-max", "map-topk", "patch-z-top3", "standardized-topk", "sta
 def backbone_config_from(value, backbone: str | None = None, backbone_kwargs: dict | None = None):
     """The backbone's config from what a `FeatureMAFConfig` was given: a config, its dict (`model_type` picks the
     class: this package's `efficientnet_lite`, or any model type transformers knows), or None (EfficientNet-Lite0
-    with stages 3 and 5; or, with `backbone`, the config of that Hub checkpoint, which `train_maf.py` fetches)."""
+    with stages 3 and 5; or, with `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
     if isinstance(value, PreTrainedConfig):
         return value
     if value is None and backbone is None:
@@ -36,17 +36,18 @@ class FeatureMAFConfig(PreTrainedConfig):
     Configuration of a [`FeatureMAFModel`]: an anomaly detector that models ``log p(feature vector | location)`` with
     a MAF over the feature maps of a frozen, pretrained CNN (as DifferNet, CFlow-AD and FastFlow do with other flows).
 
-    Images (``image_size`` square, RGB in [0, 1]) are normalised with ``image_mean``/``image_std`` and passed through the
-    backbone; the maps of its ``out_features`` stages are averaged over ``feature_pooling_size`` neighbourhoods, brought
-    to the finest of them (bilinear) and concatenated into one vector per location (D = the sum of their channels).
+    Images (``image_size`` square, RGB in [0, 1]) are normalised with ``image_mean``/``image_std`` and passed through
+    the backbone; the maps of its ``out_features`` stages are averaged over ``feature_pooling_size`` neighbourhoods,
+    brought to the finest of them (bilinear) and concatenated into one vector per location (D = the sum of their
+    channels).
     Vectors are standardised with per-channel statistics of the training features (buffers, saved with the model);
     the flow is continuous (no dequantisation or logit transform). The per-location NLL is the anomaly map, bilinearly
     upsampled to the image; the image score is read from the map (``anomaly_score``).
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
-            The frozen backbone, transformers style (``AutoBackbone``): its ``out_features`` / ``out_indices`` choose the
-            stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage3", "stage5"]``
+            The frozen backbone, transformers style (``AutoBackbone``): its ``out_features`` / ``out_indices`` choose
+            the stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage3", "stage5"]``
             (40 + 112 channels at 1/8 and 1/16 of the image).
         backbone (`str`, *optional*):
             A Hub checkpoint of a backbone (``microsoft/resnet-18``, ``facebook/dinov2-small``, a timm name with
@@ -71,7 +72,8 @@ class FeatureMAFConfig(PreTrainedConfig):
         hidden_sizes, num_blocks, hidden_act, degree_assignment, degree_seed, permutation, normalization,
         batch_norm_momentum, log_scale_clamp:
             The MAF over the vectors, as in [`MAFConfig`] (defaults: 2 hidden layers of 512, 6 blocks, reversed
-            orderings, flow batch norm between blocks).
+            orderings, no normalisation between blocks: flow batch norm fitted the training features better and
+            detected defects worse, docs/RESULTS.md#feature-space-detector).
         condition_on_position (`bool`, *optional*, defaults to `True`):
             Every MADE adds a learned embedding of the feature location to its first hidden layer:
             ``log p(vector | location)``. False: one density for every location.
@@ -102,7 +104,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         degree_assignment: str = "spread",
         degree_seed: int = 0,
         permutation: str = "reverse",
-        normalization: str = "batch_norm",
+        normalization: str = "none",
         batch_norm_momentum: float = 0.1,
         log_scale_clamp: float = 3.0,
         condition_on_position: bool = True,
@@ -156,9 +158,11 @@ class FeatureMAFConfig(PreTrainedConfig):
             (self.permutation in PERMUTATIONS, f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}"),
             (self.normalization in NORMALIZATIONS,
              f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"),
-            (0 < self.batch_norm_momentum <= 1, f"batch_norm_momentum must lie in (0, 1], got {self.batch_norm_momentum}"),
+            (0 < self.batch_norm_momentum <= 1,
+             f"batch_norm_momentum must lie in (0, 1], got {self.batch_norm_momentum}"),
             (self.log_scale_clamp > 0, f"log_scale_clamp must be positive, got {self.log_scale_clamp}"),
-            (self.anomaly_score in IMAGE_SCORES, f"anomaly_score must be one of {IMAGE_SCORES}, got {self.anomaly_score!r}"),
+            (self.anomaly_score in IMAGE_SCORES,
+             f"anomaly_score must be one of {IMAGE_SCORES}, got {self.anomaly_score!r}"),
         ]
         for ok, message in checks:
             if not ok:

