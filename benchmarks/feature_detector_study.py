@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,10 +82,8 @@ def parse_args(argv=None):
 
 
 def load_data(data_dir, image_size, percentage):
-    try:
-        from hf_dgm_training.data import load_anomaly_dataset, load_split_as_tensors, split_validation
-    except ImportError:
-        from modeling_maf.data import load_anomaly_dataset, load_split_as_tensors, split_validation
+    from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, split_validation
+
     dataset = load_anomaly_dataset(data_dir)
     train, validation = split_validation(dataset["train"], percentage, seed=0)
     tensors = [load_split_as_tensors(split, image_size, 3) for split in (train, validation, dataset["test"])]
@@ -213,7 +210,8 @@ def main(argv=None):
         torch.cuda.synchronize() if device.type == "cuda" else None
         extract_s = time.perf_counter() - t0
         n_images = sum(len(f) for f in feats.values())
-        print(f"[{variant}] features {tuple(feats['train'].shape)} of {n_images} images in {extract_s:.2f} s", flush=True)
+        print(f"[{variant}] features {tuple(feats['train'].shape)} of {n_images} images in {extract_s:.2f} s",
+              flush=True)
         masks, has_masks = test.masks, test.has_masks
         for scorer, maps in (("memory_bank", memory_bank_maps(feats["train"], feats["test"])),
                              ("gaussian", gaussian_maps(feats["train"], feats["test"]))):
