@@ -352,7 +352,7 @@ def main(argv=None):
 
     # Train
     task = CycleGANTask(args, accelerator, model, images_a, images_b, grid_a, grid_b)
-    loop = TrainingLoop(accelerator, args, task)
+    loop = TrainingLoop(accelerator, args, task, model_config=config)
     loop.resume()
     loop.run()
 
