@@ -31,6 +31,7 @@ a script's `--help` (and anything that needs only `arguments` or `errors`) does 
 """
 
 import importlib
+import importlib.util
 
 
 # name -> the submodule that defines it
@@ -68,6 +69,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: hf_dgm_training.trainer, ...
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

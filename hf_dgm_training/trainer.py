@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,9 @@ class PhaseTimer:
 
     def lap(self, name: str) -> float:
         """Ends the current phase as `name` (added to it when it ran before); returns its seconds this time. Waits for
-        the GPU first, so that work queued in a phase counts in it."""
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        the GPU first, so that work queued in a phase counts in it (torch not imported yet: nothing is queued)."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
