@@ -152,6 +152,22 @@ def test_translate_script_works_on_the_training_output(full_run, data_dir, tmp_p
     assert os.listdir(tmp_path / "out" / "grids") == ["grid_000.png"]
 
 
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, full_run, capsys, monkeypatch):
+    """Issue 22.1: the finished run stays untouched; the one line names both ways out (exit status 1)."""
+    from hf_dgm_training import run_main
+    from train_cyclegan import main
+
+    monkeypatch.delenv("HF_DGM_DEBUG", raising=False)
+    before = sorted(os.listdir(full_run))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ["--data_dir", str(data_dir), "--output_dir", str(full_run), *TINY])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    assert ": error: " in lines[0] and "already holds another run" in lines[0]
+    assert "--overwrite_output_dir" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    assert sorted(os.listdir(full_run)) == before
+
+
 def test_bad_data_gives_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*trainA, trainB"):
         train_in_process("--data_dir", tmp_path / "missing", "--output_dir", tmp_path / "out", *TINY)
