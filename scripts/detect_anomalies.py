@@ -348,11 +348,11 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
 
 def main(argv=None):
     args = parse_args(argv)
+    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf", "feature_maf"))
     from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors
-    from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
+    from modeling_maf import MAFImageProcessor
     from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
 
-    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf", "feature_maf"))
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     # The processor saved with the model: test and calibration images are preprocessed as the training images were.

@@ -24,8 +24,6 @@ import argparse
 import os
 import time
 
-import torch
-
 from hf_dgm_training import (
     add_debug_arg,
     device_description,
@@ -36,7 +34,6 @@ from hf_dgm_training import (
     write_json,
 )
 from hf_dgm_training.arguments import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
-from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 
 
 DEFAULT_REFINE_STEPS = 300
@@ -85,6 +82,8 @@ def refinement_arguments(args) -> dict:
 
 def generate(model, args, temperature, **refinement):
     """Samples from --seed on the model's device, and the seconds they took (device-synchronised)."""
+    import torch
+
     device = model.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if device.type == "cuda":
@@ -108,9 +107,11 @@ def write_images(images, output_dir, grid_name, image_name, nrow):
 
 def main(argv=None):
     args = parse_args(argv)
-    from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
-
+    # torch, transformers and the model package are imported once the model path is known to be good.
     device, output_dir, model = load_model_for_inference(args, "samples", model_types=("maf", "iaf"))
+    from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+    from modeling_maf import MAFImageProcessor
+
     reference = statistics = None
     if args.data_dir is not None or args.dataset_name is not None:
         # The processor saved with the model: the data are preprocessed as the training images were.
