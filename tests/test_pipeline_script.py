@@ -103,3 +103,33 @@ def test_setup_runs_pip_once_until_setup_py_changes(tmp_path):
     third = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
     assert third.returncode == 1
     assert len(pip_calls(venv)) == 3
+
+
+def setup_as(venv, extras=""):
+    """scripts/setup_env.sh's hf_dgm_setup, as run_tests.sh (extras dev,demo) or the main job (none) call it."""
+    script = f'source "{ROOT}/scripts/setup_env.sh" && hf_dgm_setup "{ROOT}" {extras} && echo "PYTHON=$PYTHON"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, VENV=str(venv), PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"PYTHON={venv}/bin/python" in result.stdout
+    return result.stdout
+
+
+def test_one_setup_stamp_whichever_command_sets_up_first(tmp_path):
+    """Issue 22.4: the test command and the main job share the virtualenv and its stamp; the tests add only their
+    extras on top of the main job's setup, and neither reinstalls after the other."""
+    digest = hashlib.sha256(open(os.path.join(ROOT, "setup.py"), "rb").read()).hexdigest()
+    venv = make_fake_venv(tmp_path / "main-first")
+    setup_as(venv)  # the main job
+    assert len(pip_calls(venv)) == 3 and (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0"]
+    setup_as(venv, "dev,demo")  # then the tests: only their extras
+    assert pip_calls(venv) == [f"-m pip install -q -e {ROOT}[dev,demo]"]
+    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=dev,demo"]
+    assert "is up to date" in setup_as(venv, "dev,demo") and "is up to date" in setup_as(venv)
+    assert pip_calls(venv) == []
+
+    venv = make_fake_venv(tmp_path / "tests-first")
+    setup_as(venv, "dev,demo")
+    assert pip_calls(venv)[-1] == f"-m pip install -q -e {ROOT}[dev,demo]"
+    assert "is up to date" in setup_as(venv)  # the main job after the tests: no pip at all
+    assert pip_calls(venv) == []
