@@ -66,7 +66,7 @@ ADAM_BETA = Number(float, minimum=0, below=1)
 PRESETS = {
     "paper": {},
     "cpu": {"image_size": 64, "generator_filters": 16, "discriminator_filters": 16, "num_residual_blocks": 3,
-            "num_train_epochs": 1, "max_train_steps": 600, "logging_steps": 50, "num_grid_images": 4},
+            "num_train_epochs": 2},
 }
 
 
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     })
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                         help="'paper': the paper's model and the flags' defaults. 'cpu': a small model (64x64 images, "
-                             "16 filters, 3 residual blocks) for 600 steps, a few minutes on 2 CPU cores: "
+                             "16 filters, 3 residual blocks) for 2 epochs, minutes on 2 CPU cores: "
                              f"{PRESETS['cpu']}. Flags given on the command line win.")
     parser.add_argument("--adam_beta1", type=ADAM_BETA, default=0.5, help="Adam beta1 (paper: 0.5).")
     parser.add_argument("--adam_beta2", type=ADAM_BETA, default=0.999, help="Adam beta2 (paper: 0.999).")
