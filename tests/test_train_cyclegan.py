@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from PIL import Image
 from hf_dgm_training.cyclegan import ImagePool
 from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size, load_unpaired_split
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from script_runner import run_in_process
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +46,8 @@ def make_unpaired_folder(root, counts=(("trainA", 6), ("trainB", 5), ("testA", 2
     return root
 
 
-def run_script(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    return subprocess.run(
-        [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
-    )
+def run_script(*args, cwd=ROOT):
+    return run_in_process("train_cyclegan.py", *args, cwd=cwd or ROOT, expect_ok=False)
 
 
 def read_jsonl(path):
