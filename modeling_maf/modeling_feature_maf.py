@@ -163,7 +163,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         copy of the backbone on the meta device (shapes only: no memory, no compute)."""
         size = self.config.image_size
         with torch.device("meta"), torch.no_grad():
-            maps = build_backbone(self.config)(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
+            probe = build_backbone(self.config).eval()
+            maps = probe(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
             features = self.aggregator(maps)
         return int(features.shape[1]), (int(features.shape[2]), int(features.shape[3]))
 
