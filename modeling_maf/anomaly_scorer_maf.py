@@ -91,12 +91,14 @@ class MAFAnomalyScorer(nn.Module):
     """
 
     def __init__(self, config, image_size, grid_size=1, default_method: str = NLL,
-                 grid_to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 grid_to_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 default_parameters: ScoreParameters | None = None):
         super().__init__()
         self._config = config
         self.image_size, self.grid_size = _pair(image_size), _pair(grid_size)
         self.default_method = check_score_name(default_method).name
         self.grid_to_pixels = grid_to_pixels
+        self.default_parameters = default_parameters or ScoreParameters.for_image_size(self.image_size[0])
         # Persistent: model.safetensors holds them as `<attribute>.location_mean`, ... Zeros and ones until calibrated.
         self.register_buffer("location_mean", torch.zeros(self.image_size))
         self.register_buffer("location_std", torch.ones(self.image_size))
@@ -118,7 +120,7 @@ class MAFAnomalyScorer(nn.Module):
     def score_parameters(self) -> ScoreParameters:
         """The sizes the scores use: the calibrated ones, else the defaults for the image size."""
         if self.calibration is None:
-            return ScoreParameters.for_image_size(self.image_size[0])
+            return self.default_parameters
         return ScoreParameters(**{key: self.calibration[key] for key in ScoreParameters.__dataclass_fields__})
 
     def _buffers_by_grid(self) -> dict:
@@ -147,9 +149,12 @@ class MAFAnomalyScorer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ scoring
     def resolve_method(self, method: str | None = None) -> str:
-        """The score name `method` stands for: itself (checked), or for None the calibrated default, else "nll"."""
+        """The score name `method` stands for: itself (checked), or for None the calibrated default, else (not
+        calibrated) `default_method` when it needs no statistics, "nll" when it does."""
         if method is None:
-            return self.calibration["method"] if self.is_calibrated else NLL
+            if self.is_calibrated:
+                return self.calibration["method"]
+            return NLL if ANOMALY_SCORES[self.default_method].needs_statistics else self.default_method
         return check_score_name(method).name
 
     @property
@@ -204,7 +209,7 @@ class MAFAnomalyScorer(nn.Module):
         (None: `default_method`) and the score sizes (`parameters`, default: `ScoreParameters.for_image_size`) to
         `config.anomaly_calibration`. Returns `config.anomaly_calibration`."""
         method = check_score_name(method or self.default_method).name
-        parameters = parameters or ScoreParameters.for_image_size(self.image_size[0])
+        parameters = parameters or self.default_parameters
         statistics, thresholds, fprs = calibrate_scores(nll_maps, parameters, target_fpr)
         self.store(statistics)
         self._config.anomaly_calibration = {
@@ -221,4 +226,72 @@ class MAFAnomalyScorer(nn.Module):
         return f"image_size={self.image_size}, grid_size={self.grid_size}, calibrated={self.is_calibrated}"
 
 
-__all__ = ["AnomalyPrediction", "MAFAnomalyScorer", "upsample_bilinear"]
+class AnomalyDetectionMixin:
+    """The anomaly-detection API of a density model, delegated to its `anomaly_statistics` (a `MAFAnomalyScorer`).
+    A model provides `nll_maps(pixel_values) -> NLLMaps` (deterministic) and the scorer; MAF, IAF and the
+    feature-space detector share this API, so the pipeline, the scripts and the demo work with any of them."""
+
+    @property
+    def default_anomaly_score(self) -> str:
+        """The score `calibrate` makes the default when none is named (the model's choice, by measurement)."""
+        return self.anomaly_statistics.default_method
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `calibrate` has set the anomaly thresholds and per-location statistics."""
+        return self.anomaly_statistics.is_calibrated
+
+    @property
+    def anomaly_score_parameters(self) -> ScoreParameters:
+        """The sizes the scores use: the calibrated ones, else the defaults for this image size."""
+        return self.anomaly_statistics.score_parameters
+
+    @property
+    def available_anomaly_scores(self) -> list[str]:
+        """The scores this model can compute now (`MAFAnomalyScorer.available_scores`)."""
+        return self.anomaly_statistics.available_scores
+
+    def resolve_anomaly_method(self, method: str | None = None) -> str:
+        """The score name `method` stands for: itself (checked), or for None the calibrated default, else "nll"."""
+        return self.anomaly_statistics.resolve_method(method)
+
+    def score_nll_maps(self, nll_maps: NLLMaps | torch.Tensor, method: str | None = None):
+        """`(maps (batch, H, W), scores)` of `method` from the maps of `nll_maps(x)`: many scores from one pass."""
+        return self.anomaly_statistics.score(nll_maps, method)
+
+    def anomaly_scores(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """Per-image anomaly score (batch,), deterministic; higher = more anomalous. `method` is a name of
+        `modeling_maf.anomaly_scores.ANOMALY_SCORES`; None = the calibrated default, or "nll" (the sum of the
+        per-pixel NLL map; for a whole-image flow the image's negative log-likelihood in nats) for a model that is
+        not calibrated."""
+        return self.score_nll_maps(self.nll_maps(pixel_values), method)[1]
+
+    def anomaly_maps(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """The map (batch, H, W) that `method`'s score reduces; for "nll" the per-pixel NLL map of `nll_maps`."""
+        return self.score_nll_maps(self.nll_maps(pixel_values), method)[0]
+
+    def anomaly_threshold(self, method: str | None = None) -> float:
+        """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
+        return self.anomaly_statistics.threshold(method)
+
+    def predict_anomalies(self, pixel_values: torch.Tensor, method: str | None = None) -> AnomalyPrediction:
+        """Scores, maps and decisions (`scores > threshold`) of `method` (None = the calibrated default). A model
+        that is not calibrated returns scores and maps with `is_anomalous` and `threshold` None."""
+        method = self.resolve_anomaly_method(method)
+        return self.anomaly_statistics.predict(self.nll_maps(pixel_values), method)
+
+    @torch.no_grad()
+    def calibrate(self, good_pixel_values: torch.Tensor, target_fpr: float = 0.05, method: str | None = None,
+                  batch_size: int = 16, parameters: ScoreParameters | None = None) -> dict:
+        """Calibrate the anomaly scores on held-out good images (never trained on), float (N, C, H, W) in [0, 1],
+        `batch_size` at a time: `MAFAnomalyScorer.calibrate` on their NLL maps (per-location statistics, the
+        threshold of every score at `target_fpr`, `method` as the default score, the score sizes `parameters`).
+        `save_pretrained` saves all of it. Returns `config.anomaly_calibration`."""
+        method = check_score_name(method or self.default_anomaly_score).name
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        maps = NLLMaps.cat(self.nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size))
+        return self.anomaly_statistics.calibrate(maps, target_fpr, method, parameters)
+
+
+__all__ = ["AnomalyDetectionMixin", "AnomalyPrediction", "MAFAnomalyScorer", "upsample_bilinear"]

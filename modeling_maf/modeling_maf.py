@@ -35,13 +35,11 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
-from .anomaly_scorer_maf import AnomalyPrediction, MAFAnomalyScorer
+from .anomaly_scorer_maf import AnomalyDetectionMixin, AnomalyPrediction, MAFAnomalyScorer
 from .anomaly_scores import (
     DEFAULT_CALIBRATED_PATCH_SCORE,
     DEFAULT_CALIBRATED_SCORE,
     NLLMaps,
-    ScoreParameters,
-    check_score_name,
 )
 from .configuration_maf import IAFConfig, MAFConfig
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
@@ -492,7 +490,7 @@ class MAFPreTrainedModel(PreTrainedModel):
             module.reset_parameters(skip_loaded=True)
 
 
-class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
+class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     r"""
     Masked Autoregressive Flow over images ``pixel_values`` of shape (batch, C, H, W) with values in [0, 1].
 
@@ -695,70 +693,6 @@ class MAFModel(MAFSamplingMixin, MAFPreTrainedModel):
     def patch_maps_to_pixels(self, maps: torch.Tensor) -> torch.Tensor:
         """Maps at the patch grid (B, Lh, Lw) -> pixel maps (B, H, W) (`PatchLayout.grid_to_pixels`)."""
         return self.patch_layout.grid_to_pixels(maps)
-
-    @property
-    def default_anomaly_score(self) -> str:
-        """The score `calibrate` makes the default when none is named: the image NLL for a whole-image flow,
-        `patch-z-top3` for a patch flow."""
-        return self.anomaly_statistics.default_method
-
-    @property
-    def is_calibrated(self) -> bool:
-        """Whether `calibrate` has set the anomaly thresholds and per-location statistics."""
-        return self.anomaly_statistics.is_calibrated
-
-    @property
-    def anomaly_score_parameters(self) -> ScoreParameters:
-        """The sizes the scores use: the calibrated ones, else the defaults for this image size."""
-        return self.anomaly_statistics.score_parameters
-
-    @property
-    def available_anomaly_scores(self) -> list[str]:
-        """The scores this model can compute now (`MAFAnomalyScorer.available_scores`)."""
-        return self.anomaly_statistics.available_scores
-
-    def resolve_anomaly_method(self, method: str | None = None) -> str:
-        """The score name `method` stands for: itself (checked), or for None the calibrated default, else "nll"."""
-        return self.anomaly_statistics.resolve_method(method)
-
-    def score_nll_maps(self, nll_maps: NLLMaps | torch.Tensor, method: str | None = None):
-        """`(maps (batch, H, W), scores)` of `method` from the maps of `nll_maps(x)`: many scores from one pass."""
-        return self.anomaly_statistics.score(nll_maps, method)
-
-    def anomaly_scores(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
-        """Per-image anomaly score (batch,), deterministic; higher = more anomalous. `method` is a name of
-        `modeling_maf.anomaly_scores.ANOMALY_SCORES`; None = the calibrated default, or "nll" (the image's negative
-        log-likelihood in nats; for a patch model the sum of its per-pixel map) for a model that is not
-        calibrated."""
-        return self.score_nll_maps(self.nll_maps(pixel_values), method)[1]
-
-    def anomaly_maps(self, pixel_values: torch.Tensor, method: str | None = None) -> torch.Tensor:
-        """The map (batch, H, W) that `method`'s score reduces; for "nll" the per-pixel NLL map of `nll_maps`."""
-        return self.score_nll_maps(self.nll_maps(pixel_values), method)[0]
-
-    def anomaly_threshold(self, method: str | None = None) -> float:
-        """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
-        return self.anomaly_statistics.threshold(method)
-
-    def predict_anomalies(self, pixel_values: torch.Tensor, method: str | None = None) -> AnomalyPrediction:
-        """Scores, maps and decisions (`scores > threshold`) of `method` (None = the calibrated default). A model
-        that is not calibrated returns scores and maps with `is_anomalous` and `threshold` None."""
-        method = self.resolve_anomaly_method(method)
-        return self.anomaly_statistics.predict(self.nll_maps(pixel_values), method)
-
-    @torch.no_grad()
-    def calibrate(self, good_pixel_values: torch.Tensor, target_fpr: float = 0.05, method: str | None = None,
-                  batch_size: int = 16, parameters: ScoreParameters | None = None) -> dict:
-        """Calibrate the anomaly scores on held-out good images (never trained on), float (N, C, H, W) in [0, 1],
-        `batch_size` at a time: `MAFAnomalyScorer.calibrate` on their NLL maps (per-location statistics, the
-        threshold of every score at `target_fpr`, `method` as the default score, the score sizes `parameters`).
-        `save_pretrained` saves all of it. Returns `config.anomaly_calibration`."""
-        method = check_score_name(method or self.default_anomaly_score).name
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        maps = NLLMaps.cat(self.nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size))
-        return self.anomaly_statistics.calibrate(maps, target_fpr, method, parameters)
-
 
 class IAFModel(MAFModel):
     r"""

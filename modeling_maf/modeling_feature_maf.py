@@ -1,0 +1,302 @@
+"""The feature-space MAF anomaly detector: log p(feature vector | location) over the feature maps of a frozen backbone.
+
+The backbone (default: EfficientNet-Lite0, `modeling_efficientnet_lite.py`) is part of the model and saved with it, so
+a saved or pushed detector needs nothing else at load time. The flow is the project's MAF (`MADEBlock` of
+`modeling_maf.py`) over D-dimensional vectors, one per feature location, each MADE conditioned on the location by a
+learned embedding in its first layer (as the patch MAF is). Scoring and calibration are the pixel models' own
+(`MAFAnomalyScorer`): the per-location NLL is the location grid, and its bilinear upsampling the pixel map.
+
+This file imports only torch, transformers and its siblings, relatively: it travels with the weights into Hub repos.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .anomaly_scorer_maf import AnomalyDetectionMixin, MAFAnomalyScorer, upsample_bilinear
+from .anomaly_scores import NLLMaps, ScoreParameters
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
+from .configuration_feature_maf import FeatureMAFConfig
+from .modeling_efficientnet_lite import EfficientNetLiteBackbone
+from .modeling_maf import FlowBatchNorm, MADEBlock, MAFPreTrainedModel, MaskedLinear
+
+
+@dataclass
+class FeatureMAFOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Mean negative log-likelihood (nats) of the feature vectors of the batch.
+        log_prob (`torch.FloatTensor` of shape `(batch_size,)`):
+            Per image, the mean over its locations of log p(vector | location) (nats).
+        nll_map (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+            The negative log-likelihood of the vector at every feature location.
+    """
+
+    loss: torch.FloatTensor | None = None
+    log_prob: torch.FloatTensor | None = None
+    nll_map: torch.FloatTensor | None = None
+
+
+def build_backbone(config: FeatureMAFConfig) -> nn.Module:
+    """The backbone module of `config`, with random weights (`load_pretrained_backbone` or a saved detector brings
+    the trained ones): this package's EfficientNet-Lite, or any `AutoBackbone` transformers can build from a config."""
+    backbone_config = config.backbone_config
+    if isinstance(backbone_config, EfficientNetLiteConfig):
+        return EfficientNetLiteBackbone(backbone_config)
+    if backbone_config is None:
+        raise ValueError(f"The backbone {config.backbone!r} has no config: build the detector with "
+                         "FeatureMAFConfig(backbone_config=AutoConfig.from_pretrained(...)) (train_maf.py does).")
+    from transformers import AutoBackbone
+
+    return AutoBackbone.from_config(backbone_config)
+
+
+class FeatureAggregator(nn.Module):
+    """Backbone feature maps -> one vector per location: each map averaged over a k x k neighbourhood, brought to the
+    finest map's size (bilinear) and concatenated along the channels."""
+
+    def __init__(self, pooling_size: int):
+        super().__init__()
+        self.pooling_size = pooling_size
+
+    def forward(self, feature_maps) -> torch.Tensor:
+        size = max((tuple(feature_map.shape[-2:]) for feature_map in feature_maps),
+                   key=lambda shape: shape[0] * shape[1])
+        pooled = []
+        for feature_map in feature_maps:
+            feature_map = feature_map.float()
+            if self.pooling_size > 1:
+                feature_map = F.avg_pool2d(feature_map, self.pooling_size, stride=1, padding=self.pooling_size // 2,
+                                           count_include_pad=False)
+            if tuple(feature_map.shape[-2:]) != size:
+                feature_map = F.interpolate(feature_map, size=size, mode="bilinear", align_corners=False)
+            pooled.append(feature_map)
+        return torch.cat(pooled, dim=1)
+
+
+class VectorFlowSpec:
+    """What a `MADEBlock` reads from a config, for a flow over `num_features`-dimensional vectors at
+    `num_patch_locations` locations (MAFConfig's names, so that the MADE code serves both)."""
+
+    def __init__(self, config: FeatureMAFConfig, num_features: int, num_locations: int):
+        self.num_features = num_features
+        self.hidden_sizes = config.hidden_sizes
+        self.hidden_act = config.hidden_act
+        self.degree_assignment = config.degree_assignment
+        self.log_scale_clamp = config.log_scale_clamp
+        self.condition_on_position = config.condition_on_position
+        self.patch_size = 1  # one "patch" per location: MADE adds a location embedding when condition_on_position
+        self.num_patch_locations = num_locations
+
+
+class FeatureMAFPreTrainedModel(MAFPreTrainedModel):
+    """Weights, initialisation and loading of the feature detector: the MAF's rules (masks applied on every load,
+    blocks starting as the identity); the backbone keeps its own initialisation until its weights are loaded."""
+
+    config_class = FeatureMAFConfig
+    base_model_prefix = "feature_maf"
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and not isinstance(module, MaskedLinear):
+            return  # backbone modules
+        super()._init_weights(module)
+
+
+class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
+    r"""
+    Anomaly detector: a MAF over the feature vectors of a frozen backbone, ``log p(vector | location)``.
+
+    ``pixel_values`` are images (batch, 3, image_size, image_size) in [0, 1], as [`MAFImageProcessor`] makes them; the
+    model normalises them for its backbone. The anomaly API (`nll_maps`, `anomaly_scores`, `anomaly_maps`,
+    `calibrate`, `predict_anomalies`) is [`MAFModel`]'s.
+
+    Example:
+    ```python
+    >>> from modeling_maf import FeatureMAFConfig, FeatureMAFModel
+    >>> model = FeatureMAFModel(FeatureMAFConfig())      # random backbone weights
+    >>> model.load_pretrained_backbone()                  # ImageNet EfficientNet-Lite0 (pip install "hf-dgm[features]")
+    >>> features = model.extract_features(images)         # (B, 152, 32, 32) for 256x256 images
+    >>> model.fit_feature_statistics(features)            # then train: loss = model(features=features).loss
+    >>> model.predict_anomalies(images)                   # scores, maps, decisions once calibrated
+    ```
+    """
+
+    def __init__(self, config: FeatureMAFConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config)
+        self.backbone.requires_grad_(False)
+        self.aggregator = FeatureAggregator(config.feature_pooling_size)
+        num_features, grid = self._feature_shape()
+        self.num_features, self.feature_grid = num_features, grid
+        # Standardisation of the vectors: per-channel statistics of the training features (`fit_feature_statistics`).
+        self.register_buffer("feature_mean", torch.zeros(num_features))
+        self.register_buffer("feature_std", torch.ones(num_features))
+        spec = VectorFlowSpec(config, num_features, grid[0] * grid[1])
+        generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
+        natural = torch.arange(1, num_features + 1, device="cpu")
+        blocks, norms = [], []
+        for index in range(config.num_blocks):
+            if config.permutation == "reverse" and index % 2 == 1:
+                degrees = natural.flip(0)
+            elif config.permutation == "random" and index > 0:
+                degrees = torch.randperm(num_features, generator=generator, device="cpu") + 1
+            else:
+                degrees = natural
+            blocks.append(MADEBlock(spec, degrees, generator))
+            if config.normalization == "batch_norm":
+                norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
+        self.blocks = nn.ModuleList(blocks)
+        self.norms = nn.ModuleList(norms) if norms else None
+        size = config.image_size
+        self.anomaly_statistics = MAFAnomalyScorer(
+            config, size, grid, config.anomaly_score, grid_to_pixels=self.grid_maps_to_pixels,
+            default_parameters=ScoreParameters(smoothing_sigma=size / 64, window_size=2 * round(size / 64) + 1))
+        self.post_init()
+
+    def _feature_shape(self) -> tuple[int, tuple[int, int]]:
+        """(channels of the concatenated vectors, (height, width) of the feature grid), from a forward pass of a
+        copy of the backbone on the meta device (shapes only: no memory, no compute)."""
+        size = self.config.image_size
+        with torch.device("meta"), torch.no_grad():
+            probe = build_backbone(self.config).eval()
+            maps = probe(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
+            features = self.aggregator(maps)
+        return int(features.shape[1]), (int(features.shape[2]), int(features.shape[3]))
+
+    def train(self, mode: bool = True):
+        """The backbone stays in eval mode (frozen batch-norm statistics) whatever the flow's mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def load_pretrained_backbone(self, name_or_path: str | None = None, **kwargs) -> None:
+        """Loads pretrained backbone weights: `name_or_path` (default: `config.backbone`) as a transformers
+        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to its `from_pretrained`), or, for this package's
+        EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra (`kwargs` unused)."""
+        name_or_path = name_or_path or self.config.backbone
+        backbone_config = self.config.backbone_config
+        if name_or_path is None and isinstance(backbone_config, EfficientNetLiteConfig):
+            from .modeling_efficientnet_lite import efficientnet_lite0_weights_file
+
+            pretrained = EfficientNetLiteBackbone.from_efficientnet_pytorch(efficientnet_lite0_weights_file(),
+                                                                            config=backbone_config)
+        elif name_or_path is None:
+            raise ValueError("No pretrained backbone to load: pass a checkpoint name or set config.backbone.")
+        elif self.config.use_timm_backbone:
+            from transformers import TimmBackbone
+
+            pretrained = TimmBackbone.from_pretrained(name_or_path, config=backbone_config, **kwargs)
+        else:
+            from transformers import AutoBackbone
+
+            pretrained = AutoBackbone.from_pretrained(name_or_path, config=backbone_config, **kwargs)
+        self.backbone.load_state_dict(pretrained.state_dict())
+        self.backbone.eval()
+
+    # ------------------------------------------------------------------------------------------- features
+    def _check_pixel_values(self, pixel_values):
+        config = self.config
+        expected = (config.num_channels, config.image_size, config.image_size)
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a float tensor of shape (batch, {', '.join(map(str, expected))}) "
+                            "with values in [0, 1]; preprocess images with MAFImageProcessor.")
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this "
+                             f"detector (image_size={config.image_size}), got {tuple(pixel_values.shape)}. Preprocess "
+                             "the images with MAFImageProcessor.from_model_config(model.config).")
+
+    @torch.no_grad()
+    def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) in [0, 1] -> the aggregated feature maps (B, D, h, w), float32, before
+        standardisation."""
+        self._check_pixel_values(pixel_values)
+        mean, std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
+                     for values in (self.config.image_mean, self.config.image_std))
+        parameter = next(self.backbone.parameters())
+        normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+        return self.aggregator(self.backbone(normalized).feature_maps)
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, features: torch.Tensor) -> None:
+        """Sets the per-channel mean and standard deviation of the training features (B, D, h, w) that standardise
+        every vector before the flow."""
+        flat = features.transpose(0, 1).reshape(self.num_features, -1).double()
+        self.feature_mean.copy_(flat.mean(dim=1).to(self.feature_mean))
+        self.feature_std.copy_(flat.std(dim=1).clamp_min(1e-6).to(self.feature_std))
+
+    def vectors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps (B, D, h, w) -> standardised vectors (B * h * w, D) and their locations (B * h * w,),
+        row-major over the grid."""
+        batch_size, _, height, width = features.shape
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, self.num_features)
+        vectors = (vectors - self.feature_mean) / self.feature_std
+        locations = torch.arange(height * width, device=features.device).repeat(batch_size)
+        return vectors, locations
+
+    # ------------------------------------------------------------------------------------------ the flow
+    def vector_log_prob(self, vectors: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """log p(vector | location) (N,) of standardised vectors (N, D) at `locations` (N,), float32."""
+        hidden = vectors.float()
+        log_det = torch.zeros(hidden.shape[0], device=hidden.device)
+        for index, block in enumerate(self.blocks):
+            shift, log_scale = block(hidden, locations)
+            hidden = (hidden - shift) * torch.exp(-log_scale)
+            log_det = log_det - log_scale.sum(dim=1)
+            if self.norms is not None:
+                hidden, norm_log_det = self.norms[index](hidden)
+                log_det = log_det + norm_log_det.sum(dim=1)
+        base = -0.5 * hidden.square().sum(dim=1) - 0.5 * self.num_features * math.log(2 * math.pi)
+        return base + log_det
+
+    def forward(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                vectors: torch.Tensor | None = None, locations: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> FeatureMAFOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            Images with values in [0, 1].
+        features (`torch.FloatTensor` of shape `(batch_size, D, h, w)`, *optional*):
+            Their aggregated feature maps (`extract_features`) instead of the images: training extracts them once.
+        vectors, locations (`torch.FloatTensor` of shape `(N, D)`, `torch.LongTensor` of shape `(N,)`, *optional*):
+            Standardised vectors (`vectors(features)`) at their locations, from any images: a training batch. The
+            output then has the loss (mean NLL) alone.
+        """
+        if vectors is not None:
+            output = FeatureMAFOutput(loss=-self.vector_log_prob(vectors, locations).mean())
+            return output if return_dict is not False else output.to_tuple()
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("Pass pixel_values (images) or features (from extract_features).")
+            features = self.extract_features(pixel_values)
+        batch_size, _, height, width = features.shape
+        vectors, locations = self.vectors(features)
+        log_prob = self.vector_log_prob(vectors, locations).view(batch_size, height, width)
+        output = FeatureMAFOutput(loss=-log_prob.mean(), log_prob=log_prob.flatten(1).mean(dim=1), nll_map=-log_prob)
+        return output if return_dict is not False else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------ anomaly maps
+    def grid_maps_to_pixels(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps at the feature grid (B, h, w) -> maps at the image's pixels (B, H, W), bilinear."""
+        size = self.config.image_size
+        return upsample_bilinear(maps.float(), (size, size))
+
+    @torch.no_grad()
+    def nll_maps(self, pixel_values: torch.Tensor, batch_size: int = 32) -> NLLMaps:
+        """The NLL at both grids the anomaly scores read, `batch_size` images at a time: `pixel` (B, H, W), the
+        per-location NLL upsampled to the image, and `patch` (B, h, w), the NLL of every feature vector at its
+        location. Deterministic (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            nll_map = torch.cat([self(pixel_values=chunk).nll_map for chunk in pixel_values.split(batch_size)])
+        finally:
+            self.train(was_training)
+        return NLLMaps(self.grid_maps_to_pixels(nll_map), nll_map)
+
+
+__all__ = ["FeatureMAFModel", "FeatureMAFOutput", "FeatureMAFPreTrainedModel", "FeatureAggregator", "build_backbone"]
