@@ -26,6 +26,7 @@ import os
 import shlex
 import time
 
+
 PRESETS = {
     "spec": {"maf": [], "detector": []},
     "cpu": {"maf": ["--image_size", "64", "--hidden_sizes", "256", "256", "--num_blocks", "3",
@@ -100,7 +101,6 @@ def main(argv=None):
     import detect_anomalies
     import sample_maf
     import train_maf
-
     from hf_dgm_training import write_json
 
     stages.lap("imports")
