@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a fresh virtualenv (CPU torch 2.13.0 first, then this package with its dev and demo extras) and run the tests.
+# Set up a fresh virtualenv (CPU torch 2.13.0 first, then this package with its dev, demo and features extras) and run
+# the tests.
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +8,7 @@ VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[dev,demo]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,demo,features]"
 
 # The demo's browser test (tests/test_app_browser.py) drives the system's Chromium. Install it where this machine
 # allows (root with apt-get, as in CI); elsewhere, or with HF_DGM_NO_BROWSER_INSTALL=1, that test is skipped.
