@@ -309,23 +309,25 @@ def _percentile(values: torch.Tensor, percent: float) -> float:
 
 def display_range(good_maps: torch.Tensor, threshold: float, in_map_units: bool, target_fpr: float) -> dict:
     """One colour scale for the maps of a score, from its maps of held-out good images (N, H, W) and its threshold:
-    `{"low", "high", "map_threshold"}`, map values.
+    `{"low", "high", "map_threshold"}`, map values, and `"label"`, what the colour bar calls `map_threshold`.
 
     `map_threshold` is the map level that corresponds to the decision: the threshold itself for a score that is a peak
-    of its map (`in_map_units`), else the level that the good images' map maxima exceed at `target_fpr`. `low` is the
+    of its map (`in_map_units`, label "threshold"), else (a sum over the map, such as the image NLL) the level that
+    the good images' map maxima exceed at `target_fpr` (label "good peak"). `low` is the
     DISPLAY_LOW_PERCENTILE percentile of the good maps' values, and `high` puts `map_threshold` at
     DISPLAY_THRESHOLD_POSITION of [low, high]: on this scale a typical good location is blue, a location at the
     decision level orange and anything above it red, the same for every image.
     """
     if in_map_units:
-        map_threshold = float(threshold)
+        map_threshold, label = float(threshold), "threshold"
     else:
         map_threshold, _ = threshold_at_fpr(good_maps.flatten(1).max(dim=1).values, target_fpr)
+        label = "good peak"
     low = _percentile(good_maps, DISPLAY_LOW_PERCENTILE)
     if not map_threshold > low:  # a threshold at or below the typical good value: still a scale that ends above it
         low = map_threshold - max(abs(map_threshold), 1.0) * 1e-3
     high = low + (map_threshold - low) / DISPLAY_THRESHOLD_POSITION
-    return {"low": low, "high": high, "map_threshold": map_threshold}
+    return {"low": low, "high": high, "map_threshold": map_threshold, "label": label}
 
 
 def calibrate_scores(nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParameters, target_fpr: float):

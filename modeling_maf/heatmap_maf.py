@@ -38,12 +38,14 @@ def jet_colors(values: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class HeatmapScale:
     """Map values `low` -> blue, `high` -> dark red, linear between and clipped outside; `threshold` is the map level
-    of the decision (None on a per-image scale); `note` says why a scale is per image (None when calibrated)."""
+    of the decision (None on a per-image scale) and `threshold_label` its name on the colour bar; `note` says why a
+    scale is per image (None when calibrated)."""
 
     low: float
     high: float
     threshold: float | None = None
     note: str | None = None
+    threshold_label: str = "threshold"
 
     @property
     def per_image(self) -> bool:
@@ -67,7 +69,7 @@ def heatmap_scale(anomaly_map: np.ndarray, display_range: dict | None = None, ca
     calibrated, to say why it has no range)."""
     if display_range is not None:
         return HeatmapScale(float(display_range["low"]), float(display_range["high"]),
-                            float(display_range["map_threshold"]))
+                            float(display_range["map_threshold"]), None, display_range.get("label", "threshold"))
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     low, high = (float(value) for value in np.percentile(anomaly_map, PER_IMAGE_PERCENTILES))
     if high <= low:
@@ -93,44 +95,47 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _label(value: float) -> str:
-    return f"{value:.3g}"
+def level_labels(values) -> list[str]:
+    """Labels of the levels of a colour bar: the fewest significant digits (at least 3) that tell them apart."""
+    values = [float(value) for value in values]
+    for digits in range(3, 10):
+        labels = [f"{value:.{digits}g}" for value in values]
+        if len(set(labels)) == len(set(values)):
+            return labels
+    return labels
 
 
-def colorbar_image(scale: HeatmapScale, height: int, width: int = 96) -> Image.Image:
+def colorbar_image(scale: HeatmapScale, height: int) -> Image.Image:
     """A vertical colour bar of `scale` (`height` pixels, high at the top), labelled with `low`, `high` and, on a
-    calibrated scale, the threshold marked by a line across the bar; a per-image scale is labelled as such."""
-    font = _font(max(9, height // 24))
+    calibrated scale, the threshold marked by a line across the bar; a per-image scale is labelled as such. As wide
+    as its labels need."""
+    font = _font(max(10, height // 22))
+    margin = max(6, height // 20)
+    bar_left, bar_width = 4, max(10, height // 16)
+    top, bottom = margin, height - margin
+    text_left = bar_left + bar_width + 5
+    if scale.per_image:
+        marks = [(scale.high, "image p99"), (scale.low, "image p1")]
+    else:
+        low, threshold, high = level_labels([scale.low, scale.threshold, scale.high])
+        marks = [(scale.high, high), (scale.threshold, f"{scale.threshold_label}\n{threshold}"), (scale.low, low)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = text_left + 4 + max(measure.multiline_textbbox((0, 0), text, font=font)[2] for _, text in marks)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    margin = max(6, height // 20)
-    bar_left, bar_width = 4, max(10, width // 6)
-    top, bottom = margin, height - margin
     levels = np.linspace(1.0, 0.0, max(1, bottom - top), dtype=np.float32)
-    bar = np.repeat(jet_colors(levels)[:, None, :], bar_width, axis=1)
-    canvas.paste(Image.fromarray(bar, mode="RGB"), (bar_left, top))
+    canvas.paste(Image.fromarray(np.repeat(jet_colors(levels)[:, None, :], bar_width, axis=1), mode="RGB"),
+                 (bar_left, top))
     draw.rectangle((bar_left, top, bar_left + bar_width - 1, bottom - 1), outline=(0, 0, 0))
-    text_left = bar_left + bar_width + 4
-
-    def row_of(value):
-        return top + (1.0 - float(scale.normalize(value))) * (bottom - top - 1)
-
-    def put(value, text):
-        y = row_of(value)
+    for value, text in marks:
+        y = top + (1.0 - float(scale.normalize(value))) * (bottom - top - 1)
         draw.line((bar_left + bar_width, y, text_left - 1, y), fill=(0, 0, 0))
-        box = draw.textbbox((0, 0), text, font=font)
-        draw.text((text_left, min(max(0, y - (box[3] + box[1]) / 2), height - box[3])), text, fill=(0, 0, 0),
-                  font=font)
-
-    if scale.per_image:
-        put(scale.high, "image p99")
-        put(scale.low, "image p1")
-    else:
-        put(scale.high, _label(scale.high))
-        put(scale.low, _label(scale.low))
-        y = row_of(scale.threshold)
+        box = draw.multiline_textbbox((0, 0), text, font=font)
+        draw.multiline_text((text_left, min(max(0, y - (box[3] + box[1]) / 2), height - box[3])), text,
+                            fill=(0, 0, 0), font=font)
+    if not scale.per_image:
+        y = top + (1.0 - float(scale.normalize(scale.threshold))) * (bottom - top - 1)
         draw.line((bar_left - 3, y, bar_left + bar_width + 2, y), fill=(0, 0, 0), width=max(2, height // 120))
-        put(scale.threshold, f"threshold {_label(scale.threshold)}")
     return canvas
 
 
@@ -138,11 +143,12 @@ def with_colorbar(heatmap: Image.Image, scale: HeatmapScale, min_height: int = 2
     """The heatmap enlarged (sharp pixels) to at least `min_height` pixels, its colour bar to the right."""
     factor = max(1, -(-min_height // heatmap.height))
     enlarged = heatmap.resize((heatmap.width * factor, heatmap.height * factor), resample=Image.NEAREST)
-    bar = colorbar_image(scale, enlarged.height, width=max(96, enlarged.height // 3))
+    bar = colorbar_image(scale, enlarged.height)
     combined = Image.new("RGB", (enlarged.width + bar.width, enlarged.height), (255, 255, 255))
     combined.paste(enlarged.convert("RGB"), (0, 0))
     combined.paste(bar, (enlarged.width, 0))
     return combined
 
 
-__all__ = ["HeatmapScale", "colorbar_image", "heatmap_overlay", "heatmap_scale", "jet_colors", "with_colorbar"]
+__all__ = ["HeatmapScale", "colorbar_image", "heatmap_overlay", "heatmap_scale", "jet_colors", "level_labels",
+           "with_colorbar"]

@@ -53,12 +53,13 @@ def test_display_range_puts_the_threshold_at_its_position_of_the_bar():
     low = float(np.sort(maps.numpy().ravel())[round(DISPLAY_LOW_PERCENTILE / 100 * maps.numel()) - 1])
     # A peak score: the map level of the decision is the threshold itself.
     peak = display_range(maps, 7.5, in_map_units=True, target_fpr=0.25)
-    assert peak["map_threshold"] == 7.5 and peak["low"] == pytest.approx(low)
+    assert peak["map_threshold"] == 7.5 and peak["low"] == pytest.approx(low) and peak["label"] == "threshold"
     assert (peak["map_threshold"] - peak["low"]) / (peak["high"] - peak["low"]) == \
         pytest.approx(DISPLAY_THRESHOLD_POSITION)
     # A sum score (the image NLL): the level that the good maps' maxima exceed at the target rate.
     total = display_range(maps, 1e6, in_map_units=False, target_fpr=0.25)
     assert total["map_threshold"] == threshold_at_fpr(maps.flatten(1).max(dim=1).values, 0.25)[0]
+    assert total["label"] == "good peak"
     # A threshold below the typical good value still gives a scale that ends above it.
     low_threshold = display_range(maps, -5.0, in_map_units=True, target_fpr=0.25)
     assert low_threshold["low"] < low_threshold["map_threshold"] == -5.0 < low_threshold["high"]
@@ -138,7 +139,7 @@ def test_uncalibrated_scale_is_per_image_with_its_note():
     assert (scale.low, scale.high) == pytest.approx(tuple(np.percentile(anomaly_map, [1, 99])))
     assert heatmap_scale(anomaly_map, calibrated=True).note == NO_DISPLAY_RANGE_NOTE
     calibrated = heatmap_scale(anomaly_map, {"low": 0.0, "high": 4.0, "map_threshold": 3.0})
-    assert calibrated == HeatmapScale(0.0, 4.0, 3.0, None) and not calibrated.per_image
+    assert calibrated == HeatmapScale(0.0, 4.0, 3.0, None, "threshold") and not calibrated.per_image
     assert calibrated.normalize([-1.0, 0.0, 3.0, 9.0]).tolist() == [0.0, 0.0, 0.75, 1.0]
 
 

@@ -118,7 +118,8 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
             display_range = model.config.anomaly_calibration["display_ranges"][expected.method]
             assert expected.display_range == display_range
             assert result["heatmap_scale"] == {"low": display_range["low"], "high": display_range["high"],
-                                               "threshold": display_range["map_threshold"], "note": None}
+                                               "threshold": display_range["map_threshold"], "note": None,
+                                               "threshold_label": display_range["label"]}
         else:
             assert expected.display_range is None and result["heatmap_scale"]["note"] == NOT_CALIBRATED_NOTE
         heatmap = heatmap_overlay(image, expected.maps[index].numpy(), scale=scale)
