@@ -139,3 +139,31 @@ def test_example_captions_are_the_defect_types(tmp_path):
         ["crack", "good", "poke"]
     folder = os.path.join(category, "test", "crack")
     assert [example_caption(path, folder) for path in example_images(folder, (), 8)] == ["000.png", "001.png"]
+
+
+def test_a_saved_feature_detector_loads_from_its_folder_without_this_package(tmp_path):
+    """What the demo (and a Space) does: the folder's own code builds the detector, backbone included, and its
+    pipeline draws the heatmap on the calibrated scale."""
+    import json
+    import subprocess
+    import sys
+
+    from child_process import WITHOUT_HF_DGM
+
+    folder = tiny_feature_detector(tmp_path / "detector")
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (120, 90, 60)).save(image)
+    script = WITHOUT_HF_DGM + (
+        "import json\nfrom transformers import pipeline\n"
+        f"detector = pipeline('anomaly-detection', model={str(folder)!r}, trust_remote_code=True, device='cpu')\n"
+        f"result = detector({str(image)!r})\n"
+        "print(json.dumps([type(detector.model).__module__, result['heatmap_scale']['note'], "
+        "result['is_anomalous'] is not None]))\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=dict(env, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, note, calibrated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert module.startswith("transformers_modules") and note is None and calibrated
