@@ -180,7 +180,7 @@ def read_upload(component, payload):
 
 def image_input(**kwargs):
     """gr.Image for uploads whose failures are messages in the page (a bare 'Error' badge otherwise)."""
-    component = gr.Image(type="pil", **kwargs)
+    component = gr.Image(type="pil", format="png", **kwargs)  # lossless: an example picked is scored as its file
     component.preprocess = lambda payload: read_upload(component, payload)
     return component
 
@@ -261,7 +261,7 @@ def build_demo(detector, detector_message, sampler, sampler_message, translator,
                                 allow_preview=False, object_fit="contain", elem_id="anomaly-examples")
 
                             def pick(event: gr.SelectData):
-                                return Image.open(maf_examples[event.index])
+                                return maf_examples[event.index]
 
                             examples.select(pick, inputs=None, outputs=[image])
                     with gr.Column():
