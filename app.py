@@ -20,7 +20,7 @@ import os
 
 import gradio as gr
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import pipeline
 
 
@@ -174,8 +174,10 @@ def read_upload(component, payload):
         return type(component).preprocess(component, payload)
     except Exception as error:
         name = getattr(payload, "orig_name", None) or "The uploaded file"
-        raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, BMP or WebP): {type(error).__name__}: "
-                       f"{error}", title="Not an image") from error
+        reason = ("its content is in no image format PIL knows" if isinstance(error, UnidentifiedImageError)
+                  else f"{type(error).__name__}: {error}")
+        raise gr.Error(f"{name} is not an image this demo can read (PNG, JPEG, BMP or WebP): {reason}.",
+                       title="Not an image") from error
 
 
 def image_input(**kwargs):
