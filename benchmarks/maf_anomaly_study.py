@@ -85,7 +85,7 @@ def study_one_model(args, model_dir, dataset, device):
     entries, seen = [], {}
     for window in windows:
         parameters = ScoreParameters(default.smoothing_sigma, window, default.top_k_fraction)
-        statistics, thresholds, _ = calibrate_scores(good_maps, parameters, args.target_fpr)
+        statistics, thresholds, _, _ = calibrate_scores(good_maps, parameters, args.target_fpr)
         for name in ANOMALY_SCORES:
             maps, scores = compute_score(name, test_maps, parameters, statistics)
             if ANOMALY_SCORES[name].grid == PATCH_GRID:

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_maf import log_prob_floor
+from bench_maf import log_prob_floor, log_prob_fn
 from modeling_maf import MAFConfig, MAFModel, masked_matmul
 
 
@@ -112,15 +112,6 @@ def spec_model(device, config) -> MAFModel:
             last = block.made.layers[-1]
             last.weight.normal_(0, 1e-3).mul_(last.mask())
     return model
-
-
-def log_prob_fn(log_prob_of, model, pixels, dtype):
-    @torch.no_grad()
-    def run():
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            return log_prob_of(model, pixels)
-
-    return run
 
 
 def nflows_flow(config, device):
@@ -224,12 +215,12 @@ def main(argv=None):
                             generator=torch.Generator(device=device).manual_seed(batch))
         results["floor"].append(log_prob_floor(model, batch, results["copy_bandwidth_GBps"]))
         for dtype in DTYPES:
-            ours = log_prob_fn(lambda m, p: m(p).log_prob, model, pixels, dtype)
+            ours = log_prob_fn(model, lambda m, p: m(p).log_prob, pixels, dtype)
             variants = {"dense": (ours, DENSE), "block-sparse": (ours, SPARSE)}
             if dtype == "fp32":
                 variants["block-sparse ieee"] = (ours, SPARSE_IEEE)
             if flow is not None:
-                variants["nflows 0.14"] = (log_prob_fn(lambda f, p: f.log_prob(p.flatten(1)), flow, pixels, dtype), {})
+                variants["nflows 0.14"] = (log_prob_fn(flow, lambda f, p: f.log_prob(p.flatten(1)), pixels, dtype), {})
             medians = time_in_turns(variants, args.repeats, args.calls)
             for name, ms in medians.items():
                 row = {"variant": name, "batch": batch, "dtype": dtype, "ms": ms, "images_per_s": batch / ms * 1e3}

@@ -1,5 +1,5 @@
 # Copyright 2025 The hf-dgm Authors. Licensed under the Apache License, Version 2.0.
-"""Figures of a run: loss curves, image grids (plain, titled, small palette PNGs)."""
+"""Figures of a run: loss curves, image grids (plain, titled, small palette PNGs), heatmap colour bars."""
 
 from __future__ import annotations
 
@@ -19,10 +19,18 @@ def _ema(values: list[float], smoothing: float) -> list[float]:
     return smoothed
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+SPARSE_POINTS = 50
+MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
 def plot_curves(
     series: dict[str, tuple[list, list]], path: str, title: str, ylabel: str = "", smoothing: float = 0.9
 ) -> None:
-    """Plots named (steps, values) series: raw values thin and faint, EMA-smoothed in the same colour."""
+    """Plots named (steps, values) series: raw values thin and faint, EMA-smoothed in the same colour. A sparse series
+    (at most SPARSE_POINTS points, or a fifth of the longest series' points: an evaluation per epoch) is drawn
+    unsmoothed, as markers joined by a line, each in its own marker and line style and above the dense series, so that
+    sparse series with equal values stay visible."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -31,12 +39,21 @@ def plot_curves(
     figure = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(figure)  # no pyplot: no global backend state, safe in threads and headless runs
     axes = figure.add_subplot()
+    longest = max((len(steps) for steps, _ in series.values()), default=0)
+    sparse = 0
     for index, (name, (steps, values)) in enumerate(series.items()):
         steps = [float(s) for s in steps]
         values = [float(v) for v in values]
         if len(steps) != len(values):
             raise ValueError(f"Series {name!r} has {len(steps)} steps but {len(values)} values.")
         color = f"C{index % 10}"
+        if len(steps) <= SPARSE_POINTS or 5 * len(steps) <= longest:
+            axes.plot(steps, values, color=color, linewidth=1.2, linestyle=LINE_STYLES[(sparse + 1) % len(LINE_STYLES)],
+                      marker=MARKERS[sparse % len(MARKERS)], markersize=7 - 1.5 * (sparse % 3),
+                      markevery=max(1, len(steps) // SPARSE_POINTS), markerfacecolor="none" if sparse % 2 else color,
+                      zorder=3 + sparse, label=name)
+            sparse += 1
+            continue
         axes.plot(steps, values, color=color, linewidth=0.8, alpha=0.3)
         axes.plot(steps, _ema(values, smoothing), color=color, linewidth=1.5, label=name)
     axes.set_title(title)
@@ -161,3 +178,37 @@ def save_small_grid(images, path: str, nrow: int, colors: int = 192, tile_size: 
     """save_image_grid of images in [0, 1], tiles at most `tile_size` pixels, written as a `colors`-colour PNG."""
     save_image_grid(fit_tiles(images.float(), tile_size), path, nrow=nrow)
     compact_png(path, colors)
+
+
+def heatmap_colormap():
+    """The heatmaps' 'jet' colours (modeling_maf.heatmap_maf.jet_colors) as a matplotlib colour map, so that figures
+    show the pipeline's colours exactly."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    from modeling_maf.heatmap_maf import jet_colors
+
+    return ListedColormap(jet_colors(np.linspace(0.0, 1.0, 256)) / 255.0, name="hf-dgm-jet")
+
+
+def draw_heatmap_colorbar(figure, axis, scale, label: str = "") -> None:
+    """The colour bar of a `modeling_maf.heatmap_maf.HeatmapScale` in `axis`: low, high and the threshold (a black
+    line across the bar) labelled on a calibrated scale; on a per-image scale, the bar from each image's 1st to 99th
+    percentile."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from modeling_maf.heatmap_maf import level_labels
+
+    if scale.per_image:
+        colorbar = figure.colorbar(ScalarMappable(Normalize(0.0, 1.0), heatmap_colormap()), cax=axis)
+        colorbar.set_ticks([0.0, 1.0], labels=["image p1", "image p99"])
+    else:
+        colorbar = figure.colorbar(ScalarMappable(Normalize(scale.low, scale.high), heatmap_colormap()), cax=axis)
+        axis.axhline(scale.threshold, color="black", linewidth=2.5)
+        low, threshold, high = level_labels([scale.low, scale.threshold, scale.high])
+        colorbar.set_ticks([scale.low, scale.threshold, scale.high],
+                           labels=[low, f"{scale.threshold_label}\n{threshold}", high])
+    colorbar.ax.tick_params(labelsize=7)
+    if label:
+        colorbar.set_label(label, fontsize=7)

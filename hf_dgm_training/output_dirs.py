@@ -27,13 +27,13 @@ RUN_FILES = ("config.json", "model.safetensors", "metrics.jsonl", "train_results
 # Further files a run writes next to its model.
 MODEL_FILES = ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
                "preprocessor_config.json", "generation_config.json", "nll_curve.png", "preview.png",
-               "translate_results.json")
+               "translate_results.json", "pipeline_results.json")
 SHARD_PATTERN = "model-*-of-*.safetensors"
 # Folders the scripts write inside a run folder: checkpoints and logs (training), samples/ (sample_maf.py),
 # anomaly/ (detect_anomalies.py), plots/ and grids/ (train_cyclegan.py), translated_*/ (translate.py) and the main
-# job's patch_detector/.
+# job's detectors, detector/ and patch_detector/.
 RUN_FOLDERS = ("checkpoints", "logs", "samples", "anomaly", "plots", "grids", "translated_a_to_b", "translated_b_to_a",
-               "patch_detector")
+               "detector", "patch_detector")
 MODEL_TYPES = ("maf", "iaf", "feature_maf", "cyclegan", "efficientnet_lite")
 MODEL_PACKAGES = ("modeling_maf", "modeling_cyclegan")
 

@@ -9,9 +9,9 @@ scores themselves are the registered functions of `anomaly_scores.py`.
 The calibration is the scorer's state, saved with the model as a model's state is:
 - the per-location statistics of good images are persistent buffers (`location_mean`, `location_std` at the pixel
   grid, `patch_location_mean`, `patch_location_std` at the location grid), so they travel in model.safetensors;
-- the rest (default score, thresholds per score, their false-positive rates, the score sizes) is JSON in the model
-  config's `anomaly_calibration` field, so it travels in config.json. The scorer reads and writes that field and
-  nothing else does; `None` means not calibrated.
+- the rest (default score, thresholds per score, their false-positive rates, the score sizes, the colour scale of
+  every score's heatmaps) is JSON in the model config's `anomaly_calibration` field, so it travels in config.json.
+  The scorer reads and writes that field and nothing else does; `None` means not calibrated.
 
 This file imports only torch, transformers and its sibling `anomaly_scores.py`: it travels with modeling_maf.py into
 Hub repos (`trust_remote_code=True`).
@@ -59,6 +59,11 @@ class AnomalyPrediction(ModelOutput):
             The decision threshold of `method` from `MAFModel.calibrate`; None when the model is not calibrated.
         method (`str`):
             The score's name (see `modeling_maf.anomaly_scores.ANOMALY_SCORES`).
+        display_range (`dict`, *optional*):
+            The colour scale of `method`'s maps from the calibration, `{"low", "high", "map_threshold"}` in map units
+            (`anomaly_scores.display_range`): the same for every image, so that heatmaps can be compared. None when
+            the model is not calibrated, or was calibrated before display ranges were saved (heatmaps are then scaled
+            per image).
     """
 
     scores: torch.FloatTensor | None = None
@@ -66,6 +71,7 @@ class AnomalyPrediction(ModelOutput):
     is_anomalous: torch.BoolTensor | None = None
     threshold: float | None = None
     method: str | None = None
+    display_range: dict | None = None
 
 
 def _pair(size) -> tuple[int, int]:
@@ -108,8 +114,9 @@ class MAFAnomalyScorer(nn.Module):
     # ------------------------------------------------------------------------------------------------ state
     @property
     def calibration(self) -> dict | None:
-        """What `calibrate` wrote (the default `method`, `target_fpr`, `thresholds` and `calibration_fpr` per score,
-        `num_images` and the score sizes), as config.json holds it; None when not calibrated."""
+        """What `calibrate` wrote (the default `method`, `target_fpr`, `thresholds`, `calibration_fpr` and
+        `display_ranges` per score, `num_images` and the score sizes), as config.json holds it; None when not
+        calibrated."""
         return self._config.anomaly_calibration
 
     @property
@@ -188,6 +195,13 @@ class MAFAnomalyScorer(nn.Module):
             raise ValueError(NOT_CALIBRATED)
         return float(self.calibration["thresholds"][self.resolve_method(method)])
 
+    def display_range(self, method: str | None = None) -> dict | None:
+        """The colour scale of `method`'s maps (`{"low", "high", "map_threshold"}`, see `anomaly_scores.display_range`);
+        None when not calibrated or calibrated before display ranges were saved."""
+        if not self.is_calibrated:
+            return None
+        return self.calibration.get("display_ranges", {}).get(self.resolve_method(method))
+
     def predict(self, nll_maps: NLLMaps | torch.Tensor, method: str | None = None) -> AnomalyPrediction:
         """Scores, maps and decisions (`scores > threshold`) of `method`; when not calibrated, scores and maps with
         `is_anomalous` and `threshold` None (and a warning that says how to calibrate)."""
@@ -198,25 +212,26 @@ class MAFAnomalyScorer(nn.Module):
             return AnomalyPrediction(scores=scores, maps=maps, method=method)
         threshold = self.threshold(method)
         return AnomalyPrediction(scores=scores, maps=maps, is_anomalous=scores.double() > threshold,
-                                 threshold=threshold, method=method)
+                                 threshold=threshold, method=method, display_range=self.display_range(method))
 
     # ------------------------------------------------------------------------------------------------ calibration
     @torch.no_grad()
     def calibrate(self, nll_maps: NLLMaps, target_fpr: float = 0.05, method: str | None = None,
                   parameters: ScoreParameters | None = None) -> dict:
         """Calibrate on the NLL maps of held-out good images: the per-location statistics go to the buffers, and the
-        threshold of every score at `target_fpr` ("anomalous when score > threshold"), `method` as the default score
-        (None: `default_method`) and the score sizes (`parameters`, default: `ScoreParameters.for_image_size`) to
-        `config.anomaly_calibration`. Returns `config.anomaly_calibration`."""
+        threshold of every score at `target_fpr` ("anomalous when score > threshold"), the colour scale of its maps,
+        `method` as the default score (None: `default_method`) and the score sizes (`parameters`, default:
+        `ScoreParameters.for_image_size`) to `config.anomaly_calibration`. Returns `config.anomaly_calibration`."""
         method = check_score_name(method or self.default_method).name
         parameters = parameters or self.default_parameters
-        statistics, thresholds, fprs = calibrate_scores(nll_maps, parameters, target_fpr)
+        statistics, thresholds, fprs, display_ranges = calibrate_scores(nll_maps, parameters, target_fpr)
         self.store(statistics)
         self._config.anomaly_calibration = {
             "method": method,
             "target_fpr": float(target_fpr),
             "thresholds": thresholds,
             "calibration_fpr": fprs,
+            "display_ranges": display_ranges,
             "num_images": int(nll_maps.pixel.shape[0]),
             **parameters.to_dict(),
         }
@@ -273,6 +288,11 @@ class AnomalyDetectionMixin:
     def anomaly_threshold(self, method: str | None = None) -> float:
         """The decision threshold of `method` ("anomalous when score > threshold"); raises when not calibrated."""
         return self.anomaly_statistics.threshold(method)
+
+    def anomaly_display_range(self, method: str | None = None) -> dict | None:
+        """The calibrated colour scale of `method`'s maps, `{"low", "high", "map_threshold"}` (None when not
+        calibrated, or calibrated before display ranges were saved); `modeling_maf.heatmap_maf` draws with it."""
+        return self.anomaly_statistics.display_range(method)
 
     def predict_anomalies(self, pixel_values: torch.Tensor, method: str | None = None) -> AnomalyPrediction:
         """Scores, maps and decisions (`scores > threshold`) of `method` (None = the calibrated default). A model

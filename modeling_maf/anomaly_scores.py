@@ -20,10 +20,12 @@ maps of its grid into the map it looks at and one number per image, higher = mor
                        the 3 highest. For a whole-image flow: the z-score of the image's NLL.
 
 The standardised scores need per-location statistics (`LocationStatistics`, one pair per grid) of good images;
-`calibrate_scores` computes them and a decision threshold per score at a target false-positive rate. A new score is
-one function decorated with `@register_score(name)` in this file (`grid=PATCH_GRID` to read the patch NLL). These are
-functions of maps and statistics; `MAFAnomalyScorer` (anomaly_scorer_maf.py) holds a model's statistics and
-thresholds, and brings a patch-grid score's map to pixels.
+`calibrate_scores` computes them, a decision threshold per score at a target false-positive rate, and a display range
+per score (`display_range`: one colour scale for the heatmaps of every image). A new score is one function decorated
+with `@register_score(name)` in this file (`grid=PATCH_GRID` to read the patch NLL, `in_map_units=True` when the score
+is a peak of its map: its maximum or the mean of its top values). These are functions of maps and statistics;
+`MAFAnomalyScorer` (anomaly_scorer_maf.py) holds a model's statistics and thresholds, and brings a patch-grid score's
+map to pixels.
 
 This file imports only torch: it travels with modeling_maf.py into Hub repos (`trust_remote_code=True`).
 """
@@ -47,6 +49,10 @@ DEFAULT_CALIBRATED_SCORE = NLL
 DEFAULT_CALIBRATED_PATCH_SCORE = "patch-z-top3"
 MIN_CALIBRATION_IMAGES = 3
 STD_FLOOR_FRACTION = 0.01
+# The colour scale of the heatmaps (`display_range`): the bottom of the bar is this percentile of the good images' map
+# values, and the map-level threshold sits at this fraction of the bar (orange in 'jet'; red above it).
+DISPLAY_LOW_PERCENTILE = 50.0
+DISPLAY_THRESHOLD_POSITION = 0.75
 NOT_CALIBRATED = (
     "This model is not calibrated, so it has no anomaly threshold or per-location statistics: call "
     "model.calibrate(good_pixel_values) with held-out good images (float (N, C, H, W) in [0, 1]), then save_pretrained."
@@ -106,21 +112,23 @@ class AnomalyScore(NamedTuple):
     needs_statistics: bool
     description: str
     grid: str = PIXEL_GRID
+    in_map_units: bool = False  # the score is a peak of its map (max, top-k mean): its threshold is a map value
 
 
 ANOMALY_SCORES: dict[str, AnomalyScore] = {}
 
 
-def register_score(name: str, needs_statistics: bool = False, grid: str = PIXEL_GRID):
+def register_score(name: str, needs_statistics: bool = False, grid: str = PIXEL_GRID, in_map_units: bool = False):
     """Register `function(nll_maps, parameters, statistics) -> (maps, scores (B,))` as a score; its docstring's first
     line describes it in reports. `grid` is the NLL it reads: PIXEL_GRID (per-pixel maps (B, H, W)) or PATCH_GRID
-    (per-patch NLL (B, Lh, Lw)); its maps and statistics are at that grid."""
+    (per-patch NLL (B, Lh, Lw)); its maps and statistics are at that grid. `in_map_units`: the score is a peak of its
+    map (its maximum, or the mean of its highest values), so its threshold is also a level of the map."""
     if grid not in (PIXEL_GRID, PATCH_GRID):
         raise ValueError(f"grid must be {PIXEL_GRID!r} or {PATCH_GRID!r}, got {grid!r}.")
 
     def decorator(function):
         description = (function.__doc__ or name).strip().splitlines()[0]
-        ANOMALY_SCORES[name] = AnomalyScore(name, function, needs_statistics, description, grid)
+        ANOMALY_SCORES[name] = AnomalyScore(name, function, needs_statistics, description, grid, in_map_units)
         return function
 
     return decorator
@@ -172,28 +180,28 @@ def nll_score(nll_maps, parameters, statistics):
     return nll_maps, nll_maps.sum(dim=(1, 2))
 
 
-@register_score("map-max")
+@register_score("map-max", in_map_units=True)
 def map_max(nll_maps, parameters, statistics):
     """Maximum of the Gaussian-smoothed per-pixel NLL map."""
     smoothed = gaussian_smooth(nll_maps, parameters.smoothing_sigma)
     return smoothed, smoothed.flatten(1).max(dim=1).values
 
 
-@register_score("map-topk")
+@register_score("map-topk", in_map_units=True)
 def map_topk(nll_maps, parameters, statistics):
     """Mean of the top-k pixels (top_k_fraction) of the Gaussian-smoothed per-pixel NLL map."""
     smoothed = gaussian_smooth(nll_maps, parameters.smoothing_sigma)
     return smoothed, top_k_mean(smoothed, parameters.top_k_fraction)
 
 
-@register_score("standardized-map", needs_statistics=True)
+@register_score("standardized-map", needs_statistics=True, in_map_units=True)
 def standardized_map(nll_maps, parameters, statistics):
     """Maximum of the per-location z-score map averaged over a window_size square."""
     averaged = box_mean(standardize(nll_maps, statistics), parameters.window_size)
     return averaged, averaged.flatten(1).max(dim=1).values
 
 
-@register_score("standardized-topk", needs_statistics=True)
+@register_score("standardized-topk", needs_statistics=True, in_map_units=True)
 def standardized_topk(nll_maps, parameters, statistics):
     """Mean of the top-k pixels (top_k_fraction) of the window-averaged per-location z-score map."""
     averaged = box_mean(standardize(nll_maps, statistics), parameters.window_size)
@@ -207,7 +215,7 @@ def positive_z_sum(nll_maps, parameters, statistics):
     return positive, positive.sum(dim=(1, 2))
 
 
-@register_score(DEFAULT_CALIBRATED_PATCH_SCORE, needs_statistics=True, grid=PATCH_GRID)
+@register_score(DEFAULT_CALIBRATED_PATCH_SCORE, needs_statistics=True, grid=PATCH_GRID, in_map_units=True)
 def patch_z_top3(nll_maps, parameters, statistics):
     """Mean of the 3 highest per-location z-scores of the patches' NLL."""
     z = standardize(nll_maps, statistics)
@@ -293,12 +301,42 @@ def threshold_at_fpr(good_scores: torch.Tensor, target_fpr: float) -> tuple[floa
     return threshold, float((scores > threshold).sum()) / count
 
 
+def _percentile(values: torch.Tensor, percent: float) -> float:
+    """The `percent` percentile of all values (the k-th smallest: no size limit, unlike torch.quantile)."""
+    flat = values.detach().flatten().double().cpu()
+    return float(flat.kthvalue(min(flat.numel(), max(1, round(percent / 100 * flat.numel())))).values)
+
+
+def display_range(good_maps: torch.Tensor, threshold: float, in_map_units: bool, target_fpr: float) -> dict:
+    """One colour scale for the maps of a score, from its maps of held-out good images (N, H, W) and its threshold:
+    `{"low", "high", "map_threshold"}`, map values, and `"label"`, what the colour bar calls `map_threshold`.
+
+    `map_threshold` is the map level that corresponds to the decision: the threshold itself for a score that is a peak
+    of its map (`in_map_units`, label "threshold"), else (a sum over the map, such as the image NLL) the level that
+    the good images' map maxima exceed at `target_fpr` (label "good peak"). `low` is the
+    DISPLAY_LOW_PERCENTILE percentile of the good maps' values, and `high` puts `map_threshold` at
+    DISPLAY_THRESHOLD_POSITION of [low, high]: on this scale a typical good location is blue, a location at the
+    decision level orange and anything above it red, the same for every image.
+    """
+    if in_map_units:
+        map_threshold, label = float(threshold), "threshold"
+    else:
+        map_threshold, _ = threshold_at_fpr(good_maps.flatten(1).max(dim=1).values, target_fpr)
+        label = "good peak"
+    low = _percentile(good_maps, DISPLAY_LOW_PERCENTILE)
+    if not map_threshold > low:  # a threshold at or below the typical good value: still a scale that ends above it
+        low = map_threshold - max(abs(map_threshold), 1.0) * 1e-3
+    high = low + (map_threshold - low) / DISPLAY_THRESHOLD_POSITION
+    return {"low": low, "high": high, "map_threshold": map_threshold, "label": label}
+
+
 def calibrate_scores(nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParameters, target_fpr: float):
     """Calibrate every registered score on the NLL maps of held-out good images: NLLMaps (every score), or per-pixel
     maps (N, H, W) alone (the pixel-grid scores only).
 
-    Returns `(statistics, thresholds, fprs)`: the per-location statistics (float64; per grid name for NLLMaps, else
-    the pixel grid's), and per score name the threshold at `target_fpr` and the fraction of these images it flags.
+    Returns `(statistics, thresholds, fprs, display_ranges)`: the per-location statistics (float64; per grid name for
+    NLLMaps, else the pixel grid's), and per score name the threshold at `target_fpr`, the fraction of these images it
+    flags and the colour scale of its maps (`display_range`, from the same maps).
 
     The thresholds of the standardised scores come from leave-one-out scores: each image is standardised by the
     statistics of the other N - 1, so that it is scored as a new good image would be (an image standardised by
@@ -314,23 +352,27 @@ def calibrate_scores(nll_maps: NLLMaps | torch.Tensor, parameters: ScoreParamete
     statistics = {grid: location_statistics(maps) for grid, maps in grids.items()}
     leave_one_out = {grid: _leave_one_out_statistics(maps, _std_floor(maps.double().std(dim=0, unbiased=True)))
                      for grid, maps in grids.items()}
-    thresholds, fprs = {}, {}
+    thresholds, fprs, display_ranges = {}, {}, {}
     for name, score in ANOMALY_SCORES.items():
         if score.grid not in grids:
             continue
         maps = grids[score.grid]
         if score.needs_statistics:
-            _, scores = score.function(maps.double(), parameters, leave_one_out[score.grid])
+            score_maps, scores = score.function(maps.double(), parameters, leave_one_out[score.grid])
         else:
-            _, scores = score.function(maps, parameters, None)
+            score_maps, scores = score.function(maps, parameters, None)
         thresholds[name], fprs[name] = threshold_at_fpr(scores, target_fpr)
-    return (statistics if isinstance(nll_maps, NLLMaps) else statistics[PIXEL_GRID]), thresholds, fprs
+        display_ranges[name] = display_range(score_maps, thresholds[name], score.in_map_units, target_fpr)
+    statistics = statistics if isinstance(nll_maps, NLLMaps) else statistics[PIXEL_GRID]
+    return statistics, thresholds, fprs, display_ranges
 
 
 __all__ = [
     "ANOMALY_SCORES",
     "DEFAULT_CALIBRATED_PATCH_SCORE",
     "DEFAULT_CALIBRATED_SCORE",
+    "DISPLAY_LOW_PERCENTILE",
+    "DISPLAY_THRESHOLD_POSITION",
     "NLL",
     "NOT_CALIBRATED",
     "PATCH_GRID",
@@ -344,6 +386,7 @@ __all__ = [
     "calibrate_scores",
     "check_score_name",
     "compute_score",
+    "display_range",
     "gaussian_smooth",
     "location_statistics",
     "register_score",

@@ -42,11 +42,18 @@ class FeatureMAFOutput(ModelOutput):
     nll_map: torch.FloatTensor | None = None
 
 
+def is_efficientnet_lite(backbone_config) -> bool:
+    """Whether a backbone config is this package's EfficientNet-Lite. By model_type, not class: loaded with
+    trust_remote_code, the config's class and the one this file imports come from different copies of the same
+    module (transformers keeps one copy per model file's hash), so isinstance would say no."""
+    return getattr(backbone_config, "model_type", None) == EfficientNetLiteConfig.model_type
+
+
 def build_backbone(config: FeatureMAFConfig) -> nn.Module:
     """The backbone module of `config`, with random weights (`load_pretrained_backbone` or a saved detector brings
     the trained ones): this package's EfficientNet-Lite, or any `AutoBackbone` transformers can build from a config."""
     backbone_config = config.backbone_config
-    if isinstance(backbone_config, EfficientNetLiteConfig):
+    if is_efficientnet_lite(backbone_config):
         return EfficientNetLiteBackbone(backbone_config)
     if backbone_config is None:
         raise ValueError(f"The backbone {config.backbone!r} has no config: build the detector with "
@@ -163,7 +170,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         copy of the backbone on the meta device (shapes only: no memory, no compute)."""
         size = self.config.image_size
         with torch.device("meta"), torch.no_grad():
-            maps = build_backbone(self.config)(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
+            probe = build_backbone(self.config).eval()
+            maps = probe(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
             features = self.aggregator(maps)
         return int(features.shape[1]), (int(features.shape[2]), int(features.shape[3]))
 
@@ -180,7 +188,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra (`kwargs` unused)."""
         name_or_path = name_or_path or self.config.backbone
         backbone_config = self.config.backbone_config
-        if name_or_path is None and isinstance(backbone_config, EfficientNetLiteConfig):
+        if name_or_path is None and is_efficientnet_lite(backbone_config):
             from .modeling_efficientnet_lite import efficientnet_lite0_weights_file
 
             pretrained = EfficientNetLiteBackbone.from_efficientnet_pytorch(efficientnet_lite0_weights_file(),

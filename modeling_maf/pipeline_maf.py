@@ -6,44 +6,22 @@
 >>> result = detector("capsule.png")
 >>> result["score"], result["is_anomalous"], result["threshold"], result["method"]
 >>> result["heatmap"].save("heatmap.png")
+>>> detector("capsule.png", colorbar=True)["heatmap"]   # enlarged, with its colour bar and the threshold marked
 ```
 
-This file imports only torch, numpy, PIL, transformers and its siblings (anomaly scores, image processor):
+This file imports only torch, numpy, PIL, transformers and its siblings (anomaly scores, heatmaps, image processor):
 modeling_maf.py imports it, so `save_pretrained` copies it next to the model and `config.json` names it under
 `custom_pipelines`; a Hub repo then gives this pipeline with `trust_remote_code=True` without the hf-dgm package
 installed.
 """
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from .anomaly_scores import NOT_CALIBRATED
+from .heatmap_maf import heatmap_overlay, heatmap_scale, jet_colors, with_colorbar
 from .image_processing_maf import MAFImageProcessor
-
-
-def jet_colors(values: np.ndarray) -> np.ndarray:
-    """The 'jet' colour map (blue -> cyan -> yellow -> red) of values in [0, 1], as uint8 RGB (..., 3)."""
-    values = np.clip(values, 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25])  # where red, green and blue peak
-    return (np.clip(1.5 - np.abs(4.0 * (values - centres)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The per-pixel map (H, W) in jet colours, resized to the image (bilinear) and blended over it with `alpha`.
-
-    Colours are scaled per image, from the map's 1st percentile (blue) to its 99th (red): a few extreme pixels do not
-    wash out the rest. They show where in the image the score comes from, not whether the image is anomalous."""
-    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    low, high = (float(value) for value in np.percentile(anomaly_map, [1.0, 99.0]))
-    if high <= low:
-        low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    scaled = np.clip((anomaly_map - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(anomaly_map)
-    scaled = np.asarray(Image.fromarray(scaled, mode="F").resize(image.size, resample=Image.BILINEAR))
-    colours = Image.fromarray(jet_colors(scaled), mode="RGB")
-    return Image.blend(image.convert("RGB"), colours, alpha)
 
 
 class AnomalyDetectionPipeline(Pipeline):
@@ -54,6 +32,8 @@ class AnomalyDetectionPipeline(Pipeline):
     Call arguments:
         images: an image (PIL image, path, URL or base64 string) or a list of them.
         heatmap_alpha (`float`, *optional*, defaults to 0.5): opacity of the colour map over the image.
+        colorbar (`bool`, *optional*, defaults to False): return the heatmap enlarged to at least 256 pixels with its
+            colour bar (threshold marked) to the right, instead of the overlay at the input's size.
         timeout (`float`, *optional*): seconds to wait for an image given by URL.
 
     Returns:
@@ -61,7 +41,12 @@ class AnomalyDetectionPipeline(Pipeline):
         - `score` (`float`): the anomaly score, higher = more anomalous,
         - `is_anomalous` (`bool` or `None`): score above the calibrated threshold; `None` for an uncalibrated model,
         - `threshold` (`float` or `None`): the calibrated threshold; `None` for an uncalibrated model,
-        - `heatmap` (`PIL.Image`): the score's per-pixel map in colour over the input image, at the input's size,
+        - `heatmap` (`PIL.Image`): the score's per-pixel map in colour over the input image, at the input's size
+          (with `colorbar`, enlarged and with its colour bar),
+        - `heatmap_scale` (`dict`): its colour scale, `low` (blue), `high` (dark red), `threshold` (the map level of
+          the decision, None on a per-image scale) and `note` (why the scale is per image, None otherwise). A
+          calibrated model's scale comes from its good validation images and is the same for every image
+          (`modeling_maf.heatmap_maf`); otherwise colours are scaled per image,
         - `method` (`str`): the score's name (`modeling_maf.anomaly_scores.ANOMALY_SCORES`; "nll" uncalibrated),
         - `message` (`str` or `None`): for an uncalibrated model, how to calibrate it; `None` otherwise.
 
@@ -78,12 +63,14 @@ class AnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = MAFImageProcessor.from_model_config(self.model.config)
 
-    def _sanitize_parameters(self, heatmap_alpha=None, timeout=None):
+    def _sanitize_parameters(self, heatmap_alpha=None, timeout=None, colorbar=None):
         preprocess_params, postprocess_params = {}, {}
         if heatmap_alpha is not None:
             if not 0.0 <= float(heatmap_alpha) <= 1.0:
                 raise ValueError(f"heatmap_alpha must lie in [0, 1], got {heatmap_alpha!r}.")
             postprocess_params["heatmap_alpha"] = float(heatmap_alpha)
+        if colorbar is not None:
+            postprocess_params["colorbar"] = bool(colorbar)
         if timeout is not None:
             preprocess_params["timeout"] = timeout
         return preprocess_params, {}, postprocess_params
@@ -96,6 +83,8 @@ class AnomalyDetectionPipeline(Pipeline):
         ValueError naming it; anything but a PIL image, a path, a URL or a base64 string is a TypeError."""
         import os
         import re
+
+        from PIL import Image
 
         if isinstance(image, os.PathLike):
             image = os.fspath(image)
@@ -130,21 +119,25 @@ class AnomalyDetectionPipeline(Pipeline):
                                                                          dtype=torch.float64)
         # Every entry has one element per image, so that batched outputs split back into images.
         return {"scores": prediction.scores, "maps": prediction.maps, "is_anomalous": prediction.is_anomalous,
-                "threshold": threshold, "method": [prediction.method] * batch_size, "image": model_inputs["image"]}
+                "threshold": threshold, "method": [prediction.method] * batch_size,
+                "display_range": [prediction.display_range] * batch_size, "image": model_inputs["image"]}
 
-    def postprocess(self, model_outputs, heatmap_alpha=0.5):
-        image, method = (value[0] if isinstance(value, list) else value
-                         for value in (model_outputs["image"], model_outputs["method"]))
+    def postprocess(self, model_outputs, heatmap_alpha=0.5, colorbar=False):
+        image, method, display_range = (value[0] if isinstance(value, list) else value for value in (
+            model_outputs["image"], model_outputs["method"], model_outputs["display_range"]))
         anomaly_map = model_outputs["maps"].reshape(model_outputs["maps"].shape[-2:]).float().cpu().numpy()
         calibrated = model_outputs["is_anomalous"] is not None
+        scale = heatmap_scale(anomaly_map, display_range, calibrated)
+        heatmap = heatmap_overlay(image, anomaly_map, alpha=heatmap_alpha, scale=scale)
         return {
             "score": float(model_outputs["scores"].reshape(-1)[0]),
             "is_anomalous": bool(model_outputs["is_anomalous"].reshape(-1)[0]) if calibrated else None,
             "threshold": float(model_outputs["threshold"].reshape(-1)[0]) if calibrated else None,
-            "heatmap": heatmap_overlay(image, anomaly_map, alpha=heatmap_alpha),
+            "heatmap": with_colorbar(heatmap, scale) if colorbar else heatmap,
+            "heatmap_scale": scale.to_dict(),
             "method": method,
             "message": None if calibrated else NOT_CALIBRATED,
         }
 
 
-__all__ = ["AnomalyDetectionPipeline", "heatmap_overlay", "jet_colors"]
+__all__ = ["AnomalyDetectionPipeline", "heatmap_overlay", "heatmap_scale", "jet_colors", "with_colorbar"]

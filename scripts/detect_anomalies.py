@@ -34,8 +34,10 @@ from hf_dgm_training import (
     write_json,
 )
 from hf_dgm_training.arguments import PERCENTAGE, POSITIVE_INT, PROBABILITY, SEED
+from hf_dgm_training.figures import LINE_STYLES, draw_heatmap_colorbar
 from hf_dgm_training.metrics import load_anomaly_metric
 from hf_dgm_training.metrics.evaluation import (
+    applicable_scores,
     evaluate_scores,
     image_metrics_note,
     nll_maps_of,
@@ -154,7 +156,9 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
     nll = scored.scores["nll"]
     # The sum of the per-pixel map over C * H * W dimensions (a patch model's map averages each pixel over its
     # patches, so this is its mean per-pixel NLL, not the flow's dimension).
+    # A feature detector's NLL is of feature vectors, not pixels: no bits/dim.
     config = model.config
+    pixel_model = config.model_type != "feature_maf"
     bits = nll / (config.num_channels * config.image_size**2 * math.log(2))
     predicted = scored.scores[method] > headline["threshold"] if model.is_calibrated else None
     return {
@@ -177,8 +181,9 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
         "decision_threshold_fpr": calibration["calibration_fpr"][method] if calibration else None,
         "target_fpr": calibration["target_fpr"] if calibration else None,
         "test_at_threshold": headline.get("at_threshold"),
-        "test_good_bits_per_dim": float(bits[labels == 0].mean()) if (labels == 0).any() else None,
-        "test_defective_bits_per_dim": float(bits[labels == 1].mean()) if (labels == 1).any() else None,
+        "test_good_bits_per_dim": float(bits[labels == 0].mean()) if pixel_model and (labels == 0).any() else None,
+        "test_defective_bits_per_dim": float(bits[labels == 1].mean()) if pixel_model and (labels == 1).any()
+        else None,
         "metrics_by_score": metrics,
         "per_image": [
             {"file": test.files[i], "defect_type": test.defect_types[i], "label": int(labels[i]),
@@ -233,17 +238,22 @@ def _save(figure, path):
     figure.savefig(path)
 
 
-def plot_roc(path, scored, labels, metrics):
+def plot_roc(path, scored, labels, metrics, names, default):
+    """ROC curves of the scores `names`: the default score thick, black and below the others, which are thinner and
+    each in its own line style, so that curves that coincide stay visible."""
     figure = _new_figure(4.8, 4.4)
     axis = figure.add_subplot()
     if image_metrics_note(labels) is not None:
         axis.text(0.5, 0.5, "ROC undefined:\none class only", ha="center", va="center")
     else:
-        for name, scores in scored.scores.items():
-            ranked = labels[np.argsort(-scores, kind="mergesort")]
+        for index, name in enumerate(sorted(names, key=lambda n: n != default)):  # the default first: below
+            ranked = labels[np.argsort(-scored.scores[name], kind="mergesort")]
             tpr = np.concatenate([[0], np.cumsum(ranked) / ranked.sum()])
             fpr = np.concatenate([[0], np.cumsum(1 - ranked) / (1 - ranked).sum()])
-            axis.plot(fpr, tpr, label=f"{name} (AUROC {metrics[name]['auroc']:.3f})")
+            style = dict(color="black", linewidth=3.5, alpha=0.6) if name == default else dict(
+                color=f"C{index % 10}", linewidth=1.3, linestyle=LINE_STYLES[index % len(LINE_STYLES)])
+            label = f"{name}{' (default)' if name == default else ''} (AUROC {metrics[name]['auroc']:.3f})"
+            axis.plot(fpr, tpr, label=label, **style)
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         axis.legend(loc="lower right", fontsize=7)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="Image-level ROC")
@@ -252,7 +262,10 @@ def plot_roc(path, scored, labels, metrics):
 
 def plot_score_histogram(path, scores, defect_types, method, threshold):
     """Histogram of the headline score per defect type, with the threshold; a log axis when the scores span
-    more than a factor 10 (NLL of defects can be orders of magnitude above the good ones)."""
+    more than a factor 10 (NLL of defects can be orders of magnitude above the good ones), labelled at 1, 2 and 5
+    times powers of ten in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
     low, high = float(scores.min()), float(scores.max())
     logarithmic = low > 0 and high / low > 10
     bins = np.geomspace(low, high, 40) if logarithmic else np.linspace(low, high if high > low else low + 1, 40)
@@ -266,41 +279,77 @@ def plot_score_histogram(path, scores, defect_types, method, threshold):
         axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
     if logarithmic:
         axis.set_xscale("log")
+        decades = np.log10(high / low)
+        axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,), numticks=8))
+        axis.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.4g}"))
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.tick_params(labelsize=8)
     axis.set(xlabel=f"{method} score" + (" (log scale)" if logarithmic else ""), ylabel="images",
              title=f"{method} of the test images by defect type")
     axis.legend(fontsize=7)
     _save(figure, path)
 
 
-def plot_examples(path, test, maps, scores, columns, titles, color_range, row_label):
-    """Columns of image / map on one colour scale / mask; `columns` are test indices (an empty list is said)."""
-    figure = _new_figure(max(3.0, 1.9 * max(1, len(columns)) + 0.8), 5.8, dpi=90)
+def _as_image(pixel_values):
+    """(C, H, W) in [0, 1] -> PIL image (RGB, or L for one channel)."""
+    from PIL import Image
+
+    array = (pixel_values.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array, mode="RGB")
+
+
+def plot_examples(path, test, maps, scores, columns, titles, display_range, calibrated, row_label):
+    """Columns of image / heatmap / mask, the heatmap drawn as the pipeline draws it (heatmap_maf: the model's
+    calibrated colour scale, else each map's own) at the image's size, with the scale's colour bar beside the
+    heatmap row; `columns` are test indices (an empty list is said)."""
+    from modeling_maf.heatmap_maf import heatmap_overlay, heatmap_scale
+
     if not columns:
+        figure = _new_figure(3.0, 2.0, dpi=90)
         axis = figure.add_subplot()
         axis.text(0.5, 0.5, "none", ha="center", va="center")
         axis.axis("off")
         _save(figure, path)
         return
-    axes = figure.subplots(3, len(columns), squeeze=False)
-    image_on = None
+    count = len(columns)
+    width = 1.9 * count + 1.9  # inches: the columns, then room for the row labels and the colour bar's labels
+    figure = _new_figure(width, 6.6, dpi=90)
+    grid = figure.add_gridspec(3, count + 1, width_ratios=[1.0] * count + [0.12], left=0.4 / width,
+                               right=1 - 1.05 / width, top=0.86, bottom=0.02, wspace=0.08, hspace=0.28)
+    scale = None
     for column, (index, title) in enumerate(zip(columns, titles)):
-        pixels = test.pixel_values[index].permute(1, 2, 0).numpy()
-        gray = pixels.shape[2] == 1
-        shown = pixels[:, :, 0] if gray else pixels
-        axes[0, column].imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=1)
-        axes[0, column].set_title(title, fontsize=7)
-        axes[1, column].imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=1)
-        image_on = axes[1, column].imshow(maps[index], cmap="jet", alpha=0.5, vmin=color_range[0], vmax=color_range[1])
-        axes[1, column].set_title(f"score {scores[index]:.4g}", fontsize=7)
+        image = _as_image(test.pixel_values[index])
+        scale = heatmap_scale(maps[index], display_range, calibrated)
+        overlay = heatmap_overlay(image, maps[index], alpha=0.5, scale=scale)
+        axes = [figure.add_subplot(grid[row, column]) for row in range(3)]
+        axes[0].imshow(image, cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255, interpolation="nearest")
+        axes[0].set_title(title, fontsize=7)
+        axes[1].imshow(overlay, interpolation="nearest")
+        axes[1].set_title(f"score {scores[index]:.4g}", fontsize=7)
         if bool(test.has_masks[index]):
-            axes[2, column].imshow(test.masks[index].numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[2].imshow(test.masks[index].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
-            axes[2, column].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
-        for row in range(3):
-            axes[row, column].axis("off")
-    for row, label in enumerate(("image", row_label, "mask")):
-        axes[row, 0].text(-0.1, 0.5, label, rotation=90, transform=axes[row, 0].transAxes, va="center", ha="right")
-    figure.colorbar(image_on, ax=axes[1, :].tolist(), shrink=0.8)
+            axes[2].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
+        for axis in axes:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        if column:
+            continue
+        for axis, label in zip(axes, ("image", row_label, "mask")):
+            axis.set_ylabel(label, fontsize=8)
+    bar = figure.add_subplot(grid[1, count])
+    draw_heatmap_colorbar(figure, bar, scale)
+    if scale.note is not None:
+        explained = scale.note
+    else:
+        explained = "one colour scale for every image, from the good validation images; black line: " + (
+            "the decision threshold" if scale.threshold_label == "threshold" else
+            f"{scale.threshold_label}, the level that the peaks of good images' maps exceed at the target "
+            "false-positive rate (this score is a sum over the map, not a level of it)")
+    figure.suptitle(f"{row_label}: {explained}", fontsize=7, wrap=True)
     figure.savefig(path)
 
 
@@ -318,17 +367,18 @@ def pick_examples(scores, labels, defect_types, limit):
     return chosen[:limit]
 
 
-def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examples):
+def plot_figures(output_dir, model, test, scored, metrics, method, threshold, num_examples):
     labels = test.labels.numpy()
     scores, maps = scored.scores[method], scored.maps[method]
-    plot_roc(os.path.join(output_dir, "roc_curve.png"), scored, labels, metrics)
+    plot_roc(os.path.join(output_dir, "roc_curve.png"), scored, labels, metrics,
+             applicable_scores(model, scored.scores), method)
     plot_score_histogram(os.path.join(output_dir, "score_histogram.png"), scores, test.defect_types, method, threshold)
-    color_range = tuple(float(v) for v in np.percentile(maps, [1, 99.9]))  # one scale for every map shown
+    display_range = model.anomaly_display_range(method)  # one colour scale for every map shown (None: per image)
     row_label = "NLL map" if method == "nll" else f"{method} map"
     examples = pick_examples(scores, labels, test.defect_types, num_examples)
     titles = [f"{test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in examples]
-    plot_examples(os.path.join(output_dir, "anomaly_maps.png"), test, maps, scores, examples, titles, color_range,
-                  row_label)
+    plot_examples(os.path.join(output_dir, "anomaly_maps.png"), test, maps, scores, examples, titles, display_range,
+                  model.is_calibrated, row_label)
     # The worst misses at the threshold: defective images scored lowest, good images scored highest.
     misses, titles = [], []
     if threshold is not None:
@@ -340,7 +390,8 @@ def plot_figures(output_dir, test, scored, metrics, method, threshold, num_examp
         misses = negatives + positives
         titles = [f"missed {test.defect_types[i]}\n{os.path.basename(test.files[i])}" for i in negatives] + \
                  [f"false alarm\n{os.path.basename(test.files[i])}" for i in positives]
-    plot_examples(os.path.join(output_dir, "misses.png"), test, maps, scores, misses, titles, color_range, row_label)
+    plot_examples(os.path.join(output_dir, "misses.png"), test, maps, scores, misses, titles, display_range,
+                  model.is_calibrated, row_label)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -370,7 +421,7 @@ def main(argv=None):
                               metric=load_anomaly_metric() if image_metrics_note(labels) is None else None)
     report = build_report(args, model, device, test, scored, metrics, method, calibration_source)
     write_json(os.path.join(output_dir, "anomaly_report.json"), report)
-    plot_figures(output_dir, test, scored, metrics, method, report["decision_threshold"], args.num_examples)
+    plot_figures(output_dir, model, test, scored, metrics, method, report["decision_threshold"], args.num_examples)
     print_summary(report, output_dir)
     return report
 

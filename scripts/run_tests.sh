@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up the virtualenv (scripts/setup_env.sh, shared with the main job: torch 2.13.0 first, then this package, with
-# the dev and demo extras the tests need on top) and run the tests. This is the README's test command; .ci/run calls
-# it. A second run, or a run after the main job set up, skips pip while the setup stamp matches.
+# the dev, demo and features extras the tests need on top of the main job's) and run the tests. This is the README's
+# test command; .ci/run calls it. A second run, or a run after the main job set up, skips pip while the setup stamp
+# matches.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 # shellcheck source=setup_env.sh
 source "$REPO/scripts/setup_env.sh"
-hf_dgm_setup "$REPO" dev,demo
+hf_dgm_setup "$REPO" dev,demo,features
 
 # The demo's browser test (tests/test_app_browser.py) drives the system's Chromium. Install it where this machine
 # allows (root with apt-get, as in CI); elsewhere, or with HF_DGM_NO_BROWSER_INSTALL=1, that test is skipped.

@@ -124,7 +124,7 @@ def test_leave_one_out_thresholds_score_each_image_against_the_others():
     rng = np.random.default_rng(1)
     good = torch.from_numpy(rng.gamma(2.0, 1.0, size=(5, 4, 4)))
     parameters = ScoreParameters(smoothing_sigma=0.5, window_size=1)
-    _, thresholds, fprs = calibrate_scores(good, parameters, target_fpr=0.2)  # one of 5 may be flagged
+    _, thresholds, fprs, _ = calibrate_scores(good, parameters, target_fpr=0.2)  # one of 5 may be flagged
     floor = 0.01 * float(good.std(dim=0).mean())
     scores = []
     for index in range(5):

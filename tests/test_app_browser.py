@@ -217,14 +217,21 @@ def test_anomaly_tab_shows_the_pipelines_score_verdict_and_heatmap(page, trained
     assert f"threshold {expected['threshold']:.2f}" in verdict
     page.wait_for_selector("#anomaly-heatmap img", timeout=TIMEOUT_MS)
     heatmap = fetch_image(page, "#anomaly-heatmap img")
-    assert heatmap.size == Image.open(defective).size
-    assert np.array_equal(np.asarray(heatmap), np.asarray(expected["heatmap"]))
+    # The pipeline's heatmap with its colour bar: on the calibrated scale, the threshold marked.
+    assert expected["heatmap_scale"]["note"] is None and expected["heatmap_scale"]["threshold"] is not None
+    with_bar = detector(defective, colorbar=True)["heatmap"]
+    assert heatmap.size == with_bar.size and heatmap.height >= 256 and heatmap.width > heatmap.height
+    assert np.array_equal(np.asarray(heatmap), np.asarray(with_bar))
+    assert "one colour scale for every image" in page.locator("#anomaly-description").inner_text()
     save_screenshot(page, "demo_anomaly.png", tmp_path)
 
-    # Picking an example scores that image: the good one, of the first image of each test/<type> folder.
+    # The examples are captioned with their defect type; picking one scores that image: the good one, of the first
+    # image of each test/<type> folder.
     examples = example_images(trained["category"], ("test",), 8)
+    captions = page.locator("#anomaly-examples .caption-label").all_inner_texts()
+    assert captions == [os.path.basename(os.path.dirname(path)) for path in examples] == ["crack", "good", "poke"]
     good = os.path.join(trained["category"], "test", "good", "000.png")
-    page.locator("#anomaly-examples button.gallery-item").nth(examples.index(good)).click()
+    page.locator("#anomaly-examples button.thumbnail-item").nth(examples.index(good)).click()
     new_score = wait_for_text(page, "#anomaly-score textarea", previous=score)
     expected_good = detector(good)
     assert new_score == format_score(expected_good)
@@ -322,6 +329,51 @@ def test_uncalibrated_model_and_missing_model_are_explained_in_the_page(browser,
                            "Train one with python scripts/train_cyclegan.py --data_dir <trainA/trainB folder> "
                            "--output_dir runs/h2z.")  # the command in code style: the page shows no backticks
         save_screenshot(page, "demo_missing_model.png", tmp_path)
+        page.close()
+    finally:
+        stop(process)
+
+
+def test_a_file_that_is_not_an_image_is_explained_in_the_page(page, tmp_path):
+    """A non-image upload gets a message with the file's name and the reason, not a bare 'Error' badge."""
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not pixels\n")
+    open_tab(page, "Anomaly detection")
+    upload(page, "anomaly-input", not_an_image)
+    message = page.get_by_text("is not an image this demo can read").first
+    message.wait_for(timeout=TIMEOUT_MS)
+    text = message.inner_text()
+    assert "notes.png is not an image this demo can read (PNG, JPEG, BMP or WebP): its content is in no image " \
+        "format PIL knows." in text
+    page.screenshot(path=str(tmp_path / "demo_not_an_image.png"), full_page=True)
+
+
+def test_the_anomaly_tab_runs_the_feature_detector(browser, trained, tmp_path):
+    """With --detector_model, the anomaly tab scores with the feature detector (its pipeline's score, verdict and
+    heatmap with colour bar) and the sampling tab still samples the MAF."""
+    from transformers import pipeline
+
+    from app import format_score, format_verdict
+    from test_app import tiny_feature_detector
+
+    detector_dir = tiny_feature_detector(tmp_path / "detector")
+    process, url, log_path = start_app(tmp_path, "detector", "--maf_model", trained["maf_calibrated"],
+                                       "--detector_model", detector_dir)
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(url)
+        assert "FeatureMAFModel" in page.locator("#anomaly-description").inner_text(timeout=TIMEOUT_MS)
+        defective = os.path.join(trained["category"], "test", "crack", "000.png")
+        upload(page, "anomaly-input", defective)
+        score = wait_for_text(page, "#anomaly-score textarea")
+        detector = pipeline("anomaly-detection", model=str(detector_dir), trust_remote_code=True, device="cpu")
+        expected = detector(defective, colorbar=True)
+        assert score == format_score(expected)
+        assert page.locator("#anomaly-verdict textarea").input_value() == format_verdict(expected)
+        page.wait_for_selector("#anomaly-heatmap img", timeout=TIMEOUT_MS)
+        assert np.array_equal(np.asarray(fetch_image(page, "#anomaly-heatmap img")), np.asarray(expected["heatmap"]))
+        open_tab(page, "MAF sampling")
+        assert page.locator("#sampling-button").is_visible()
         page.close()
     finally:
         stop(process)

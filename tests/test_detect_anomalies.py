@@ -121,3 +121,17 @@ def test_uncalibrated_model_reports_what_it_can_and_says_how_to_calibrate(tmp_pa
     assert np.all(np.isfinite(nll))
     with pytest.raises(UsageError, match="--score standardized-map needs a calibrated model"):
         detect("--model_name_or_path", tmp_path / "model", "--data_dir", data, "--score", "standardized-map")
+
+
+def test_the_roc_lists_the_scores_that_apply_to_the_model():
+    """A patch-grid score of a whole-image flow (one location) is a z-score of the image NLL: not plotted."""
+    from hf_dgm_training.metrics.evaluation import applicable_scores
+    from modeling_maf import MAFConfig, MAFModel
+    from modeling_maf.anomaly_scores import ANOMALY_SCORES
+
+    names = list(ANOMALY_SCORES)
+    whole = MAFModel(MAFConfig(image_size=8, num_channels=1, hidden_sizes=[8], num_blocks=1))
+    patches = MAFModel(MAFConfig(image_size=8, num_channels=1, hidden_sizes=[8], num_blocks=1, patch_size=4,
+                                 patch_stride=2))
+    assert applicable_scores(whole, names) == [name for name in names if name != "patch-z-top3"]
+    assert applicable_scores(patches, names) == names

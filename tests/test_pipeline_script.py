@@ -1,5 +1,6 @@
-"""Issue 14.8: scripts/run_maf_pipeline.sh reads relative paths from the folder it is started in, and does not run
-pip again while its setup stamp matches setup.py."""
+"""scripts/run_maf_pipeline.sh (setup, then scripts/run_maf_pipeline.py in one process) reads relative paths from the
+folder it is started in, trains the detectors it is asked for with the flags meant for them, and does not run pip
+again while its setup stamp matches setup.py."""
 
 import hashlib
 import json
@@ -26,7 +27,7 @@ def run_pipeline(*args, cwd, **env):
 def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
     work = tmp_path / "work"
     make_mvtec_category(str(work / "data" / "capsule"), size=8, num_train=4)
-    result = run_pipeline("--data_dir", "data/capsule", *TINY, "--patch_detector", "off", cwd=work, SKIP_SETUP="1",
+    result = run_pipeline("--data_dir", "data/capsule", *TINY, "--detector", "off", cwd=work, SKIP_SETUP="1",
                           PYTHON=sys.executable, OUTPUT_DIR="out/maf")
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "out" / "maf"
@@ -35,17 +36,42 @@ def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
     report = json.loads((out / "anomaly" / "anomaly_report.json").read_text())
     assert report["num_test_images"] == 3
     assert not os.path.exists(os.path.join(ROOT, "out"))  # nothing written relative to the repository
-    assert not (out / "patch_detector").exists()
+    assert not (out / "patch_detector").exists() and not (out / "detector").exists()
+    phases = json.loads((out / "pipeline_results.json").read_text())["phase_seconds"]
+    assert set(phases) == {"imports", "train_maf", "sample", "detect_maf"}
 
 
-def test_the_spec_preset_adds_the_patch_detector_and_passes_it_only_the_seed(tmp_path):
-    """--preset spec (the default) trains the patch detector after the whole-image model and writes its report,
-    scored by patch-z-top3; of the extra flags only --seed reaches it (PATCH_EXTRA shrinks it for the test)."""
+def test_the_feature_detector_is_trained_and_recommended(tmp_path):
+    """The default: after the whole-image model, the feature detector (DETECTOR_EXTRA shrinks it for the test) and
+    its report; the last lines name the detector with the best image AUROC and its folder."""
+    make_mvtec_category(str(tmp_path / "capsule"), size=32, num_train=10, num_test_good=3, defects=(("crack", 3),))
+    detector_extra = ("--image_size 32 --hidden_sizes 16 16 --num_blocks 1 --num_train_epochs 1 "
+                      "--validation_split_percentage 30 --use_pretrained_backbone false")
+    result = run_pipeline("--data_dir", "capsule", *TINY, "--seed", "2", cwd=tmp_path, SKIP_SETUP="1",
+                          PYTHON=sys.executable, OUTPUT_DIR="maf", DETECTOR_EXTRA=detector_extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    detector = tmp_path / "maf" / "detector"
+    results = json.loads((detector / "train_results.json").read_text())
+    assert results["flow_type"] == "feature_maf" and results["config"]["image_size"] == 32
+    assert "| seed | 2 |" in (detector / "README.md").read_text()
+    report = json.loads((detector / "anomaly" / "anomaly_report.json").read_text())
+    assert report["score"] == "map-max" and report["num_test_images"] == 6
+    summary = json.loads((tmp_path / "maf" / "pipeline_results.json").read_text())
+    assert set(summary["reports"]) == {"whole-image MAF", "feature detector"}
+    assert {"train_detector", "detect_detector"} <= set(summary["phase_seconds"])
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"Use the {summary['recommended_detector']} for anomaly detection")
+
+
+def test_the_patch_detector_gets_only_the_seed_of_the_extra_flags(tmp_path):
+    """--patch_detector on trains the patch detector after the whole-image model and writes its report, scored by
+    patch-z-top3; of the extra flags only --seed reaches it (PATCH_EXTRA shrinks it for the test)."""
     make_mvtec_category(str(tmp_path / "capsule"), size=8, num_train=12, num_test_good=3, defects=(("crack", 3),))
     patch_extra = ("--image_size 8 --patch_size 4 --patch_stride 2 --hidden_sizes 16 16 --num_blocks 1 "
                    "--num_train_epochs 1 --mixed_precision no --validation_split_percentage 30")
-    result = run_pipeline("--data_dir", "capsule", *TINY, "--seed", "3", "--learning_rate", "0.5", cwd=tmp_path,
-                          SKIP_SETUP="1", PYTHON=sys.executable, OUTPUT_DIR="maf", PATCH_EXTRA=patch_extra)
+    result = run_pipeline("--data_dir", "capsule", *TINY, "--seed", "3", "--learning_rate", "0.5", "--detector", "off",
+                          "--patch_detector", "on", cwd=tmp_path, SKIP_SETUP="1", PYTHON=sys.executable,
+                          OUTPUT_DIR="maf", PATCH_EXTRA=patch_extra)
     assert result.returncode == 0, result.stderr[-3000:]
     detector = tmp_path / "maf" / "patch_detector"
     results = json.loads((detector / "train_results.json").read_text())
@@ -54,11 +80,11 @@ def test_the_spec_preset_adds_the_patch_detector_and_passes_it_only_the_seed(tmp
     assert "| seed | 3 |" in card and "| learning rate (Adam) | 0.001 |" in card  # not the extra --learning_rate
     report = json.loads((detector / "anomaly" / "anomaly_report.json").read_text())
     assert report["score"] == "patch-z-top3" and report["num_test_images"] == 6
-    assert "its anomaly report and figures" in result.stdout
+    assert "patch detector maf/patch_detector/anomaly" in result.stdout
 
     refused = run_pipeline("--data_dir", "capsule", "--patch_detector", "maybe", cwd=tmp_path, SKIP_SETUP="1",
                            PYTHON=sys.executable)
-    assert refused.returncode == 2 and "unknown --patch_detector maybe (on or off)" in refused.stderr
+    assert refused.returncode == 2 and "--patch_detector: invalid choice: 'maybe'" in refused.stderr
 
 
 def make_fake_venv(venv):
@@ -89,11 +115,13 @@ def test_setup_runs_pip_once_until_setup_py_changes(tmp_path):
     args = ("--data_dir", "missing", *TINY)
 
     first = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
-    assert first.returncode == 1 and "train_maf.py: error: No data for category" in first.stderr, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "run_maf_pipeline.py: error: No data for category" in first.stderr, first.stderr[-3000:]
     assert pip_calls(venv) == ["-m pip install -q --upgrade pip", "-m pip install -q torch==2.13.0",
-                               f"-m pip install -q -e {ROOT}"]
+                               f"-m pip install -q -e {ROOT}[features]"]
     with open(os.path.join(ROOT, "setup.py"), "rb") as f:
-        assert (venv / ".hf-dgm-setup").read_text().split() == [hashlib.sha256(f.read()).hexdigest(), "torch==2.13.0"]
+        assert (venv / ".hf-dgm-setup").read_text().split() == [hashlib.sha256(f.read()).hexdigest(), "torch==2.13.0",
+                                                                 "extras=features"]
 
     second = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
     assert second.returncode == 1 and "is up to date" in second.stdout
@@ -120,16 +148,17 @@ def test_one_setup_stamp_whichever_command_sets_up_first(tmp_path):
     extras on top of the main job's setup, and neither reinstalls after the other."""
     digest = hashlib.sha256(open(os.path.join(ROOT, "setup.py"), "rb").read()).hexdigest()
     venv = make_fake_venv(tmp_path / "main-first")
-    setup_as(venv)  # the main job
-    assert len(pip_calls(venv)) == 3 and (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0"]
-    setup_as(venv, "dev,demo")  # then the tests: only their extras
+    setup_as(venv, "features")  # the main job
+    assert len(pip_calls(venv)) == 3
+    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=features"]
+    setup_as(venv, "dev,demo,features")  # then the tests: only the extras they add
     assert pip_calls(venv) == [f"-m pip install -q -e {ROOT}[dev,demo]"]
-    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=dev,demo"]
-    assert "is up to date" in setup_as(venv, "dev,demo") and "is up to date" in setup_as(venv)
+    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=features,dev,demo"]
+    assert "is up to date" in setup_as(venv, "dev,demo,features") and "is up to date" in setup_as(venv, "features")
     assert pip_calls(venv) == []
 
     venv = make_fake_venv(tmp_path / "tests-first")
-    setup_as(venv, "dev,demo")
-    assert pip_calls(venv)[-1] == f"-m pip install -q -e {ROOT}[dev,demo]"
-    assert "is up to date" in setup_as(venv)  # the main job after the tests: no pip at all
+    setup_as(venv, "dev,demo,features")
+    assert pip_calls(venv)[-1] == f"-m pip install -q -e {ROOT}[dev,demo,features]"
+    assert "is up to date" in setup_as(venv, "features")  # the main job after the tests: no pip at all
     assert pip_calls(venv) == []

@@ -21,7 +21,8 @@ from hf_dgm_training.data.anomaly import images_to_tensor
 from modeling_cyclegan import ImageTranslationPipeline
 from modeling_maf import AnomalyDetectionPipeline, IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import NOT_CALIBRATED
-from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors
+from modeling_maf.heatmap_maf import NOT_CALIBRATED_NOTE, heatmap_scale
+from modeling_maf.pipeline_maf import heatmap_overlay, jet_colors, with_colorbar
 from test_hub_models import randomize, tiny_cyclegan
 
 
@@ -97,7 +98,7 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
     calibrated = fixture == "calibrated_maf_folder"
     assert model.is_calibrated == calibrated and len(results) == len(images)
     for index, (image, result) in enumerate(zip(images, results)):
-        assert set(result) == {"score", "is_anomalous", "threshold", "heatmap", "method", "message"}
+        assert set(result) == {"score", "is_anomalous", "threshold", "heatmap", "heatmap_scale", "method", "message"}
         assert result["score"] == pytest.approx(float(expected.scores[index]), rel=1e-6)
         assert result["method"] == expected.method == (model.config.anomaly_calibration["method"] if calibrated
                                                        else "nll")
@@ -108,7 +109,20 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
             assert result["is_anomalous"] is None and result["threshold"] is None
             assert result["message"] == NOT_CALIBRATED and "calibrate" in result["message"]
         assert result["heatmap"].size == image.size and result["heatmap"].mode == "RGB"
-        heatmap = heatmap_overlay(image, expected.maps[index].numpy())
+        # A calibrated model's colour scale is its calibrated display range; otherwise the map's own, with a note.
+        scale = heatmap_scale(expected.maps[index].numpy(), expected.display_range, calibrated)
+        shown = result["heatmap_scale"]
+        assert (shown["threshold"], shown["note"]) == (scale.threshold, scale.note)
+        assert (shown["low"], shown["high"]) == pytest.approx((scale.low, scale.high), rel=1e-5)
+        if calibrated:
+            display_range = model.config.anomaly_calibration["display_ranges"][expected.method]
+            assert expected.display_range == display_range
+            assert result["heatmap_scale"] == {"low": display_range["low"], "high": display_range["high"],
+                                               "threshold": display_range["map_threshold"], "note": None,
+                                               "threshold_label": display_range["label"]}
+        else:
+            assert expected.display_range is None and result["heatmap_scale"]["note"] == NOT_CALIBRATED_NOTE
+        heatmap = heatmap_overlay(image, expected.maps[index].numpy(), scale=scale)
         assert np.array_equal(np.asarray(result["heatmap"]), np.asarray(heatmap))
     if calibrated:  # the verdicts follow the threshold
         assert [result["is_anomalous"] for result in results] == [r["score"] > r["threshold"] for r in results]
@@ -119,6 +133,9 @@ def test_anomaly_detection_gives_the_models_prediction_and_a_heatmap_over_the_in
         assert (result["is_anomalous"], result["threshold"], result["method"], result["message"]) == \
             (alone["is_anomalous"], alone["threshold"], alone["method"], alone["message"])
         assert result["heatmap"].size == alone["heatmap"].size
+        if calibrated:  # one scale: an image's colours do not depend on the others in its batch
+            assert result["heatmap_scale"] == alone["heatmap_scale"]
+            assert np.abs(as_array(result["heatmap"]) - as_array(alone["heatmap"])).max() <= 1
     # One image in, one dict out; the heatmap opacity is a call argument (0: the image itself).
     single = detector(images[0], heatmap_alpha=0.0)
     assert single["score"] == results[0]["score"]
@@ -192,8 +209,9 @@ CHILD_SCRIPT = WITHOUT_HF_DGM + textwrap.dedent(
         if job["task"] == "anomaly-detection":
             output = built(image)
             output["heatmap"].save(job["output"])
+            built(image, colorbar=True)["heatmap"].save(job["output"] + ".colorbar.png")
             results[job["name"]] = {key: output[key] for key in
-                                    ("score", "is_anomalous", "threshold", "method", "message")}
+                                    ("score", "is_anomalous", "threshold", "method", "message", "heatmap_scale")}
         else:
             built(image, direction="b_to_a").save(job["output"])
             results[job["name"]] = type(built).__name__
@@ -227,15 +245,20 @@ def test_fresh_process_without_the_package_builds_both_pipelines_from_folders_an
 
     pixel_values = images_to_tensor([image], maf.config.image_size)
     expected = maf.predict_anomalies(pixel_values)
-    expected_heatmap = heatmap_overlay(image, expected.maps[0].numpy())
+    scale = heatmap_scale(expected.maps[0].numpy(), expected.display_range, calibrated=True)
+    assert scale.note is None  # the calibrated colour scale
+    expected_heatmap = heatmap_overlay(image, expected.maps[0].numpy(), scale=scale)
+    expected_with_colorbar = with_colorbar(expected_heatmap, scale)
     expected_translation = cyclegan.translate(image, direction="b_to_a")[0]
     for where in ("folder", "hub"):
         maf_output = outputs[f"maf-{where}"]
         assert maf_output["score"] == pytest.approx(float(expected.scores[0]), rel=1e-6), where
         assert maf_output["is_anomalous"] is bool(expected.is_anomalous[0])
         assert maf_output["threshold"] == expected.threshold and maf_output["method"] == expected.method
-        assert maf_output["message"] is None
+        assert maf_output["message"] is None and maf_output["heatmap_scale"] == scale.to_dict()
         assert np.array_equal(as_array(Image.open(tmp_path / f"heatmap-{where}.png")), as_array(expected_heatmap))
+        assert np.array_equal(as_array(Image.open(tmp_path / f"heatmap-{where}.png.colorbar.png")),
+                              as_array(expected_with_colorbar))
         assert outputs[f"cyclegan-{where}"] == "ImageTranslationPipeline"
         translation = Image.open(tmp_path / f"translation-{where}.png")
         assert np.array_equal(as_array(translation), as_array(expected_translation)), where

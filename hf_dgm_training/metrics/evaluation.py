@@ -44,6 +44,15 @@ def score_all(model, nll_maps) -> ScoredImages:
     return ScoredImages(maps, scores)
 
 
+def applicable_scores(model, names) -> list[str]:
+    """The scores of `names` that tell something of their own about this model: a patch-grid score on a grid of one
+    location (a whole-image flow) is a z-score of the image's NLL, ranked as "nll", so it is left out."""
+    from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID
+
+    one_location = tuple(model.anomaly_statistics.grid_size) == (1, 1)
+    return [name for name in names if not (one_location and ANOMALY_SCORES[name].grid == PATCH_GRID)]
+
+
 def image_metrics_note(labels: np.ndarray) -> str | None:
     """None when both classes are present; else the one line that says why image metrics are undefined."""
     num_good, num_defective = int((labels == 0).sum()), int((labels == 1).sum())

@@ -1,0 +1,156 @@
+"""The feature-space MAF detector (FeatureMAFModel): config, save/load, the loopback Hub with remote code, a
+transformers backbone in place of EfficientNet-Lite, training through train_maf.py and scoring through
+detect_anomalies.py, and the pipeline. Tiny random backbones: no weights are needed."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModel, ResNetConfig, pipeline
+
+from child_process import run_without_hf_dgm
+from modeling_maf import EfficientNetLiteConfig, FeatureMAFConfig, FeatureMAFModel
+from synthetic_data import make_mvtec_category
+
+
+def tiny_config(**overrides):
+    backbone = EfficientNetLiteConfig(width_coefficient=0.25, depth_coefficient=0.25, out_features=["stage3", "stage5"])
+    fields = dict(backbone_config=backbone, image_size=32, hidden_sizes=[16, 16], num_blocks=2, **overrides)
+    return FeatureMAFConfig(**fields)
+
+
+def tiny_detector(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = FeatureMAFModel(tiny_config(**overrides))
+    with torch.no_grad():  # blocks away from the identity, statistics away from (0, 1)
+        for name, parameter in model.named_parameters():
+            if not name.startswith("backbone."):
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        with warnings.catch_warnings():  # it reports the masked connections the noise touched
+            warnings.simplefilter("ignore")
+            model.zero_absent_connections()
+        model.feature_mean.normal_()
+        model.feature_std.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_shapes_and_feature_grid():
+    model = tiny_detector()
+    # stage3 (stride 8) and stage5 (stride 16) of 32x32 images: a 4x4 grid of concatenated vectors.
+    assert model.feature_grid == (4, 4)
+    assert model.num_features == sum(model.backbone.channels)
+    images = torch.rand(3, 3, 32, 32)
+    output = model(images)
+    assert output.nll_map.shape == (3, 4, 4) and output.log_prob.shape == (3,)
+    assert torch.allclose(output.loss, output.nll_map.mean())
+    maps = model.nll_maps(images)
+    assert maps.pixel.shape == (3, 32, 32) and maps.patch.shape == (3, 4, 4)
+
+
+def test_log_prob_is_a_normalised_density_of_vectors_per_location():
+    """With identity blocks, log p is the standard normal of the standardised vector (change of variables through
+    the standardisation excluded, as documented), so the flow's log-det bookkeeping is checked against it."""
+    model = FeatureMAFModel(tiny_config()).eval()  # fresh: every block is the identity
+    vectors = torch.randn(10, model.num_features)
+    locations = torch.zeros(10, dtype=torch.long)
+    expected = -0.5 * vectors.square().sum(1) - 0.5 * model.num_features * math.log(2 * math.pi)
+    assert torch.allclose(model.vector_log_prob(vectors, locations), expected, atol=1e-4)
+
+
+def test_save_load_round_trip_with_calibration(tmp_path):
+    model = tiny_detector()
+    images = torch.rand(8, 3, 32, 32)
+    calibration = model.calibrate(images[:5])
+    assert calibration["method"] == "map-max"
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "feature_maf" and config["backbone_config"]["model_type"] == "efficientnet_lite"
+    assert (tmp_path / "modeling_feature_maf.py").exists() and (tmp_path / "modeling_efficientnet_lite.py").exists()
+    loaded = FeatureMAFModel.from_pretrained(tmp_path)
+    assert loaded.config.backbone_config.out_features == ["stage3", "stage5"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    expected, actual = model.predict_anomalies(images), loaded.predict_anomalies(images)
+    assert torch.allclose(expected.scores, actual.scores) and expected.threshold == actual.threshold
+    assert torch.equal(expected.is_anomalous, actual.is_anomalous)
+
+
+def test_a_transformers_backbone_works_and_round_trips(tmp_path):
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                            out_features=["stage1", "stage2"])
+    model = FeatureMAFModel(FeatureMAFConfig(backbone_config=backbone, image_size=32, hidden_sizes=[16, 16],
+                                             num_blocks=2)).eval()
+    assert model.num_features == 8 + 16 and model.feature_grid == (8, 8)  # stage1 at stride 4, stage2 at 8
+    images = torch.rand(2, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, FeatureMAFModel)
+    assert torch.allclose(model(images).nll_map, loaded(images).nll_map)
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode():
+    model = tiny_detector().train()
+    assert not model.backbone.training
+    assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
+    assert all(parameter.requires_grad for name, parameter in model.named_parameters()
+               if name.startswith("blocks."))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="feature_pooling_size"):
+        tiny_config(feature_pooling_size=2)
+    with pytest.raises(ValueError, match="anomaly_score"):
+        tiny_config(anomaly_score="accuracy")
+
+
+def test_hub_round_trip_and_remote_code_pipeline(hub_server, tmp_path):
+    """push_to_hub -> a fresh interpreter without this package builds the pipeline from the repo id."""
+    model = tiny_detector()
+    images = torch.rand(6, 3, 32, 32)
+    model.calibrate(images[:4])
+    repo_id = hub_server.repo_id("feature-detector")
+    model.push_to_hub(repo_id)
+    from modeling_maf import MAFImageProcessor
+
+    MAFImageProcessor(size=32, num_channels=3).push_to_hub(repo_id)
+    reloaded = FeatureMAFModel.from_pretrained(repo_id)
+    assert torch.allclose(reloaded.anomaly_scores(images), model.anomaly_scores(images))
+    from PIL import Image
+
+    image_path = tmp_path / "image.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(image_path)
+    expected = pipeline("anomaly-detection", model=model, image_processor=MAFImageProcessor(size=32))(str(image_path))
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"repo_id": repo_id, "image": str(image_path)}))
+    child = """
+import json
+from transformers import pipeline
+job = json.load(open(JOBS))
+result = pipeline("anomaly-detection", model=job["repo_id"], trust_remote_code=True)(job["image"])
+print(json.dumps({"score": result["score"], "is_anomalous": result["is_anomalous"], "method": result["method"]}))
+"""
+    reported = run_without_hf_dgm(child, jobs, hub_server, tmp_path / "child_home")
+    assert reported["method"] == "map-max" and reported["is_anomalous"] == expected["is_anomalous"]
+    assert reported["score"] == pytest.approx(expected["score"], rel=1e-5)
+
+
+def test_train_maf_trains_the_detector_and_detect_anomalies_reports_it(tmp_path, monkeypatch):
+    import detect_anomalies
+    import train_maf
+
+    monkeypatch.setattr(FeatureMAFModel, "load_pretrained_backbone", lambda self, *a, **k: None)  # no weights here
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=12, num_test_good=2, defects=(("crack", 2),))
+    output = tmp_path / "detector"
+    train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
+                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
+                    "--validation_split_percentage", "30"])
+    results = json.loads((output / "train_results.json").read_text())
+    assert results["flow_type"] == "feature_maf" and results["best_validation_nll"] is not None
+    assert results["anomaly_calibration"]["method"] == "map-max"
+    assert FeatureMAFModel.from_pretrained(output).config.image_size == 32
+    detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
+    report = json.loads((output / "anomaly" / "anomaly_report.json").read_text())
+    assert report["score"] == "map-max" and report["image_auroc"] is not None
+    assert report["test_good_bits_per_dim"] is None  # no bits/dim for feature vectors
