@@ -162,3 +162,28 @@ def test_one_setup_stamp_whichever_command_sets_up_first(tmp_path):
     assert pip_calls(venv)[-1] == f"-m pip install -q -e {ROOT}[dev,demo,features]"
     assert "is up to date" in setup_as(venv, "features")  # the main job after the tests: no pip at all
     assert pip_calls(venv) == []
+
+
+def test_the_main_job_twice_into_one_folder(tmp_path):
+    """Issue 22.1 for the main job: a second run into the same folder refuses in one line naming the ways out; with
+    --overwrite_output_dir no file of the first run is left (its model, samples, reports, summary), the user's stay."""
+    from script_runner import run_in_process
+
+    make_mvtec_category(str(tmp_path / "capsule"), size=8, num_train=4)
+    args = ["--data_dir", tmp_path / "capsule", "--output_dir", tmp_path / "maf", *TINY, "--detector", "off"]
+    run_in_process("run_maf_pipeline.py", *args)
+    out = tmp_path / "maf"
+    (out / "notes.txt").write_text("mine")
+    first = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
+    assert (out / "pipeline_results.json") in first and any(path.parent.name == "samples" for path in first)
+
+    refused = run_in_process("run_maf_pipeline.py", *args, expect_ok=False)
+    errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
+    assert refused.returncode == 1 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "already holds another run" in errors[0] and "--overwrite_output_dir" in errors[0]
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in first} == first
+
+    run_in_process("run_maf_pipeline.py", *args, "--overwrite_output_dir")
+    left = [path for path, identity in first.items()
+            if path.exists() and (path.stat().st_ino, path.stat().st_mtime_ns) == identity]
+    assert left == [out / "notes.txt"]
