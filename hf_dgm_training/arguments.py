@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import inspect
+import math
 import os
 import types
 import typing
@@ -13,6 +16,55 @@ from .errors import UsageError, add_debug_arg
 
 
 REPORT_TO_CHOICES = ("none", "tensorboard", "trackio", "wandb", "all")
+
+
+class Number:
+    """An argparse `type` for a number in a range: `Number(int, minimum=1)`, `Number(float, above=0)`,
+    `Number(float, minimum=0, below=1)`. NaN and infinities are refused; a value outside the range is refused with a
+    message that names what is allowed, which argparse prints after the flag's name (exit status 2)."""
+
+    def __init__(self, kind=float, *, minimum=None, above=None, maximum=None, below=None):
+        self.kind, self.minimum, self.above, self.maximum, self.below = kind, minimum, above, maximum, below
+        self.__name__ = kind.__name__  # argparse names the type in its own messages
+
+    @property
+    def lowest(self):
+        """The lower bound (inclusive or not), or None."""
+        return self.minimum if self.minimum is not None else self.above
+
+    def describe(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        bounds = [f">= {self.minimum}" if self.minimum is not None else None,
+                  f"> {self.above}" if self.above is not None else None,
+                  f"<= {self.maximum}" if self.maximum is not None else None,
+                  f"< {self.below}" if self.below is not None else None]
+        bounds = [bound for bound in bounds if bound]
+        return f"{noun} {' and '.join(bounds)}" if bounds else f"a finite {noun[2:] if self.kind is int else 'number'}"
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        inside = math.isfinite(value) and all((
+            self.minimum is None or value >= self.minimum, self.above is None or value > self.above,
+            self.maximum is None or value <= self.maximum, self.below is None or value < self.below))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}")
+        return value
+
+    def __repr__(self):
+        return f"Number({self.describe()})"
+
+
+POSITIVE_INT = Number(int, minimum=1)
+NON_NEGATIVE_INT = Number(int, minimum=0)
+POSITIVE_FLOAT = Number(float, above=0)
+NON_NEGATIVE_FLOAT = Number(float, minimum=0)
+FINITE_FLOAT = Number(float)
+SEED = Number(int, minimum=0, maximum=2**32 - 1)  # NumPy's seeds
+PROBABILITY = Number(float, above=0, below=1)
+PERCENTAGE = Number(float, minimum=0, below=100)
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = None) -> None:
@@ -25,22 +77,26 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
     group.add_argument(
         "--dataset_name", type=str, default=None, help="Name of a dataset on the Hub (used when --data_dir is not set)."
     )
-    group.add_argument("--image_size", type=int, default=None, help="Images are resized to this size (pixels).")
+    group.add_argument("--image_size", type=POSITIVE_INT, default=None,
+                       help="Images are resized to this size (pixels).")
     group.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="Worker processes for data loading (0: main process)."
+        "--dataloader_num_workers", type=NON_NEGATIVE_INT, default=0,
+        help="Worker processes for data loading (0: main process).",
     )
 
     group = parser.add_argument_group("training")
     group.add_argument("--output_dir", type=str, default="outputs", help="Where checkpoints, logs and the model go.")
     group.add_argument("--model_name_or_path", type=str, default=None,
                        help="Start from a saved model (local folder or Hub id) instead of a fresh one.")
-    group.add_argument("--num_train_epochs", type=int, default=1, help="Number of passes over the training data.")
+    group.add_argument("--num_train_epochs", type=POSITIVE_INT, default=1,
+                       help="Number of passes over the training data.")
     group.add_argument(
-        "--max_train_steps", type=int, default=None, help="Stop after this many optimisation steps (for smoke runs)."
+        "--max_train_steps", type=POSITIVE_INT, default=None,
+        help="Stop after this many optimisation steps (for smoke runs).",
     )
-    group.add_argument("--per_device_train_batch_size", type=int, default=8, help="Batch size per device.")
-    group.add_argument("--learning_rate", type=float, default=1e-3, help="Initial learning rate.")
-    group.add_argument("--seed", type=int, default=42, help="Seed for Python, NumPy and torch (all devices).")
+    group.add_argument("--per_device_train_batch_size", type=POSITIVE_INT, default=8, help="Batch size per device.")
+    group.add_argument("--learning_rate", type=POSITIVE_FLOAT, default=1e-3, help="Initial learning rate.")
+    group.add_argument("--seed", type=SEED, default=42, help="Seed for Python, NumPy and torch (all devices).")
     group.add_argument(
         "--mixed_precision",
         type=str,
@@ -62,7 +118,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument(
-        "--logging_steps", type=int, default=25,
+        "--logging_steps", type=POSITIVE_INT, default=25,
         help="Fetch the losses from the device every N steps (every step is still logged; larger = fewer syncs).",
     )
     group.add_argument(
@@ -74,7 +130,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, defaults: dict | None = 
         "model), or never ('no').",
     )
     group.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest go)."
+        "--checkpoints_total_limit", type=POSITIVE_INT, default=None,
+        help="Keep at most this many checkpoints (oldest go).",
+    )
+    group.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="Replace the run in --output_dir: its outputs (model, checkpoints, metrics, samples/, anomaly/, ...) are "
+        "deleted first, other files stay. Without it (or --resume_from_checkpoint) a folder holding a run is refused.",
     )
     group.add_argument(
         "--resume_from_checkpoint",
@@ -193,7 +255,50 @@ def _flag_type(default, annotation):
     return str, False
 
 
+_ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "tuple": tuple, "dict": dict,
+                     "None": None, "Optional": typing.Optional, "Union": typing.Union}
+
+
+def _fields_from_source(reference: str) -> list[inspect.Parameter]:
+    """The `__init__` parameters of the config class named by `reference` ("package.module:ClassName"), read from its
+    source without importing it (importing a config imports transformers and torch, seconds that `--help` should
+    not wait for). Defaults must be literals; annotations are read as the few types flags use."""
+    module_name, class_name = reference.split(":")
+    package, _, rest = module_name.partition(".")
+    spec = importlib.util.find_spec(package)  # a top-level package: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"Cannot find the package {package} for {reference}.")
+    path = os.path.join(spec.submodule_search_locations[0], *rest.split(".")) + ".py"
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    node = classes[class_name]
+    while True:
+        init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
+        arguments = init.args.args[1:] if init else []
+        if arguments or not node.bases or not isinstance(node.bases[0], ast.Name) or node.bases[0].id not in classes:
+            break
+        node = classes[node.bases[0].id]  # an __init__(self, **kwargs) of a subclass: its base's fields
+    defaults = [inspect.Parameter.empty] * (len(arguments) - len(init.args.defaults)) + list(init.args.defaults)
+    fields = []
+    for argument, default in zip(arguments, defaults):
+        if default is not inspect.Parameter.empty:
+            default = ast.literal_eval(default)
+        annotation = inspect.Parameter.empty
+        if argument.annotation is not None:
+            try:
+                annotation = eval(ast.unparse(argument.annotation), {"__builtins__": {}}, _ANNOTATION_NAMES)
+            except Exception:  # a type flags do not use (the field then reads as a string)
+                annotation = ast.unparse(argument.annotation)
+        fields.append(inspect.Parameter(argument.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=annotation))
+    return fields
+
+
 def _config_fields(config_class) -> list[inspect.Parameter]:
+    """The fields of a config class, or of the class a "package.module:ClassName" string names (read from source)."""
+    if isinstance(config_class, str):
+        return _fields_from_source(config_class)
     signature = inspect.signature(config_class.__init__)
     return [
         parameter
@@ -202,20 +307,29 @@ def _config_fields(config_class) -> list[inspect.Parameter]:
     ]
 
 
+def _class_name(config_class) -> str:
+    return config_class.split(":")[-1] if isinstance(config_class, str) else config_class.__name__
+
+
 def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip: tuple = ()) -> None:
     """Adds one `--<field>` flag per field of `config_class.__init__`, defaulting to None (= keep the config's).
 
-    Types come from the field's default (int/float/str; a list becomes `nargs="+"`; a bool reads true/false,
-    and a bare `--flag` means true). Fields named in `skip` or already defined on the parser (e.g. a common
-    `--image_size`) get no flag; the script handles those itself.
+    `config_class` is the class or, so that building the parser (and `--help`) imports nothing heavy, the string
+    "package.module:ClassName" (its fields are then read from the source). Types come from the field's default
+    (int/float/str; a list becomes `nargs="+"`; a bool reads true/false, and a bare `--flag` means true); an integer
+    must be >= 0 and a float finite, at parse time, and the config's own checks run in `check_config_overrides`.
+    Fields named in `skip` or already defined on the parser (e.g. a common `--image_size`) get no flag; the script
+    handles those itself.
     """
-    group = parser.add_argument_group(f"{config_class.__name__} overrides")
+    name = _class_name(config_class)
+    group = parser.add_argument_group(f"{name} overrides")
     added = []
     for parameter in _config_fields(config_class):
         option = f"--{parameter.name}"
         if parameter.name in skip or option in parser._option_string_actions:
             continue
         element_type, is_list = _flag_type(parameter.default, parameter.annotation)
+        element_type = {int: NON_NEGATIVE_INT, float: FINITE_FLOAT}.get(element_type, element_type)
         kwargs = {"type": element_type, "default": None}
         if is_list:
             kwargs["nargs"] = "+"
@@ -223,13 +337,13 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
             kwargs.update(nargs="?", const=True)
         default = parameter.default
         default_text = "" if default is inspect.Parameter.empty else f" (config default: {default!r})"
-        group.add_argument(option, help=f"Overrides `{config_class.__name__}.{parameter.name}`{default_text}.",
+        group.add_argument(option, help=f"Overrides `{name}.{parameter.name}`{default_text}.",
                            **kwargs)
         added.append(parameter.name)
 
     # Remember which flags belong to the config, so fields skipped here never leak into the overrides.
     registry = dict(parser.get_default("_config_override_fields") or {})
-    registry[config_class.__name__] = added
+    registry[name] = added
     parser.set_defaults(_config_override_fields=registry)
 
 
@@ -240,7 +354,7 @@ def config_overrides_from_args(args: argparse.Namespace, config_class, with_fiel
     sets from flags of its own, such as `--image_size`, which other fields are checked against): a value the config
     refuses (e.g. `--num_blocks 0`) raises `UsageError` naming the flags. Only the overrides are returned."""
     registry = getattr(args, "_config_override_fields", None) or {}
-    names = registry.get(config_class.__name__)
+    names = registry.get(_class_name(config_class))
     if names is None:
         names = [parameter.name for parameter in _config_fields(config_class)]
     overrides = {}
@@ -261,3 +375,13 @@ def config_overrides_from_args(args: argparse.Namespace, config_class, with_fiel
             raise UsageError(f"{message} (from the flags {flags}; see --help).") from error
     return overrides
 
+
+
+def check_config_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, config_class,
+                           with_fields: dict | None = None) -> dict:
+    """`config_overrides_from_args`, for a script's `parse_args`: a value the config refuses is a `parser.error`
+    (one line naming the flags, exit status 2) before any work. Returns the overrides."""
+    try:
+        return config_overrides_from_args(args, config_class, with_fields=with_fields)
+    except UsageError as error:
+        parser.error(str(error))

@@ -14,6 +14,11 @@ truncated `model.safetensors` fails deep inside loading without naming the file.
 - A local folder must hold `config.json` (with a `model_type` the script can use) and weights whose safetensors
   headers cover the whole file; a training checkpoint (`checkpoints/step_N`) or a run that has not finished yet
   gets its own message.
+- A name that could be a Hub id but is one typo away from a local model folder (`rnus/maf` or `runs_maf` while
+  `runs/maf` exists) is an error at once too ("did you mean runs/maf?"), before any Hub call.
+- A Hub id is looked up only when the Hub answers: one connection attempt with a short timeout (to the endpoint, or
+  to the proxy), not the retries of the HTTP client, so no connection is one line within seconds; a model already in
+  the local Hub cache then loads from there.
 - A Hub id's failures (unknown repo, no connection, gated or private repo) are one line naming the id.
 """
 
@@ -21,8 +26,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
 import os
+import socket
+import threading
+from urllib.parse import urlparse
 
 from .errors import ModelLoadError
 
@@ -32,6 +41,9 @@ WEIGHTS_NAMES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
 CHECKPOINT_STATE_NAME = "training_state.json"  # written by CheckpointManager into every checkpoint folder
+# The package whose import registers each model type with the Auto classes.
+MODEL_PACKAGES = {"maf": "modeling_maf", "iaf": "modeling_maf", "feature_maf": "modeling_maf",
+                  "cyclegan": "modeling_cyclegan"}
 
 
 def looks_local(name: str) -> bool:
@@ -65,6 +77,78 @@ def _closest_names(path: str) -> str:
         return "; did you mean " + " or ".join(os.path.join(os.path.dirname(path), c) for c in close) + "?"
     shown = candidates[:8] + (["..."] if len(candidates) > 8 else [])
     return f"; {parent} holds {shown or 'nothing'}."
+
+
+NEAR_MATCH_CUTOFF = 0.8  # difflib ratio above which a name counts as a typo of a local model folder
+HUB_CONNECT_TIMEOUT = 3.0  # seconds for the one connection attempt to the Hub
+
+
+def local_near_match(name: str, limit: int = 2000) -> str | None:
+    """The local model folder (one holding config.json) closest to `name`, when `name` is one typo away from it:
+    among the folders beside `name`'s parent and those of the current folder, one and two levels deep."""
+    candidates = set()
+    parent = os.path.dirname(os.path.normpath(name))
+    for root in {".", os.path.dirname(parent) or "."}:
+        try:
+            first = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))[:limit]
+        except OSError:
+            continue
+        for entry in first:
+            path = os.path.normpath(os.path.join(root, entry))
+            if not os.path.isdir(path):
+                continue
+            candidates.add(path)
+            try:
+                candidates.update(os.path.normpath(os.path.join(path, sub)) for sub in os.listdir(path)[:limit]
+                                  if not sub.startswith("."))
+            except OSError:
+                continue
+    models = [path for path in candidates if os.path.isfile(os.path.join(path, CONFIG_NAME))]
+    close = difflib.get_close_matches(os.path.normpath(name), models, n=1, cutoff=NEAR_MATCH_CUTOFF)
+    return close[0] if close else None
+
+
+def _proxy_for(url) -> tuple[str, int] | None:
+    for variable in (f"{url.scheme}_proxy", f"{url.scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if os.environ.get(variable):
+            proxy = urlparse(os.environ[variable])
+            return proxy.hostname, proxy.port or (443 if proxy.scheme == "https" else 80)
+    return None
+
+
+def hub_unreachable_reason() -> str | None:
+    """None when the Hub endpoint (HF_ENDPOINT, or the proxy in front of it) takes a TCP connection within
+    HUB_CONNECT_TIMEOUT seconds, name resolution included; else why not, in words. Offline mode (HF_HUB_OFFLINE=1)
+    is a reason too."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    url = urlparse(constants.ENDPOINT)
+    host, port = _proxy_for(url) or (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    outcome = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
+            outcome["ok"] = True
+        except OSError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(HUB_CONNECT_TIMEOUT)
+    if outcome.get("ok"):
+        return None
+    error = outcome.get("error")
+    reason = f"{type(error).__name__}: {error}" if error else f"no answer within {HUB_CONNECT_TIMEOUT:g} s"
+    return f"cannot connect to {host}:{port} ({reason})"
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, CONFIG_NAME), str)
 
 
 def check_model_folder(path: str, model_types: tuple[str, ...] | None = None) -> None:
@@ -153,11 +237,23 @@ def resolve_model_path(name_or_path: str, model_types: tuple[str, ...] | None = 
             f"{name} does not exist (looked in {os.path.abspath(path)}){_closest_names(path)} Check the path; a Hub id "
             "is 'name' or 'user/name' whose first part is not a folder here."
         )
+    near = local_near_match(name)
+    if near is not None:
+        raise ModelLoadError(
+            f"{name} is not a folder here; did you mean {near}? (A name this close to a local model folder is not "
+            "looked up on the Hub: check the path, or run from a folder without it to use the Hub repo.)"
+        )
+    offline = hub_unreachable_reason()
+    if offline is not None and not _in_hub_cache(name):
+        raise ModelLoadError(
+            f"{name} is not a folder here, and the Hub cannot be reached to look it up: {offline}. Check the path of "
+            "the local model folder, or the connection (HF_ENDPOINT, a proxy)."
+        )
 
     from transformers import PreTrainedConfig
 
     try:
-        config, _ = PreTrainedConfig.get_config_dict(name, token=token)
+        config, _ = PreTrainedConfig.get_config_dict(name, token=token, local_files_only=offline is not None)
     except (OSError, ValueError) as error:  # transformers turns every Hub failure into an OSError
         first = " ".join(str(error).split())
         raise ModelLoadError(
@@ -177,6 +273,8 @@ def load_pretrained(model_class, name_or_path: str, *, model_types: tuple[str, .
     from safetensors import SafetensorError
 
     source = resolve_model_path(name_or_path, model_types=model_types, token=token)
+    if source == str(name_or_path) and not os.path.isdir(source) and hub_unreachable_reason() is not None:
+        kwargs.setdefault("local_files_only", True)  # a Hub model in the local cache, with the Hub out of reach
     try:
         return model_class.from_pretrained(source, token=token, **kwargs)
     except (SafetensorError, OSError) as error:
@@ -201,6 +299,9 @@ def load_model_for_inference(args: argparse.Namespace, default_subfolder: str,
     or Hub id, through the Auto classes, checked by `load_pretrained`: a wrong path or a model of another type than
     ``model_types`` is one `ModelLoadError`) on that device in eval mode. Returns ``(device, output_dir, model)``.
     The model is loaded before the output folder is created, so a wrong path leaves nothing behind."""
+    resolve_model_path(args.model_name_or_path, model_types=model_types, token=args.hub_token)  # fails fast
+    for model_type in model_types or MODEL_PACKAGES:  # registers the model types with the Auto classes
+        importlib.import_module(MODEL_PACKAGES[model_type])
     from transformers import AutoModel
 
     device = resolve_device(args.device)

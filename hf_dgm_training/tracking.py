@@ -20,6 +20,21 @@ def _tracker_config(args: argparse.Namespace) -> dict:
     return config
 
 
+class ProcessLogger:
+    """`accelerate.logging.get_logger(name)`, created when first used: a script can make its logger at import time
+    without importing accelerate (and torch) before its `--help` or a refused flag has answered."""
+
+    def __init__(self, name: str):
+        self._name, self._logger = name, None
+
+    def __getattr__(self, attribute):
+        if self._logger is None:
+            from accelerate.logging import get_logger
+
+            self._logger = get_logger(self._name)
+        return getattr(self._logger, attribute)
+
+
 def show_progress_messages(*logger_names: str) -> None:
     """Messages of level INFO and up of this package and of `logger_names` (a script's) on stderr, one line each;
     other libraries keep WARNING and up. A root handler set up before (by the caller or a test) is kept."""
@@ -31,8 +46,14 @@ def show_progress_messages(*logger_names: str) -> None:
 
 def setup_accelerator(args: argparse.Namespace, project_name: str):
     """An `Accelerator` configured from the common flags, with trackers started and every RNG seeded; the script's
-    progress messages (its `__main__` logger's and this package's) are shown."""
+    progress messages (its `__main__` logger's and this package's) are shown. The output folder is prepared first
+    (`prepare_output_dir`): a folder that holds another run is refused unless `--overwrite_output_dir` (its outputs
+    are removed, by the main process) or `--resume_from_checkpoint` is given."""
     show_progress_messages("__main__")
+    from .output_dirs import prepare_output_dir
+
+    prepare_output_dir(args.output_dir, overwrite=getattr(args, "overwrite_output_dir", False),
+                       resuming=args.resume_from_checkpoint, remove=False)  # every process refuses alike
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -46,7 +67,9 @@ def setup_accelerator(args: argparse.Namespace, project_name: str):
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        prepare_output_dir(args.output_dir, overwrite=getattr(args, "overwrite_output_dir", False),
+                           resuming=args.resume_from_checkpoint)
+    accelerator.wait_for_everyone()
     if log_with is not None:
         accelerator.init_trackers(project_name, config=_tracker_config(args))
     return accelerator

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -64,10 +65,9 @@ class PhaseTimer:
 
     def lap(self, name: str) -> float:
         """Ends the current phase as `name` (added to it when it ran before); returns its seconds this time. Waits for
-        the GPU first, so that work queued in a phase counts in it."""
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        the GPU first, so that work queued in a phase counts in it (torch not imported yet: nothing is queued)."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
@@ -153,8 +153,9 @@ class TrainingLoop:
     "before_the_loop".
     """
 
-    def __init__(self, accelerator, args, task: TrainingTask, phases: PhaseTimer | None = None):
+    def __init__(self, accelerator, args, task: TrainingTask, phases: PhaseTimer | None = None, model_config=None):
         self.accelerator, self.args, self.task = accelerator, args, task
+        self.model_config = model_config  # kept in every checkpoint; resuming checks it
         self.phases = phases if phases is not None else PhaseTimer(first_phase="before_the_loop")
         self.checkpoints = CheckpointManager(accelerator, args.output_dir, args.checkpoints_total_limit)
         self.metrics_path = os.path.join(args.output_dir, METRICS_FILE)
@@ -172,7 +173,7 @@ class TrainingLoop:
     # ------------------------------------------------------------------------------------------------ resume
     def resume(self) -> LoopState:
         """Loads `--resume_from_checkpoint` (if any) and makes metrics.jsonl end at its step."""
-        saved = self.checkpoints.resume(self.args.resume_from_checkpoint)
+        saved = self.checkpoints.resume(self.args.resume_from_checkpoint, config=self.model_config)
         if saved is not None:
             loop_state = saved.get("extra", {}).get("loop")
             if loop_state is None:  # a checkpoint written before the loop state was kept: position only
@@ -326,8 +327,10 @@ class TrainingLoop:
         started = time.perf_counter()
         state = self.state
         state.task = self.task.state_dict()
-        path = self.checkpoints.save(state.global_step, state.epoch, {"loop": asdict(state),
-                                                                     "step_in_epoch": state.step_in_epoch})
+        extra = {"loop": asdict(state), "step_in_epoch": state.step_in_epoch}
+        if self.model_config is not None:
+            extra["model_config"] = self.model_config.to_diff_dict()
+        path = self.checkpoints.save(state.global_step, state.epoch, extra)
         if self.pusher is not None:  # uploads in the background; training goes on
             self.pusher.push_folder(path, path_in_repo=f"checkpoints/{os.path.basename(path)}",
                                     commit_message=f"Checkpoint at step {state.global_step}")

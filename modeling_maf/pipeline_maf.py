@@ -56,6 +56,7 @@ class AnomalyDetectionPipeline(Pipeline):
     """
 
     _load_image_processor = None  # the folder's image processor when it has one (see __init__ otherwise)
+    TASK = "anomaly-detection"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,8 +78,37 @@ class AnomalyDetectionPipeline(Pipeline):
     def __call__(self, images, **kwargs):
         return super().__call__(images, **kwargs)
 
+    def _read_image(self, image, timeout=None):
+        """The input as a PIL image, or one clear error: a missing file or a file that is not an image is a
+        ValueError naming it; anything but a PIL image, a path, a URL or a base64 string is a TypeError."""
+        import os
+        import re
+
+        from PIL import Image
+
+        if isinstance(image, os.PathLike):
+            image = os.fspath(image)
+        if isinstance(image, Image.Image):
+            return load_image(image, timeout=timeout)
+        if not isinstance(image, str):
+            raise TypeError(f"The {self.TASK} pipeline takes an image: a PIL image, a file path, a URL or a base64 "
+                            f"string (or a list of them); got {type(image).__name__} {image!r:.80}.")
+        is_url = image.startswith(("http://", "https://"))
+        looks_base64 = len(image) >= 64 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", image) is not None
+        if not is_url and not os.path.exists(image) and not looks_base64:
+            where = "" if os.path.isabs(image) else f" (looked in {os.path.abspath(image)})"
+            raise ValueError(f"{image} does not exist{where}: pass the path of an image file, a URL or a PIL image.")
+        if os.path.isdir(image):
+            raise ValueError(f"{image} is a folder; pass the path of one image file (or a list of them).")
+        try:
+            return load_image(image, timeout=timeout)
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            what = image if len(image) < 200 else f"{image[:60]}..."
+            raise ValueError(f"{what} is not an image that can be read ({' '.join(str(error).split())}); pass a PNG, "
+                             "JPEG or other image file.") from error
+
     def preprocess(self, image, timeout=None):
-        image = load_image(image, timeout=timeout)
+        image = self._read_image(image, timeout=timeout)
         pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "image": [image]}
 

@@ -33,7 +33,7 @@ from hf_dgm_training import (
     run_main,
     write_json,
 )
-from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_good_images, load_split_as_tensors, split_validation
+from hf_dgm_training.arguments import PERCENTAGE, POSITIVE_INT, PROBABILITY, SEED
 from hf_dgm_training.figures import LINE_STYLES, draw_heatmap_colorbar
 from hf_dgm_training.metrics import load_anomaly_metric
 from hf_dgm_training.metrics.evaluation import (
@@ -43,11 +43,10 @@ from hf_dgm_training.metrics.evaluation import (
     nll_maps_of,
     score_all,
 )
-from modeling_maf import MAFImageProcessor  # importing modeling_maf registers the maf/iaf Auto classes
-from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
-from modeling_maf.heatmap_maf import heatmap_overlay, heatmap_scale
 
 
+# The model package and the data loading are imported where they are used: with transformers and datasets they take
+# seconds to import, which `--help` and a refused flag do not wait for.
 VALIDATION = "validation"
 
 
@@ -61,26 +60,27 @@ def parse_args(argv=None):
     parser.add_argument("--download", action="store_true", help="Fetch MVTec's archive into --data_dir if missing.")
     parser.add_argument("--output_dir", default=None,
                         help="Where the report and figures go (default: <model>/anomaly).")
-    parser.add_argument("--score", choices=list(ANOMALY_SCORES), default=None,
-                        help="Headline score of the report and of the decisions (all are computed). Default: the "
+    parser.add_argument("--score", default=None,
+                        help="Headline score of the report and of the decisions (all are computed; the names are "
+                             "listed above). Default: the "
                              "model's calibrated score, or nll for a model that is not calibrated.")
     parser.add_argument("--calibration_data", default=None,
                         help="Calibrate the model here on good images (replacing a calibration it carries): a folder "
                              f"of good images, or '{VALIDATION}' for the validation split of the data's train/good "
                              "(the files train_maf.py recorded in train_results.json, else "
                              "--validation_split_percentage and --seed).")
-    parser.add_argument("--validation_split_percentage", type=float, default=10,
+    parser.add_argument("--validation_split_percentage", type=PERCENTAGE, default=10,
                         help=f"With --calibration_data {VALIDATION} and no recorded files: the percentage of "
                              "train/good held out (as train_maf.py does).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of that validation split.")
-    parser.add_argument("--target_fpr", type=float, default=0.05,
+    parser.add_argument("--seed", type=SEED, default=0, help="Seed of that validation split.")
+    parser.add_argument("--target_fpr", type=PROBABILITY, default=0.05,
                         help="With --calibration_data: the false-positive rate the thresholds allow on those images.")
     parser.add_argument("--save_calibrated_model", default=None,
                         help="With --calibration_data: save the calibrated model (save_pretrained) to this folder.")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images scored per forward pass.")
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="Images scored per forward pass.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--hub_token", default=None, help="Token for private Hub models or datasets.")
-    parser.add_argument("--num_examples", type=int, default=8,
+    parser.add_argument("--num_examples", type=POSITIVE_INT, default=8,
                         help="Most columns of anomaly_maps.png (one per defect type, plus good images) and of "
                              "misses.png (half false negatives, half false positives).")
     add_debug_arg(parser)
@@ -89,6 +89,11 @@ def parse_args(argv=None):
         parser.error("pass --data_dir (a local data folder) or --dataset_name (a Hub dataset id).")
     if args.save_calibrated_model and not args.calibration_data:
         parser.error("--save_calibrated_model needs --calibration_data (the images to calibrate on).")
+    if args.score is not None:
+        from modeling_maf.anomaly_scores import ANOMALY_SCORES
+
+        if args.score not in ANOMALY_SCORES:
+            parser.error(f"argument --score: invalid choice: {args.score!r} (choose from {', '.join(ANOMALY_SCORES)})")
     return args
 
 
@@ -111,6 +116,8 @@ def recorded_validation_files(model_name_or_path: str, token=None):
 
 def calibration_pixels(args, dataset, processor):
     """(pixel_values, description) of the good images named by --calibration_data."""
+    from hf_dgm_training.data.anomaly import load_good_images, load_split_as_tensors, split_validation
+
     if args.calibration_data != VALIDATION:
         images = load_good_images(args.calibration_data)
         return load_split_as_tensors(images, image_processor=processor).pixel_values, args.calibration_data
@@ -202,6 +209,8 @@ def print_summary(report, output_dir):
         print(report["pixel_metrics_note"])
     at = report["test_at_threshold"]
     if at is None:
+        from modeling_maf.anomaly_scores import NOT_CALIBRATED
+
         print(NOT_CALIBRATED.replace("This model", "The model") + f" Or pass --calibration_data {VALIDATION} here.")
     else:
         rate = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
@@ -296,6 +305,8 @@ def plot_examples(path, test, maps, scores, columns, titles, display_range, cali
     """Columns of image / heatmap / mask, the heatmap drawn as the pipeline draws it (heatmap_maf: the model's
     calibrated colour scale, else each map's own) at the image's size, with the scale's colour bar beside the
     heatmap row; `columns` are test indices (an empty list is said)."""
+    from modeling_maf.heatmap_maf import heatmap_overlay, heatmap_scale
+
     if not columns:
         figure = _new_figure(3.0, 2.0, dpi=90)
         axis = figure.add_subplot()
@@ -389,6 +400,10 @@ def plot_figures(output_dir, model, test, scored, metrics, method, threshold, nu
 def main(argv=None):
     args = parse_args(argv)
     device, output_dir, model = load_model_for_inference(args, "anomaly", model_types=("maf", "iaf", "feature_maf"))
+    from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors
+    from modeling_maf import MAFImageProcessor
+    from modeling_maf.anomaly_scores import ANOMALY_SCORES, NOT_CALIBRATED
+
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     # The processor saved with the model: test and calibration images are preprocessed as the training images were.

@@ -14,7 +14,9 @@ import argparse
 from typing import Optional, Sequence
 
 from hf_dgm_training import add_debug_arg, run_main
-from hf_dgm_training.data.anomaly import MVTEC_HOMEPAGE, MVTEC_URLS, load_anomaly_dataset
+
+
+# The data loading (datasets) is imported where it is used: it takes seconds, which `--help` does not wait for.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog=(
             "MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial, share-alike, with attribution to Bergmann et "
-            f"al., CVPR 2019); a pushed copy must keep that licence. Data: {MVTEC_HOMEPAGE}"
+            "al., CVPR 2019); a pushed copy must keep that licence. Data: MVTec AD's homepage "
+            "(hf_dgm_training.data.anomaly.MVTEC_HOMEPAGE)."
         ),
     )
     parser.add_argument(
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--category",
         default="capsule",
-        help=f"MVTec AD category (default: capsule). Downloadable ones: {', '.join(sorted(MVTEC_URLS))}.",
+        help="MVTec AD category (default: capsule). --download knows MVTec's 15 categories (an unknown one is refused "
+        "with their names).",
     )
     parser.add_argument(
         "--hub_dataset_id",
@@ -70,6 +74,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_dataset(args: argparse.Namespace):
     """The DatasetDict that gets pushed: `load_anomaly_dataset` on the local category."""
+    from hf_dgm_training.data.anomaly import load_anomaly_dataset
+
     return load_anomaly_dataset(args.data_dir, download=args.download, category=args.category, cache_dir=args.cache_dir)
 
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Set up a fresh virtualenv (CPU torch 2.13.0 first, then this package with its dev, demo and features extras) and run
-# the tests.
-# This is the README's test command; .ci/run calls it.
+# Set up the virtualenv (scripts/setup_env.sh, shared with the main job: torch 2.13.0 first, then this package, with
+# the dev, demo and features extras the tests need on top of the main job's) and run the tests. This is the README's
+# test command; .ci/run calls it. A second run, or a run after the main job set up, skips pip while the setup stamp
+# matches.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[dev,demo,features]"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+# shellcheck source=setup_env.sh
+source "$REPO/scripts/setup_env.sh"
+hf_dgm_setup "$REPO" dev,demo,features
 
 # The demo's browser test (tests/test_app_browser.py) drives the system's Chromium. Install it where this machine
 # allows (root with apt-get, as in CI); elsewhere, or with HF_DGM_NO_BROWSER_INSTALL=1, that test is skipped.
@@ -20,4 +20,4 @@ if ! command -v chromium >/dev/null 2>&1 && [ -z "${HF_DGM_NO_BROWSER_INSTALL:-}
         echo "Chromium could not be installed (see /tmp/hf-dgm-chromium-install.log); the browser test will be skipped."
     fi
 fi
-exec "$VENV/bin/python" -m pytest -q tests "$@"
+exec "$PYTHON" -m pytest -q tests "$@"

@@ -24,8 +24,6 @@ import argparse
 import os
 import time
 
-import torch
-
 from hf_dgm_training import (
     add_debug_arg,
     device_description,
@@ -35,8 +33,7 @@ from hf_dgm_training import (
     save_labelled_grids,
     write_json,
 )
-from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
-from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
+from hf_dgm_training.arguments import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED
 
 
 DEFAULT_REFINE_STEPS = 300
@@ -47,22 +44,22 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", required=True, help="Folder written by train_maf.py, or a Hub id.")
     parser.add_argument("--output_dir", default=None,
                         help="Where images and samples.json go (default: <model>/samples).")
-    parser.add_argument("--num_samples", type=int, default=5, help="Images to generate per temperature.")
-    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+    parser.add_argument("--num_samples", type=POSITIVE_INT, default=5, help="Images to generate per temperature.")
+    parser.add_argument("--temperature", type=POSITIVE_FLOAT, nargs="+", default=[1.0],
                         help="Standard deviation(s) of the base noise; below 1 trades diversity for cleaner images.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the base noise and of the refinement noise.")
-    parser.add_argument("--refine_steps", type=int, default=DEFAULT_REFINE_STEPS,
+    parser.add_argument("--seed", type=SEED, default=0, help="Seed of the base noise and of the refinement noise.")
+    parser.add_argument("--refine_steps", type=NON_NEGATIVE_INT, default=DEFAULT_REFINE_STEPS,
                         help="Steps of density-guided refinement (annealed Langevin dynamics on log p) applied to the "
                              "exact samples; each costs about one forward and backward pass of the model (MAF) or of "
                              "its one-pass direction (IAF). 0: exact samples only.")
-    parser.add_argument("--refine_step_size", type=float, default=None,
+    parser.add_argument("--refine_step_size", type=POSITIVE_FLOAT, default=None,
                         help="How far each value moves per refinement step, about (logit units for a MAF, latent "
                              "units for an IAF; default: the model's, see MAFModel.sample).")
-    parser.add_argument("--refine_temperature", type=float, default=None,
+    parser.add_argument("--refine_temperature", type=NON_NEGATIVE_FLOAT, default=None,
                         help="Noise temperature at the first refinement step, falling linearly to 0 at the last: 1 "
                              "samples the model's own density, 0 is preconditioned gradient ascent from each draw "
                              "(default: the model's, see MAFModel.sample).")
-    parser.add_argument("--refine_batch_size", type=int, default=None,
+    parser.add_argument("--refine_batch_size", type=POSITIVE_INT, default=None,
                         help="Samples refined at a time, which bounds memory (default: the model's).")
     parser.add_argument("--data_dir", default=None,
                         help="The data folder the model was trained on (train/good and test/<good or defect>): adds "
@@ -71,12 +68,10 @@ def parse_args(argv=None):
     parser.add_argument("--category", default="capsule", help="MVTec AD category, when --data_dir holds <category>/.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--hub_token", default=None, help="Token for a private Hub model or dataset.")
-    parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: all in one row).")
+    parser.add_argument("--nrow", type=POSITIVE_INT, default=None,
+                        help="Images per grid row (default: all in one row).")
     add_debug_arg(parser)
-    args = parser.parse_args(argv)
-    if args.refine_steps < 0:
-        parser.error(f"--refine_steps must be >= 0, got {args.refine_steps}.")
-    return args
+    return parser.parse_args(argv)
 
 
 def refinement_arguments(args) -> dict:
@@ -87,6 +82,8 @@ def refinement_arguments(args) -> dict:
 
 def generate(model, args, temperature, **refinement):
     """Samples from --seed on the model's device, and the seconds they took (device-synchronised)."""
+    import torch
+
     device = model.device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if device.type == "cuda":
@@ -110,7 +107,11 @@ def write_images(images, output_dir, grid_name, image_name, nrow):
 
 def main(argv=None):
     args = parse_args(argv)
+    # torch, transformers and the model package are imported once the model path is known to be good.
     device, output_dir, model = load_model_for_inference(args, "samples", model_types=("maf", "iaf"))
+    from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
+    from modeling_maf import MAFImageProcessor
+
     reference = statistics = None
     if args.data_dir is not None or args.dataset_name is not None:
         # The processor saved with the model: the data are preprocessed as the training images were.

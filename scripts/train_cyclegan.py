@@ -24,14 +24,15 @@ import os
 import random
 
 import torch
-from accelerate.logging import get_logger
 
 from hf_dgm_training import (
+    ProcessLogger,
     TrainingLoop,
     TrainingTask,
     UsageError,
     add_common_args,
     add_config_override_args,
+    check_config_overrides,
     config_overrides_from_args,
     finish_common_args,
     load_pretrained,
@@ -41,7 +42,7 @@ from hf_dgm_training import (
     setup_accelerator,
     write_model_card,
 )
-from hf_dgm_training.arguments import auto_bool
+from hf_dgm_training.arguments import NON_NEGATIVE_INT, POSITIVE_INT, Number, auto_bool
 from hf_dgm_training.cyclegan import (
     STEP_LOSS_NAMES,
     CycleGANTrainStep,
@@ -53,17 +54,20 @@ from hf_dgm_training.cyclegan import (
     prepare_model,
     resolve_fast_path,
 )
-from hf_dgm_training.data.unpaired import (
-    UnpairedSampler,
-    default_load_size,
-    images_to_uint8_tensor,
-    load_unpaired_split,
-)
-from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values, pixel_values_to_unit_interval
 
 
-logger = get_logger(__name__)
+# The model package and the data loading (transformers, datasets) are imported where they are used: they take
+# seconds to import, which `--help` and a refused flag do not wait for.
+logger = ProcessLogger(__name__)
+CONFIG = "modeling_cyclegan.configuration_cyclegan:CycleGANConfig"
+ADAM_BETA = Number(float, minimum=0, below=1)
+# --preset cpu: a small CycleGAN that trains in minutes on a few CPU cores (docs/RESULTS.md#cyclegan-on-a-cpu); the
+# flags given on the command line win.
+PRESETS = {
+    "paper": {},
+    "cpu": {"image_size": 64, "generator_filters": 16, "discriminator_filters": 16, "num_residual_blocks": 3,
+            "num_train_epochs": 2},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,12 +77,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "mixed_precision": None,  # resolved below: bf16 on the fast path on a GPU, else no
         "checkpointing_steps": "epoch",
     })
-    parser.add_argument("--adam_beta1", type=float, default=0.5, help="Adam beta1 (paper: 0.5).")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2 (paper: 0.999).")
-    parser.add_argument("--num_decay_epochs", type=int, default=None,
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                        help="'paper': the paper's model and the flags' defaults. 'cpu': a small model (64x64 images, "
+                             "16 filters, 3 residual blocks) for 2 epochs, minutes on 2 CPU cores: "
+                             f"{PRESETS['cpu']}. Flags given on the command line win.")
+    parser.add_argument("--adam_beta1", type=ADAM_BETA, default=0.5, help="Adam beta1 (paper: 0.5).")
+    parser.add_argument("--adam_beta2", type=ADAM_BETA, default=0.999, help="Adam beta2 (paper: 0.999).")
+    parser.add_argument("--num_decay_epochs", type=NON_NEGATIVE_INT, default=None,
                         help="Epochs over which the learning rate decays linearly towards 0, at the end of training "
                              "(default: half of --num_train_epochs, as the paper's 100 + 100).")
-    parser.add_argument("--load_size", type=int, default=None,
+    parser.add_argument("--load_size", type=POSITIVE_INT, default=None,
                         help="Images are resized to this size before the random crop of --image_size (default: "
                              "1.117 x image_size, the reference's 286 for 256).")
     parser.add_argument("--no_flip", action="store_true", help="Disable the random horizontal flips.")
@@ -86,12 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Split with the images of the epoch grids and the final evaluation (local folders "
                              "<split>A, <split>B).")
     group = parser.add_argument_group("figures")
-    group.add_argument("--num_grid_images", type=int, default=4,
+    group.add_argument("--num_grid_images", type=NON_NEGATIVE_INT, default=4,
                        help="Test images per domain in the per-epoch grids (0: no grids).")
-    group.add_argument("--grid_colors", type=int, default=192,
+    group.add_argument("--grid_colors", type=Number(int, minimum=0, maximum=256), default=192,
                        help="Palette size of the grid and preview PNGs (2-256; 0: lossless full colour). A palette "
                             "keeps grids of photos small enough to fetch and to put into documentation.")
-    group.add_argument("--grid_tile_size", type=int, default=128,
+    group.add_argument("--grid_tile_size", type=NON_NEGATIVE_INT, default=128,
                        help="Largest side of one image in the grids and the preview; larger images are downscaled "
                             "(0: full size).")
     group = parser.add_argument_group("speed (the maths is the same on every path)")
@@ -102,8 +110,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--torch_compile_mode", type=str, default="default", help="Mode for torch.compile.")
     group.add_argument("--channels_last", type=auto_bool, default="auto",
                        help="channels_last tensors (auto: on CUDA on the fast path).")
-    add_config_override_args(parser, CycleGANConfig)
-    args = finish_common_args(parser, parser.parse_args(argv))
+    add_config_override_args(parser, CONFIG)
+    # The flags a preset sets read None when not given, so that a preset's value never hides one given explicitly.
+    preset_names = sorted({name for preset in PRESETS.values() for name in preset})
+    defaults = {name: parser.get_default(name) for name in preset_names}
+    parser.set_defaults(**dict.fromkeys(preset_names))
+    args = parser.parse_args(argv)
+    for name in preset_names:
+        if getattr(args, name) is None:
+            setattr(args, name, PRESETS[args.preset].get(name, defaults[name]))
+    args = finish_common_args(parser, args)
 
     if args.mixed_precision == "fp16":
         parser.error("--mixed_precision fp16 needs loss scaling, which this script does not do; use bf16 or no.")
@@ -116,12 +132,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--num_decay_epochs must be in [0, {args.num_train_epochs}], got {args.num_decay_epochs}.")
     if args.grid_colors != 0 and not 2 <= args.grid_colors <= 256:
         parser.error("--grid_colors must be 0 (lossless) or in [2, 256].")
-    if args.grid_tile_size < 0:
-        parser.error("--grid_tile_size must be 0 (full size) or positive.")
+    from modeling_cyclegan import CycleGANConfig
+
+    check_config_overrides(parser, args, CycleGANConfig)
     return args
 
 
-def build_model(args) -> CycleGANModel:
+def build_model(args):
+    from modeling_cyclegan import CycleGANConfig, CycleGANModel
+
     overrides = config_overrides_from_args(args, CycleGANConfig)
     if args.image_size is not None:
         overrides["image_size"] = args.image_size
@@ -138,6 +157,8 @@ class CycleGANTask(TrainingTask):
     loss_names = STEP_LOSS_NAMES
 
     def __init__(self, args, accelerator, model, images_a, images_b, grid_a, grid_b):
+        from hf_dgm_training.data.unpaired import UnpairedSampler
+
         config, device = model.config, accelerator.device
         self.args, self.model, self.is_main = args, model, accelerator.is_main_process
         self.grid_a, self.grid_b = grid_a, grid_b
@@ -194,6 +215,8 @@ class CycleGANTask(TrainingTask):
 
 def write_loss_plots(records: list[dict], plots_dir: str, with_identity: bool) -> dict[str, str]:
     """One PNG per loss (G_A, G_B, D_A, D_B), cycle A and B, identity A and B (when on), and all eight together."""
+    from modeling_cyclegan import LOSS_NAMES
+
     records = [record for record in records if "G_A" in record]  # the step lines
     if not records:
         return {}
@@ -221,6 +244,8 @@ def write_loss_plots(records: list[dict], plots_dir: str, with_identity: bool) -
 
 def save_epoch_grid(model, grid_a, grid_b, path: str, colors: int = 192, tile_size: int = 128) -> None:
     """Rows of [A | G_A(A) | G_B(G_A(A)) | B | G_B(B) | G_A(G_B(B))] for the fixed test images."""
+    from modeling_cyclegan.image_processing_cyclegan import pixel_values_to_unit_interval
+
     with torch.no_grad():
         fake_b = model.generator_a_to_b(grid_a)
         reconstructed_a = model.generator_b_to_a(fake_b)
@@ -233,6 +258,9 @@ def save_epoch_grid(model, grid_a, grid_b, path: str, colors: int = 192, tile_si
 
 
 def grid_images(domain, count: int, size: int, device) -> torch.Tensor:
+    from hf_dgm_training.data.unpaired import images_to_uint8_tensor
+    from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values
+
     levels = images_to_uint8_tensor(domain.select(range(count)), size, "grid images", False)
     return levels_to_pixel_values(levels).to(device)
 
@@ -240,6 +268,9 @@ def grid_images(domain, count: int, size: int, device) -> torch.Tensor:
 def evaluate_cycle_consistency(model, test_a, test_b, size: int, device, batch_size: int = 16) -> dict:
     """Mean L1 distance (pixel values in [-1, 1]) between held-out images and their reconstructions:
     |G_B(G_A(a)) - a| over domain A and |G_A(G_B(b)) - b| over domain B."""
+    from hf_dgm_training.data.unpaired import images_to_uint8_tensor
+    from modeling_cyclegan.image_processing_cyclegan import levels_to_pixel_values
+
     results = {}
     directions = (("A", test_a, model.generator_a_to_b, model.generator_b_to_a),
                   ("B", test_b, model.generator_b_to_a, model.generator_a_to_b))
@@ -254,7 +285,7 @@ def evaluate_cycle_consistency(model, test_a, test_b, size: int, device, batch_s
     return results
 
 
-def model_card_body(args, config: CycleGANConfig, results: dict, data_name: str) -> str:
+def model_card_body(args, config, results: dict, data_name: str) -> str:
     hyper_parameters = {
         "image size": config.image_size,
         "load size (before the random crop)": results["load_size"],
@@ -315,6 +346,9 @@ Steps: {results['global_step']}, training time {results['train_seconds']:.0f} s 
 
 def main(argv=None):
     args = parse_args(argv)
+    from hf_dgm_training.data.unpaired import default_load_size, images_to_uint8_tensor, load_unpaired_split
+    from modeling_cyclegan import LOSS_NAMES, CycleGANImageProcessor
+
     accelerator = setup_accelerator(args, "train_cyclegan")
     device, is_main = accelerator.device, accelerator.is_main_process
     # Sampling and the pools draw from Python's `random`: give each process its own stream.
@@ -352,7 +386,7 @@ def main(argv=None):
 
     # Train
     task = CycleGANTask(args, accelerator, model, images_a, images_b, grid_a, grid_b)
-    loop = TrainingLoop(accelerator, args, task)
+    loop = TrainingLoop(accelerator, args, task, model_config=config)
     loop.resume()
     loop.run()
 

@@ -28,18 +28,19 @@ import math
 import os
 
 import torch
-from accelerate.logging import get_logger
 
 from hf_dgm_training import (
     BestModelKeeper,
     CUDAGraphStep,
     EpochSeededSampler,
     PhaseTimer,
+    ProcessLogger,
     TrainingLoop,
     TrainingTask,
     UsageError,
     add_common_args,
     add_config_override_args,
+    check_config_overrides,
     config_overrides_from_args,
     finish_common_args,
     load_pretrained,
@@ -50,14 +51,30 @@ from hf_dgm_training import (
     use_cuda_graphs,
     write_model_card,
 )
-from hf_dgm_training.data.anomaly import load_anomaly_dataset, load_split_as_tensors, num_channels_of, split_validation
-from hf_dgm_training.maf import MaskedAdam, flag_non_finite_
-from modeling_maf import FeatureMAFConfig, FeatureMAFModel, IAFConfig, IAFModel, MAFConfig, MAFImageProcessor, MAFModel
+from hf_dgm_training.arguments import NON_NEGATIVE_FLOAT, PERCENTAGE, POSITIVE_INT, PROBABILITY
 
 
-logger = get_logger(__name__)
-FLOW_CLASSES = {"maf": (MAFConfig, MAFModel), "iaf": (IAFConfig, IAFModel), "feature_maf": (FeatureMAFConfig,
-                                                                                           FeatureMAFModel)}
+# The model packages, the data loading and MaskedAdam are imported where they are used: with transformers, datasets
+# and accelerate they take seconds to import, which `--help` and a refused flag do not wait for.
+logger = ProcessLogger(__name__)
+# The config and model classes of each --flow_type ("package.module:Class" for the parser; `flow_classes` imports).
+FLOW_TYPES = {
+    "maf": ("modeling_maf.configuration_maf:MAFConfig", "MAFModel"),
+    "iaf": ("modeling_maf.configuration_maf:IAFConfig", "IAFModel"),
+    "feature_maf": ("modeling_maf.configuration_feature_maf:FeatureMAFConfig", "FeatureMAFModel"),
+}
+MAF_CONFIG = FLOW_TYPES["maf"][0]
+FEATURE_CONFIG = FLOW_TYPES["feature_maf"][0]
+
+
+def flow_classes(flow_type: str):
+    """(config class, model class) of a --flow_type."""
+    import modeling_maf
+
+    config_name, model_name = FLOW_TYPES[flow_type]
+    return getattr(modeling_maf, config_name.split(":")[1]), getattr(modeling_maf, model_name)
+
+
 # Defaults that differ by model (a flag given on the command line wins): epochs, batch, learning rate, image size.
 TRAINING_DEFAULTS = {
     "maf": dict(num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128),
@@ -72,7 +89,7 @@ def parse_args(argv=None):
         num_train_epochs=None, per_device_train_batch_size=None, learning_rate=None, image_size=None, seed=0,
         output_dir="runs/maf", checkpointing_steps="10min", checkpoints_total_limit=1,
     ))
-    parser.add_argument("--flow_type", choices=sorted(FLOW_CLASSES), default="maf",
+    parser.add_argument("--flow_type", choices=sorted(FLOW_TYPES), default="maf",
                         help="'maf' (fast density, the default), 'iaf' (fast sampling, slow density to train) or "
                              "'feature_maf' (the anomaly detector: a MAF over frozen pretrained CNN features). "
                              "Defaults of --num_train_epochs, --per_device_train_batch_size, --learning_rate and "
@@ -80,16 +97,16 @@ def parse_args(argv=None):
     parser.add_argument("--category", type=str, default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true",
                         help="Fetch MVTec's official archive of --category into --data_dir if it is missing.")
-    parser.add_argument("--validation_split_percentage", type=float, default=10,
+    parser.add_argument("--validation_split_percentage", type=PERCENTAGE, default=10,
                         help="Percentage of train/good held out (seeded by --seed, never trained on) for model "
                              "selection (validation bits/dim), the anomaly score calibration and the decision "
                              "threshold; 0 for none.")
-    parser.add_argument("--early_stopping_patience", type=int, default=None,
+    parser.add_argument("--early_stopping_patience", type=POSITIVE_INT, default=None,
                         help="Stop when validation bits/dim has not improved for this many epochs (default: train "
                              "all epochs). Either way the final model is the epoch with the best validation bits/dim.")
-    parser.add_argument("--target_fpr", type=float, default=0.05,
+    parser.add_argument("--target_fpr", type=PROBABILITY, default=0.05,
                         help="False-positive rate on the validation images at which the decision threshold is set.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0,
+    parser.add_argument("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0,
                         help="Clip the global gradient norm to this value; 0 turns clipping off (plain "
                              "Adam). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
                              "mid-training and leave it with a worse fit and rougher samples (docs/maf.md).")
@@ -97,38 +114,42 @@ def parse_args(argv=None):
                         help="'masked_adam': hf_dgm_training.maf.MaskedAdam, Adam that forms each MADE weight gradient "
                              "inside its update and never writes the dense gradient (docs/maf.md). 'adam': "
                              "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
-    add_config_override_args(parser, MAFConfig, skip=("image_size",))
-    add_config_override_args(parser, FeatureMAFConfig, skip=("image_size", "backbone_config", "backbone_kwargs",
+    add_config_override_args(parser, MAF_CONFIG, skip=("image_size",))
+    add_config_override_args(parser, FEATURE_CONFIG, skip=("image_size", "backbone_config", "backbone_kwargs",
                                                              "anomaly_calibration"))
     args = parser.parse_args(argv)
     for name, value in TRAINING_DEFAULTS[args.flow_type].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args = finish_common_args(parser, args)
-    if not 0 < args.target_fpr < 1:
-        parser.error(f"--target_fpr must be in (0, 1), got {args.target_fpr}.")
-    if args.max_grad_norm < 0:
-        parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     args.max_grad_norm = args.max_grad_norm or None
-    if args.early_stopping_patience is not None and args.early_stopping_patience < 1:
-        parser.error("--early_stopping_patience must be at least 1.")
+    # The config fields given as flags, checked by the config itself (the flow's, or the feature detector's).
+    if args.flow_type == "feature_maf":
+        feature_config_overrides(args, parser)
+    else:
+        check_config_overrides(parser, args, flow_classes("maf")[0], with_fields={"image_size": args.image_size})
     return args
 
 
-def feature_config_overrides(args) -> dict:
+def feature_config_overrides(args, parser=None) -> dict:
     """The FeatureMAFConfig fields set on the command line: its own flags and the flow's flags it shares with
-    MAFConfig (--hidden_sizes, --num_blocks, ...)."""
+    MAFConfig (--hidden_sizes, --num_blocks, ...). With `parser`, a value the config refuses is a parser error."""
+    config_class = flow_classes("feature_maf")[0]
     registry = args._config_override_fields
-    feature_fields = set(FeatureMAFConfig.__init__.__code__.co_varnames)
-    shared = [name for name in registry["MAFConfig"] if name in feature_fields]
+    feature_fields = set(config_class.__init__.__code__.co_varnames)
+    shared = [name for name in registry["MAFConfig"] if name in feature_fields and name not in
+              registry["FeatureMAFConfig"]]
     args._config_override_fields = {**registry, "FeatureMAFConfig": registry["FeatureMAFConfig"] + shared}
-    return config_overrides_from_args(args, FeatureMAFConfig, with_fields={"image_size": args.image_size})
+    with_fields = {"image_size": args.image_size}
+    if parser is not None:
+        return check_config_overrides(parser, args, config_class, with_fields=with_fields)
+    return config_overrides_from_args(args, config_class, with_fields=with_fields)
 
 
 def build_model(args, num_channels: int, device):
     """A fresh model, built (and initialised) directly on `device`, or the one of --model_name_or_path. A fresh
     feature detector starts from its backbone's pretrained weights (`--use_pretrained_backbone false`: random)."""
-    config_class, model_class = FLOW_CLASSES[args.flow_type]
+    config_class, model_class = flow_classes(args.flow_type)
     if args.flow_type == "feature_maf":
         overrides = feature_config_overrides(args)
         if overrides.get("backbone"):  # a Hub backbone: its config, with the stages asked for
@@ -137,7 +158,8 @@ def build_model(args, num_channels: int, device):
             overrides["backbone_config"] = AutoConfig.from_pretrained(overrides["backbone"], token=args.hub_token)
     else:
         overrides = {"num_channels": num_channels,
-                     **config_overrides_from_args(args, MAFConfig, with_fields={"image_size": args.image_size})}
+                     **config_overrides_from_args(args, flow_classes("maf")[0],  # IAF takes MAF's fields
+                                                  with_fields={"image_size": args.image_size})}
     if args.model_name_or_path:
         model = load_pretrained(model_class, args.model_name_or_path, model_types=(args.flow_type,),
                                 token=args.hub_token)
@@ -156,6 +178,14 @@ def load_data(args):
     """The training images, the validation split held out of them, and the good test images (None when missing), as
     float tensors in [0, 1] made by the image processor that is saved with the model (grayscale data stay one
     channel), so that training and inference preprocess the same way."""
+    from hf_dgm_training.data.anomaly import (
+        load_anomaly_dataset,
+        load_split_as_tensors,
+        num_channels_of,
+        split_validation,
+    )
+    from modeling_maf import MAFImageProcessor
+
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
     num_channels = args.num_channels or num_channels_of(dataset["train"])
@@ -187,6 +217,8 @@ class FlowTask(TrainingTask):
     metric = "bits_per_dim"  # what the epochs and results report
 
     def __init__(self, args, accelerator, model, train_pixels, validation, test_good):
+        from hf_dgm_training.maf import MaskedAdam
+
         self.args, self.accelerator = args, accelerator
         device = accelerator.device
         on_cuda, fast = device.type == "cuda", args.fast_path != "false"
@@ -228,6 +260,8 @@ class FlowTask(TrainingTask):
         self.warmup_steps = self.step_runner.warmup_steps + 2
 
     def _training_step(self, pixel_values):
+        from hf_dgm_training.maf import flag_non_finite_
+
         loss = self.model(pixel_values).loss
         self.accelerator.backward(loss)
         found_inf = self.found_inf
@@ -316,6 +350,8 @@ class FeatureTask(TrainingTask):
         return torch.cat([model.extract_features(chunk.to(model.device)) for chunk in pixel_values.split(batch_size)])
 
     def _training_step(self, indices):
+        from hf_dgm_training.maf import flag_non_finite_
+
         loss = self.model(vectors=self.vectors[indices], locations=self.locations[indices]).loss
         self.accelerator.backward(loss)
         found_inf = self.found_inf
@@ -530,7 +566,7 @@ def main(argv=None):
     task_class = FeatureTask if args.flow_type == "feature_maf" else FlowTask
     task = task_class(args, accelerator, model, train.pixel_values, validation and validation.pixel_values, test_good)
     phases.lap("optimizer_and_prepare")
-    loop = TrainingLoop(accelerator, args, task, phases)
+    loop = TrainingLoop(accelerator, args, task, phases, model_config=model.config)
     loop.resume()
     loop.run()
 

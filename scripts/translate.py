@@ -38,8 +38,11 @@ from hf_dgm_training import (
     save_image_grid,
     write_json,
 )
-from hf_dgm_training.data.unpaired import IMAGE_EXTENSIONS
-from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
+from hf_dgm_training.arguments import POSITIVE_INT
+
+
+# The model package and the data loading are imported where they are used: with transformers they take seconds to
+# import, which `--help` and a refused flag do not wait for.
 
 
 logger = logging.getLogger(__name__)
@@ -62,13 +65,13 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=None,
                         help="Where the images go (default: <model>/translated_<direction> for a local model, "
                              "./translated_<direction> for a Hub model).")
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per forward pass.")
-    parser.add_argument("--image_size", type=int, default=None,
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="Images per forward pass.")
+    parser.add_argument("--image_size", type=POSITIVE_INT, default=None,
                         help="Resize inputs to this size (default: the model's).")
     parser.add_argument("--keep_size", action="store_true", help="Resize each output back to its input's size.")
     parser.add_argument("--save_grids", action="store_true", help="Also write input | translation grids.")
-    parser.add_argument("--grid_rows", type=int, default=8, help="Image pairs per grid file.")
-    parser.add_argument("--max_images", type=int, default=None, help="Translate at most this many images.")
+    parser.add_argument("--grid_rows", type=POSITIVE_INT, default=8, help="Image pairs per grid file.")
+    parser.add_argument("--max_images", type=POSITIVE_INT, default=None, help="Translate at most this many images.")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16"], help="bf16 autocast on the device.")
     parser.add_argument("--hub_token", default=None, help="Token for a private Hub model or dataset.")
@@ -76,12 +79,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.input is None) == (args.dataset_name is None):
         parser.error("Pass exactly one of --input (an image file or folder) or --dataset_name.")
-    if args.batch_size < 1 or args.grid_rows < 1:
-        parser.error("--batch_size and --grid_rows must be positive.")
     return args
 
 
 def list_images(path: str) -> list[str]:
+    from hf_dgm_training.data.unpaired import IMAGE_EXTENSIONS
+
     if os.path.isfile(path):
         if not path.lower().endswith(IMAGE_EXTENSIONS):
             raise DataError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)}).")
@@ -139,6 +142,8 @@ def iterate_inputs(args, skipped: list):
 
 def main(argv=None):
     args = parse_args(argv)
+    from modeling_cyclegan import CycleGANImageProcessor, CycleGANModel
+
     device = resolve_device(args.device)
     model = load_pretrained(CycleGANModel, args.model_name_or_path, model_types=("cyclegan",), token=args.hub_token,
                             with_discriminators=False)

@@ -4,8 +4,6 @@ images, translates the rest, lists the skipped ones in translate_results.json an
 import io
 import json
 import os
-import subprocess
-import sys
 
 import datasets
 import numpy as np
@@ -16,6 +14,7 @@ from hf_dgm_training import DataError, UnreadableImageError, run_main
 from hf_dgm_training.data.anomaly import AnomalyDataError
 from hf_dgm_training.data.anomaly.hub import normalize_split
 from hf_dgm_training.data.unpaired import images_to_uint8_tensor, load_unpaired_split
+from script_runner import run_in_process
 from synthetic_data import make_mvtec_category, make_unpaired_folder
 from tiny_models import save_tiny_cyclegan
 
@@ -34,10 +33,7 @@ def truncated_jpeg(path, size=32, seed=0):
 
 
 def run_script(script, *args, cwd=ROOT):
-    env = {key: value for key, value in os.environ.items() if key != "HF_DGM_DEBUG"}
-    env.update(TQDM_DISABLE="1", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return run_in_process(script, *args, cwd=cwd, expect_ok=False)
 
 
 def one_error_line(result, script):

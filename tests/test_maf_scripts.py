@@ -4,12 +4,11 @@ bad data."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
+from script_runner import run_in_process
 from synthetic_data import make_mvtec_category
 
 
@@ -18,12 +17,7 @@ TINY = ["--image_size", "8", "--hidden_sizes", "16", "16", "--num_blocks", "2", 
 
 
 def run(script, *args, expect_ok=True):
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *map(str, args)],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    if expect_ok and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return run_in_process(script, *args, expect_ok=expect_ok)
 
 
 @pytest.fixture(scope="module")

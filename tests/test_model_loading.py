@@ -108,3 +108,60 @@ def test_hub_ids_load_and_a_missing_repo_is_one_error(hub_server, runs):
     missing = hub_server.repo_id("missing")
     with pytest.raises(ModelLoadError, match=rf"{missing} is not a folder here, and loading it as a Hub id failed"):
         load_pretrained(AutoModel, missing)
+
+
+# ------------------------------------------------------------------------- issue 22.3: typos and an unreachable Hub
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_sample_maf(name, cwd, **env):
+    """scripts/sample_maf.py --model_name_or_path <name> in a child process: (exit status, stderr, seconds)."""
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "HF_DGM_DEBUG"}
+    environment.update(PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "scripts")]), **env)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample_maf.py"), "--model_name_or_path",
+                             name], capture_output=True, text=True, cwd=cwd, env=environment, timeout=120)
+    return result.returncode, result.stderr, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("typo", ["rnus/maf", "runs_maf", "runs/mfa"])
+def test_a_hub_looking_typo_of_a_local_model_folder_is_suggested_before_any_hub_call(runs, typo):
+    with pytest.raises(ModelLoadError, match=rf"{typo} (is not a folder here|does not exist).*did you mean runs/maf\?"):
+        resolve_model_path(typo)
+
+
+def test_names_far_from_every_local_folder_are_still_hub_ids(runs):
+    from hf_dgm_training.model_loading import local_near_match
+
+    assert local_near_match("user/maf-capsule") is None and local_near_match("gpt2") is None
+    assert local_near_match("runs_maf") == os.path.join("runs", "maf")
+
+
+def test_sample_maf_suggests_the_local_folder_within_seconds(runs):
+    """The issue's case: `sample_maf.py --model_name_or_path rnus/maf` with runs/maf present (no Hub retries)."""
+    status, stderr, seconds = run_sample_maf("rnus/maf", cwd=runs.parent)
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("sample_maf.py: error: rnus/maf is not a folder here; did you mean runs/maf?")
+    assert seconds < 5
+
+
+def test_an_unreachable_hub_is_one_line_within_seconds(tmp_path):
+    """HF_ENDPOINT at a closed loopback port (set before the child imports huggingface_hub): one connection attempt,
+    no retries."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    status, stderr, seconds = run_sample_maf("someone/maf-capsule", cwd=tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                                             HF_HOME=str(tmp_path / "hf"))
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1, stderr[-3000:]
+    assert "someone/maf-capsule is not a folder here, and the Hub cannot be reached" in lines[0]
+    assert f"127.0.0.1:{port}" in lines[0] and "Connection refused" in lines[0]
+    assert seconds < 5

@@ -5,8 +5,6 @@ overlapping patches, the patch-z-top3 score, patch-mosaic samples, MaskedAdam, s
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from hf_dgm_training.maf.masked_adam import MaskedAdam
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.anomaly_scores import ANOMALY_SCORES, PATCH_GRID, NLLMaps, compute_score
 from modeling_maf.modeling_maf import MaskedLinear
+from script_runner import run_in_process
 from synthetic_data import make_mvtec_category
 from tiny_models import randomize_flow
 
@@ -281,11 +280,7 @@ def test_masked_adam_trains_a_patch_model_like_torch_adam():
 
 
 def run(script, *args):
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *map(str, args)],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    return run_in_process(script, *args)
 
 
 def test_train_sample_detect_a_patch_model_through_the_scripts(tmp_path):

@@ -115,11 +115,13 @@ def test_setup_runs_pip_once_until_setup_py_changes(tmp_path):
     args = ("--data_dir", "missing", *TINY)
 
     first = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
-    assert first.returncode == 1 and "train_maf.py: error: No data for category" in first.stderr, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "run_maf_pipeline.py: error: No data for category" in first.stderr, first.stderr[-3000:]
     assert pip_calls(venv) == ["-m pip install -q --upgrade pip", "-m pip install -q torch==2.13.0",
-                               f"-m pip install -q -e {ROOT}"]
+                               f"-m pip install -q -e {ROOT}[features]"]
     with open(os.path.join(ROOT, "setup.py"), "rb") as f:
-        assert (venv / ".hf-dgm-setup").read_text().split() == [hashlib.sha256(f.read()).hexdigest(), "torch==2.13.0"]
+        assert (venv / ".hf-dgm-setup").read_text().split() == [hashlib.sha256(f.read()).hexdigest(), "torch==2.13.0",
+                                                                 "extras=features"]
 
     second = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
     assert second.returncode == 1 and "is up to date" in second.stdout
@@ -129,3 +131,59 @@ def test_setup_runs_pip_once_until_setup_py_changes(tmp_path):
     third = run_pipeline(*args, cwd=tmp_path, VENV=str(venv))
     assert third.returncode == 1
     assert len(pip_calls(venv)) == 3
+
+
+def setup_as(venv, extras=""):
+    """scripts/setup_env.sh's hf_dgm_setup, as run_tests.sh (extras dev,demo) or the main job (none) call it."""
+    script = f'source "{ROOT}/scripts/setup_env.sh" && hf_dgm_setup "{ROOT}" {extras} && echo "PYTHON=$PYTHON"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, VENV=str(venv), PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"PYTHON={venv}/bin/python" in result.stdout
+    return result.stdout
+
+
+def test_one_setup_stamp_whichever_command_sets_up_first(tmp_path):
+    """Issue 22.4: the test command and the main job share the virtualenv and its stamp; the tests add only their
+    extras on top of the main job's setup, and neither reinstalls after the other."""
+    digest = hashlib.sha256(open(os.path.join(ROOT, "setup.py"), "rb").read()).hexdigest()
+    venv = make_fake_venv(tmp_path / "main-first")
+    setup_as(venv, "features")  # the main job
+    assert len(pip_calls(venv)) == 3
+    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=features"]
+    setup_as(venv, "dev,demo,features")  # then the tests: only the extras they add
+    assert pip_calls(venv) == [f"-m pip install -q -e {ROOT}[dev,demo]"]
+    assert (venv / ".hf-dgm-setup").read_text().split() == [digest, "torch==2.13.0", "extras=features,dev,demo"]
+    assert "is up to date" in setup_as(venv, "dev,demo,features") and "is up to date" in setup_as(venv, "features")
+    assert pip_calls(venv) == []
+
+    venv = make_fake_venv(tmp_path / "tests-first")
+    setup_as(venv, "dev,demo,features")
+    assert pip_calls(venv)[-1] == f"-m pip install -q -e {ROOT}[dev,demo,features]"
+    assert "is up to date" in setup_as(venv, "features")  # the main job after the tests: no pip at all
+    assert pip_calls(venv) == []
+
+
+def test_the_main_job_twice_into_one_folder(tmp_path):
+    """Issue 22.1 for the main job: a second run into the same folder refuses in one line naming the ways out; with
+    --overwrite_output_dir no file of the first run is left (its model, samples, reports, summary), the user's stay."""
+    from script_runner import run_in_process
+
+    make_mvtec_category(str(tmp_path / "capsule"), size=8, num_train=4)
+    args = ["--data_dir", tmp_path / "capsule", "--output_dir", tmp_path / "maf", *TINY, "--detector", "off"]
+    run_in_process("run_maf_pipeline.py", *args)
+    out = tmp_path / "maf"
+    (out / "notes.txt").write_text("mine")
+    first = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
+    assert (out / "pipeline_results.json") in first and any(path.parent.name == "samples" for path in first)
+
+    refused = run_in_process("run_maf_pipeline.py", *args, expect_ok=False)
+    errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
+    assert refused.returncode == 1 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "already holds another run" in errors[0] and "--overwrite_output_dir" in errors[0]
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in first} == first
+
+    run_in_process("run_maf_pipeline.py", *args, "--overwrite_output_dir")
+    left = [path for path, identity in first.items()
+            if path.exists() and (path.stat().st_ino, path.stat().st_mtime_ns) == identity]
+    assert left == [out / "notes.txt"]

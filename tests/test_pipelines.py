@@ -262,3 +262,25 @@ def test_fresh_process_without_the_package_builds_both_pipelines_from_folders_an
         assert outputs[f"cyclegan-{where}"] == "ImageTranslationPipeline"
         translation = Image.open(tmp_path / f"translation-{where}.png")
         assert np.array_equal(as_array(translation), as_array(expected_translation)), where
+
+
+@pytest.mark.parametrize("task, fixture", [("anomaly-detection", "maf_folder"),
+                                           ("image-translation", "cyclegan_folder")])
+def test_bad_inputs_are_one_clear_error(request, task, fixture, tmp_path):
+    """Issue 22.3: a missing file, a file that is not an image, a folder and a number each raise one error that
+    names the input and says what the pipeline takes (not transformers' "Incorrect padding")."""
+    folder, _ = request.getfixturevalue(fixture)
+    runner = pipeline(task, model=str(folder), trust_remote_code=True)
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (str(tmp_path / "missing.png"), ValueError, r"missing\.png does not exist: pass the path of an image file"),
+        (str(tmp_path / "notes.png"), ValueError, r"notes\.png is not an image that can be read \(cannot identify"),
+        (str(tmp_path), ValueError, r"is a folder; pass the path of one image file"),
+        (3, TypeError, rf"The {task} pipeline takes an image: a PIL image, a file path, a URL .*; got int 3\."),
+        (None, TypeError, r"got NoneType None"),
+    ]
+    for value, error_type, pattern in cases:
+        with pytest.raises(error_type, match=pattern) as error:
+            runner(value)
+        assert "\n" not in str(error.value) and "Incorrect padding" not in str(error.value)
+    assert runner(make_image()) is not None  # good input still works

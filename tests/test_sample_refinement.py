@@ -22,6 +22,7 @@ from hf_dgm_training.metrics.sample_quality import (
 )
 from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
+from script_runner import run_in_process
 from synthetic_data import make_mvtec_category
 from test_maf_model import randomize, tiny_config
 
@@ -168,6 +169,8 @@ def test_sample_quality_flags_copies_of_training_images():
 
 
 def run(args):
+    if str(args[0]).startswith("scripts/"):  # in this process (tests/script_runner.py); a benchmark: its own
+        return run_in_process(os.path.basename(args[0]), *args[1:])
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=300)

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from PIL import Image
 from hf_dgm_training.cyclegan import ImagePool
 from hf_dgm_training.data.unpaired import UnpairedSampler, default_load_size, load_unpaired_split
 from modeling_cyclegan import LOSS_NAMES, CycleGANConfig, CycleGANImageProcessor, CycleGANModel
+from script_runner import run_in_process
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +46,8 @@ def make_unpaired_folder(root, counts=(("trainA", 6), ("trainB", 5), ("testA", 2
     return root
 
 
-def run_script(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    return subprocess.run(
-        [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
-    )
+def run_script(*args, cwd=ROOT):
+    return run_in_process("train_cyclegan.py", *args, cwd=cwd or ROOT, expect_ok=False)
 
 
 def read_jsonl(path):
@@ -150,6 +146,22 @@ def test_translate_script_works_on_the_training_output(full_run, data_dir, tmp_p
     assert results["images"] == 3
     assert sorted(n for n in os.listdir(tmp_path / "out") if n.endswith(".png")) == ["0.png", "1.png", "2.png"]
     assert os.listdir(tmp_path / "out" / "grids") == ["grid_000.png"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, full_run, capsys, monkeypatch):
+    """Issue 22.1: the finished run stays untouched; the one line names both ways out (exit status 1)."""
+    from hf_dgm_training import run_main
+    from train_cyclegan import main
+
+    monkeypatch.delenv("HF_DGM_DEBUG", raising=False)
+    before = sorted(os.listdir(full_run))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ["--data_dir", str(data_dir), "--output_dir", str(full_run), *TINY])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1, lines
+    assert ": error: " in lines[0] and "already holds another run" in lines[0]
+    assert "--overwrite_output_dir" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    assert sorted(os.listdir(full_run)) == before
 
 
 def test_bad_data_gives_clear_errors(tmp_path):
