@@ -26,6 +26,9 @@ import os
 import shlex
 import time
 
+from hf_dgm_training.arguments import SEED
+from hf_dgm_training.errors import add_debug_arg
+
 
 PRESETS = {
     "spec": {"maf": [], "detector": []},
@@ -56,7 +59,8 @@ def parse_args(argv=None):
                         help="Train the feature-space detector and write its report (default on).")
     parser.add_argument("--patch_detector", choices=("on", "off"), default="off",
                         help="Also train the patch MAF detector (a GPU minute; hours on a CPU).")
-    parser.add_argument("--seed", type=int, default=None, help="Seed of every training (default: the scripts' 0).")
+    parser.add_argument("--seed", type=SEED, default=None, help="Seed of every training (default: the scripts' 0).")
+    add_debug_arg(parser)
     args, maf_extra = parser.parse_known_args(argv)
     args.maf_extra = maf_extra
     return args

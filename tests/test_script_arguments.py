@@ -18,6 +18,7 @@ SCRIPTS = {
     "detect_anomalies": ["--model_name_or_path", "m", "--data_dir", "d"],
     "translate": ["--model_name_or_path", "m", "--input", "x"],
     "push_mvtec_dataset": ["--data_dir", "d", "--repo_id", "me/mvtec"],
+    "run_maf_pipeline": ["--data_dir", "d"],
 }
 
 
@@ -26,20 +27,21 @@ class _Captured(Exception):
 
 
 def parser_of(module) -> argparse.ArgumentParser:
-    """The parser a script's `parse_args` builds (captured when it starts parsing)."""
+    """The parser a script's `parse_args` builds (captured when it starts parsing: `parse_args` and the main job's
+    `parse_known_args` both go through `parse_known_args`)."""
     captured = {}
-    original = argparse.ArgumentParser.parse_args
+    original = argparse.ArgumentParser.parse_known_args
 
     def capture(self, *args, **kwargs):
         captured["parser"] = self
         raise _Captured
 
-    argparse.ArgumentParser.parse_args = capture
+    argparse.ArgumentParser.parse_known_args = capture
     try:
         with pytest.raises(_Captured):
             module.parse_args([])
     finally:
-        argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_known_args = original
     return captured["parser"]
 
 
