@@ -22,7 +22,7 @@ from .anomaly_scores import NLLMaps, ScoreParameters
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_feature_maf import FeatureMAFConfig
 from .modeling_efficientnet_lite import EfficientNetLiteBackbone
-from .modeling_maf import FlowBatchNorm, MADEBlock, MAFPreTrainedModel, MaskedLinear
+from .modeling_maf import MAFPreTrainedModel, MaskedLinear, build_blocks
 
 
 @dataclass
@@ -143,22 +143,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         # Standardisation of the vectors: per-channel statistics of the training features (`fit_feature_statistics`).
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
-        spec = VectorFlowSpec(config, num_features, grid[0] * grid[1])
-        generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
-        natural = torch.arange(1, num_features + 1, device="cpu")
-        blocks, norms = [], []
-        for index in range(config.num_blocks):
-            if config.permutation == "reverse" and index % 2 == 1:
-                degrees = natural.flip(0)
-            elif config.permutation == "random" and index > 0:
-                degrees = torch.randperm(num_features, generator=generator, device="cpu") + 1
-            else:
-                degrees = natural
-            blocks.append(MADEBlock(spec, degrees, generator))
-            if config.normalization == "batch_norm":
-                norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
-        self.blocks = nn.ModuleList(blocks)
-        self.norms = nn.ModuleList(norms) if norms else None
+        self.blocks, self.norms = build_blocks(config, VectorFlowSpec(config, num_features, grid[0] * grid[1]))
         size = config.image_size
         self.anomaly_statistics = MAFAnomalyScorer(
             config, size, grid, config.anomaly_score, grid_to_pixels=self.grid_maps_to_pixels,

@@ -388,6 +388,27 @@ def check_pixel_values(pixel_values, config: MAFConfig) -> None:
                          "[-1, 1]).")
 
 
+def build_blocks(config, spec) -> tuple[nn.ModuleList, nn.ModuleList | None]:
+    """The MADE blocks of a flow and its normalisation layers (None without): `config.num_blocks` blocks whose
+    orderings follow `config.permutation` (seeded by `config.degree_seed`), each a `MADEBlock(spec, ...)`, where `spec`
+    says what a MADE reads (`num_features`, `hidden_sizes`, ..., the locations it is conditioned on)."""
+    num_features = spec.num_features
+    generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
+    natural = torch.arange(1, num_features + 1, device="cpu")
+    blocks, norms = [], []
+    for index in range(config.num_blocks):
+        if config.permutation == "reverse" and index % 2 == 1:
+            degrees = natural.flip(0)
+        elif config.permutation == "random" and index > 0:
+            degrees = torch.randperm(num_features, generator=generator, device="cpu") + 1
+        else:
+            degrees = natural
+        blocks.append(MADEBlock(spec, degrees, generator))
+        if config.normalization == "batch_norm":
+            norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
+    return nn.ModuleList(blocks), (nn.ModuleList(norms) if norms else None)
+
+
 def _zero_absent_connections_after_load(model, incompatible_keys):
     """``load_state_dict`` post-hook of every MAF/IAF model (also when it is reached through a DDP or accelerate
     wrapper, as ``accelerator.load_state`` does)."""
@@ -517,22 +538,7 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
 
     def __init__(self, config: MAFConfig):
         super().__init__(config)
-        num_features = config.num_features
-        generator = torch.Generator(device="cpu").manual_seed(config.degree_seed)
-        natural = torch.arange(1, num_features + 1, device="cpu")
-        blocks, norms = [], []
-        for index in range(config.num_blocks):
-            if config.permutation == "reverse" and index % 2 == 1:
-                degrees = natural.flip(0)
-            elif config.permutation == "random" and index > 0:
-                degrees = torch.randperm(num_features, generator=generator, device="cpu") + 1
-            else:
-                degrees = natural
-            blocks.append(MADEBlock(config, degrees, generator))
-            if config.normalization == "batch_norm":
-                norms.append(FlowBatchNorm(num_features, config.batch_norm_momentum))
-        self.blocks = nn.ModuleList(blocks)
-        self.norms = nn.ModuleList(norms) if norms else None
+        self.blocks, self.norms = build_blocks(config, config)
         self.patch_layout = PatchLayout(config)
         # The default score of a calibration, chosen by measurement: the image NLL for a whole-image flow
         # (docs/RESULTS.md#whole-image-detector), patch-z-top3 for a patch flow (docs/RESULTS.md#patch-detector).
