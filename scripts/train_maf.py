@@ -188,7 +188,10 @@ def load_data(args):
 
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
-    num_channels = args.num_channels or num_channels_of(dataset["train"])
+    if args.flow_type == "feature_maf":  # a pretrained backbone reads RGB: grayscale data are converted, as at inference
+        num_channels = args.num_channels or 3
+    else:
+        num_channels = args.num_channels or num_channels_of(dataset["train"])
     processor = MAFImageProcessor(size=args.image_size, num_channels=num_channels)
     train, validation = split_validation(dataset["train"], args.validation_split_percentage, seed=args.seed)
     train = load_split_as_tensors(train, image_processor=processor)

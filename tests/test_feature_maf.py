@@ -154,3 +154,22 @@ def test_train_maf_trains_the_detector_and_detect_anomalies_reports_it(tmp_path,
     report = json.loads((output / "anomaly" / "anomaly_report.json").read_text())
     assert report["score"] == "map-max" and report["image_auroc"] is not None
     assert report["test_good_bits_per_dim"] is None  # no bits/dim for feature vectors
+
+
+def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch):
+    """One-channel categories (MVTec's grid, screw, zipper) train and score: the pretrained backbone reads RGB, so
+    the detector's image processor converts gray images at training and at inference alike."""
+    import detect_anomalies
+    import train_maf
+
+    monkeypatch.setattr(FeatureMAFModel, "load_pretrained_backbone", lambda self, *a, **k: None)
+    data = make_mvtec_category(tmp_path / "grid", size=32, num_train=10, num_test_good=2, defects=(("bent", 2),),
+                               masks="none", grayscale=True)
+    output = tmp_path / "detector"
+    train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
+                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1",
+                    "--validation_split_percentage", "30"])
+    assert json.loads((output / "preprocessor_config.json").read_text())["num_channels"] == 3
+    detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
+    report = json.loads((output / "anomaly" / "anomaly_report.json").read_text())
+    assert report["image_auroc"] is not None and report["pixel_auroc"] is None  # no masks: no pixel AUROC
