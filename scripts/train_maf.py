@@ -188,7 +188,7 @@ def load_data(args):
 
     dataset = load_anomaly_dataset(args.data_dir, args.dataset_name, download=args.download, category=args.category,
                                    token=args.hub_token)
-    if args.flow_type == "feature_maf":  # a pretrained backbone reads RGB: grayscale data are converted, as at inference
+    if args.flow_type == "feature_maf":  # a pretrained backbone reads RGB: gray images are converted, as at inference
         num_channels = args.num_channels or 3
     else:
         num_channels = args.num_channels or num_channels_of(dataset["train"])
