@@ -22,7 +22,7 @@ from .anomaly_scores import NLLMaps, ScoreParameters
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_feature_maf import FeatureMAFConfig
 from .modeling_efficientnet_lite import EfficientNetLiteBackbone
-from .modeling_maf import MAFPreTrainedModel, MaskedLinear, build_blocks
+from .modeling_maf import MAFPreTrainedModel, MaskedLinear, build_blocks, check_pixel_values
 
 
 @dataclass
@@ -193,15 +193,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------- features
     def _check_pixel_values(self, pixel_values):
-        config = self.config
-        expected = (config.num_channels, config.image_size, config.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a float tensor of shape (batch, {', '.join(map(str, expected))}) "
-                            "with values in [0, 1]; preprocess images with MAFImageProcessor.")
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this "
-                             f"detector (image_size={config.image_size}), got {tuple(pixel_values.shape)}. Preprocess "
-                             "the images with MAFImageProcessor.from_model_config(model.config).")
+        check_pixel_values(pixel_values, self.config)  # the pixel models' check: shape, float, values in [0, 1]
 
     @torch.no_grad()
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
