@@ -51,7 +51,8 @@ ROUND3 = dict(ROUND2, steps=1000, batch=1600, whiten=True, evaluate_at=(0, 100, 
 CPU3 = dict(ROUND3, steps=600, batch=400, blocks=4, hidden=128, evaluate_at=(0, 150, 300, 600))
 PLANS = {
     "round3": {
-        "s4+s5@320": [(ROUND3, [0, 1, 2]), (CPU3, [0, 1, 2]), (dict(ROUND3, hidden=256, blocks=4, batch=800), [0, 1, 2]),
+        "s4+s5@320": [(ROUND3, [0, 1, 2]), (CPU3, [0, 1, 2]),
+                      (dict(ROUND3, hidden=256, blocks=4, batch=800), [0, 1, 2]),
                       (dict(ROUND3, whiten=False), [0]), (dict(ROUND3, position=False), [0])],
         "s4+s5@256": [(ROUND3, [0])],
         "s3+s5@256": [(ROUND3, [0])],
