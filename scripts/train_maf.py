@@ -545,7 +545,7 @@ result = detector("image.png")   # score, is_anomalous, threshold, method, heatm
 | hyper-parameter | value |
 |---|---|
 | images | {config.image_size}x{config.image_size} |
-| per-location Gaussian whitening under the flow | {config.location_whitening} (shrinkage {config.whitening_shrinkage}, \
+| per-location whitening under the flow | {config.location_whitening} (shrinkage {config.whitening_shrinkage}, \
 ridge {config.whitening_ridge}) |
 | flow | {config.num_blocks} MADE blocks, hidden sizes {config.hidden_sizes}, conditioned on the location: \
 {config.condition_on_position} |
