@@ -7,7 +7,10 @@ inputs of degree <= s_j: the block is inverted exactly in r + 1 MADE passes, one
 
 One pass here is a fixed, short sequence of kernels: the first layer's pre-activation is updated in place with the
 columns of the segment just solved (each first-layer weight is read once per inversion), the middle layers run on
-(batch, H), and only the segment's output rows are evaluated. Nothing is allocated per pass beyond the small
+(batch, H), and only the segment's output rows are evaluated. On CUDA with Triton a pass is three kernels: the middle
+layers (one cuBLAS call each), the segment's output rows (one batched matmul), and one Triton kernel that adds the
+biases, soft-clamps the log-scales, solves the segment, writes it, and updates the first layer's pre-activation and
+its activation with the solved columns. Nothing is allocated per pass beyond the small
 (batch, H) and (batch, segment) results, and the solved values and log-scales are written in place into
 preallocated (batch, D) buffers. When a block's ordering is the natural or the reversed one (the ``"reverse"``
 permutation), every segment is a contiguous range of pixel positions, so the weights are used as views, never copied;
@@ -127,13 +130,18 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
     pre_activation = first.bias.expand(batch_size, -1)
     offset = made.position_offset(locations, pre_activation)
     pre_activation = pre_activation + offset if offset is not None else pre_activation.clone()
+    # The fused kernel also updates the first layer (float32, ReLU, a small batch): it keeps relu(pre-activation) in
+    # `first_hidden`, so that a pass needs no separate activation kernel.
+    update_in_tail = (fused_kernel and relu and batch_size <= _UPDATE_MAX_ROWS
+                      and pre_activation.dtype == first_weight.dtype == torch.float32 and first_weight.stride(1) == 1)
+    first_hidden = made.activation(pre_activation) if update_in_tail else None
     compute_dtype = torch.promote_types(known.dtype, torch.promote_types(pre_activation.dtype, torch.float32))
     if not differentiable:
         solved = torch.empty(batch_size, num_features, dtype=compute_dtype, device=known.device)
         log_scales = torch.empty_like(solved)
     solved_list, log_scale_list = [], []
     for low, high in ranges:
-        hidden = made.activation(pre_activation)
+        hidden = first_hidden if update_in_tail else made.activation(pre_activation)
         for weight, bias in middle_layers:
             if relu and not differentiable:
                 hidden = torch._addmm_activation(bias, hidden, weight.t())
@@ -145,8 +153,14 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
             # kernel that writes the output buffers.
             segment, log_scale = solved[:, low:high], log_scales[:, low:high]
             products = torch.bmm(hidden.expand(2, -1, -1), output_weight[:, low:high].transpose(1, 2))
+            if update_in_tail and high - low <= _UPDATE_MAX_WIDTH:
+                _affine_tail(products, output_bias[:, low:high], known_segment, segment, log_scale, clamp, fused,
+                             update=(first_weight[:, low:high], pre_activation, first_hidden))
+                continue
             _affine_tail(products, output_bias[:, low:high], known_segment, segment, log_scale, clamp, fused)
             pre_activation.addmm_(segment.to(first_weight.dtype), first_weight[:, low:high].t())
+            if update_in_tail:
+                torch.relu(pre_activation, out=first_hidden)
             continue
         shift = F.linear(hidden, output_weight[0, low:high], output_bias[0, low:high])
         raw_log_scale = F.linear(hidden, output_weight[1, low:high], output_bias[1, low:high])
@@ -212,19 +226,89 @@ if triton is not None:
         tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
 
 
-def _affine_tail(products, bias, known, solved, log_scale, clamp, invert):
+    @triton.jit
+    def _affine_tail_update_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, weight_ptr,
+                                   pre_ptr, hidden_ptr, rows, width, units, products_half, products_stride, bias_half,
+                                   known_stride, solved_stride, log_scale_stride, weight_stride, pre_stride,
+                                   hidden_stride, clamp, INVERT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                                   BLOCK_WIDTH: tl.constexpr, BLOCK_UNITS: tl.constexpr):
+        """The tail of `_affine_tail_kernel` for a whole (rows, width) segment in every program, then the first-layer
+        update of this program's BLOCK_UNITS hidden units: pre += solved @ weight.T and hidden = relu(pre), where
+        weight is the (units, width) block of first-layer columns of the segment. Program 0 writes the segment."""
+        row = tl.arange(0, BLOCK_ROWS)[:, None]
+        column = tl.arange(0, BLOCK_WIDTH)[None, :]
+        inside = (row < rows) & (column < width)
+        at = products_ptr + row * products_stride + column
+        shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
+        shift += tl.load(bias_ptr + column, mask=column < width, other=0.0).to(tl.float32)
+        raw += tl.load(bias_ptr + bias_half + column, mask=column < width, other=0.0).to(tl.float32)
+        known = tl.load(known_ptr + row * known_stride + column, mask=inside, other=0.0).to(tl.float32)
+        scaled = raw / clamp
+        decay = tl.exp(-2.0 * tl.abs(scaled))
+        magnitude = (1.0 - decay) / (1.0 + decay)
+        log_scale = clamp * tl.where(scaled < 0, -magnitude, magnitude)
+        scale = tl.exp(log_scale)
+        if INVERT:
+            solved = (known - shift) / scale
+        else:
+            solved = known * scale + shift
+        solved = tl.where(inside, solved, 0.0)
+        if tl.program_id(0) == 0:
+            tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
+            tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
+        unit = tl.program_id(0) * BLOCK_UNITS + tl.arange(0, BLOCK_UNITS)[None, :]
+        segment_column = tl.arange(0, BLOCK_WIDTH)[:, None]
+        weight = tl.load(weight_ptr + unit * weight_stride + segment_column,
+                         mask=(segment_column < width) & (unit < units), other=0.0).to(tl.float32)
+        update = tl.dot(solved, weight, input_precision="ieee")
+        on_units = (row < rows) & (unit < units)
+        pre = tl.load(pre_ptr + row * pre_stride + unit, mask=on_units, other=0.0) + update
+        tl.store(pre_ptr + row * pre_stride + unit, pre, mask=on_units)
+        tl.store(hidden_ptr + row * hidden_stride + unit, tl.maximum(pre, 0.0), mask=on_units)
+
+
+# The first-layer update joins the tail kernel for batches and segments up to these sizes (its registers hold the
+# whole segment); larger ones use a cuBLAS update.
+_UPDATE_MAX_ROWS = 32
+_UPDATE_MAX_WIDTH = 256
+_UPDATE_BLOCK_UNITS = 32
+
+
+def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update=None):
     """One kernel for the bias, the soft clamp and the affine solve of one segment: ``products`` (2, rows, width)
     are the segment's shifts and raw log-scales before their ``bias`` (2, width); writes ``solved`` and ``log_scale``
-    (rows, width views of the output buffers). Every operand's last dimension must be contiguous."""
+    (rows, width views of the output buffers). Every operand's last dimension must be contiguous.
+
+    ``update=(weight, pre_activation, hidden)``: the same kernel then also adds ``solved @ weight.T`` to
+    ``pre_activation`` (rows, H) in place and writes its ReLU into ``hidden`` (rows, H); ``weight`` (H, width) are
+    the first layer's columns of the segment; all float32, at most _UPDATE_MAX_ROWS rows and _UPDATE_MAX_WIDTH
+    columns."""
     rows, width = solved.shape
     if min(tensor.stride(-1) for tensor in (products, bias, known, solved, log_scale)) != 1 or width == 0:
         raise ValueError("the fused tail needs operands whose last dimension is contiguous")
-    total = rows * width
-    block = 256
-    _affine_tail_kernel[(triton.cdiv(total, block),)](
-        products, bias, known, solved, log_scale, width, total, products.stride(0), products.stride(1),
-        bias.stride(0), known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert,
-        BLOCK=block)
+    if update is None:
+        total = rows * width
+        block = 256
+        _affine_tail_kernel[(triton.cdiv(total, block),)](
+            products, bias, known, solved, log_scale, width, total, products.stride(0), products.stride(1),
+            bias.stride(0), known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert,
+            BLOCK=block)
+        return
+    weight, pre_activation, hidden = update
+    units = weight.shape[0]
+    if (rows > _UPDATE_MAX_ROWS or width > _UPDATE_MAX_WIDTH or weight.shape[1] != width
+            or min(tensor.stride(-1) for tensor in update) != 1
+            or any(tensor.dtype != torch.float32 for tensor in update)
+            or pre_activation.shape != (rows, units) or hidden.shape != (rows, units)):
+        raise ValueError("the fused first-layer update needs float32 operands with a contiguous last dimension, "
+                         f"at most {_UPDATE_MAX_ROWS} rows and {_UPDATE_MAX_WIDTH} columns")
+    _affine_tail_update_kernel[(triton.cdiv(units, _UPDATE_BLOCK_UNITS),)](
+        products, bias, known, solved, log_scale, weight, pre_activation, hidden, rows, width, units,
+        products.stride(0), products.stride(1), bias.stride(0), known.stride(0), solved.stride(0),
+        log_scale.stride(0), weight.stride(0), pre_activation.stride(0), hidden.stride(0), float(clamp),
+        INVERT=invert, BLOCK_ROWS=max(16, triton.next_power_of_2(rows)),
+        BLOCK_WIDTH=max(16, triton.next_power_of_2(width)), BLOCK_UNITS=_UPDATE_BLOCK_UNITS)
 
 
 # ---------------------------------------------------------------------------------- CUDA graphs of sampling

@@ -136,12 +136,47 @@ print("ok")
 """
 
 
-def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
+TRITON_TAIL_WITH_UPDATE = r"""
+import torch
+from modeling_maf import sequential_solver as solver
+generator = torch.Generator().manual_seed(1)
+products = torch.randn(2, 5, 96, generator=generator) * 4
+bias = (torch.randn(2, 300, generator=generator) * 2)[:, 7:103]
+known = torch.randn(5, 300, generator=generator)[:, 50:146]
+weight = torch.randn(40, 300, generator=generator)[:, 100:196]  # the segment's first-layer columns: 40 units, 2 blocks
+shift, raw = products[0] + bias[0], products[1] + bias[1]
+for invert, solve in ((0, solver.affine_generate), (1, solver.affine_density)):
+    solved, log_scale = torch.zeros(5, 96), torch.zeros(5, 96)
+    pre = torch.randn(5, 40, generator=generator)
+    hidden = torch.full((5, 40), -1.0)
+    expected_pre = pre.clone()
+    solver._affine_tail(products, bias, known, solved, log_scale, 3.0, invert, update=(weight, pre, hidden))
+    expected_log_scale = 3.0 * torch.tanh(raw / 3.0)
+    expected_solved = solve(known, shift, expected_log_scale)
+    torch.testing.assert_close(log_scale, expected_log_scale, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(solved, expected_solved, rtol=1e-5, atol=1e-5)
+    expected_pre = expected_pre + expected_solved @ weight.T
+    torch.testing.assert_close(pre, expected_pre, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(hidden, expected_pre.relu(), rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def _run_in_interpreter(script):
     pytest.importorskip("triton")
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-c", TRITON_TAIL], env=environment, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_triton_tail_with_the_first_layer_update_matches_torch_in_the_interpreter():
+    """The pass's one Triton kernel on CUDA: the tail, then pre-activation += solved @ W.T and its ReLU."""
+    _run_in_interpreter(TRITON_TAIL_WITH_UPDATE)
+
+
+def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
+    _run_in_interpreter(TRITON_TAIL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of sampling need a GPU")
