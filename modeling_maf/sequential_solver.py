@@ -197,15 +197,11 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
 if triton is not None:
 
     @triton.jit
-    def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
-                            products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
-                            clamp, INVERT: tl.constexpr, BLOCK: tl.constexpr):
-        """shift = products[0] + bias[0], raw = products[1] + bias[1]; log_scale = clamp * tanh(raw / clamp);
-        solved = known * exp(log_scale) + shift (INVERT=0) or (known - shift) / exp(log_scale) (INVERT=1), over a
-        (rows, width) segment; every operand is addressed by its strides."""
-        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = index < total
-        row, column = index // width, index % width
+    def _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half, products_stride,
+                       bias_half, known_stride, clamp, INVERT: tl.constexpr):
+        """(solved, log_scale) at (row, column) of a segment: shift = products[0] + bias[0], raw = products[1] +
+        bias[1]; log_scale = clamp * tanh(raw / clamp); solved = known * exp(log_scale) + shift (INVERT=0) or
+        (known - shift) / exp(log_scale) (INVERT=1). Every operand is addressed by its strides."""
         at = products_ptr + row * products_stride + column
         shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
         raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
@@ -222,9 +218,20 @@ if triton is not None:
             solved = (known - shift) / scale
         else:
             solved = known * scale + shift
+        return solved, log_scale
+
+    @triton.jit
+    def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
+                            products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
+                            clamp, INVERT: tl.constexpr, BLOCK: tl.constexpr):
+        """`_solve_segment` over a (rows, width) segment, BLOCK elements a program; writes solved and log_scale."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = index < total
+        row, column = index // width, index % width
+        solved, log_scale = _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half,
+                                           products_stride, bias_half, known_stride, clamp, INVERT)
         tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
         tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
-
 
     @triton.jit
     def _affine_tail_update_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, weight_ptr,
@@ -232,27 +239,14 @@ if triton is not None:
                                    known_stride, solved_stride, log_scale_stride, weight_stride, pre_stride,
                                    hidden_stride, clamp, INVERT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                                    BLOCK_WIDTH: tl.constexpr, BLOCK_UNITS: tl.constexpr):
-        """The tail of `_affine_tail_kernel` for a whole (rows, width) segment in every program, then the first-layer
-        update of this program's BLOCK_UNITS hidden units: pre += solved @ weight.T and hidden = relu(pre), where
-        weight is the (units, width) block of first-layer columns of the segment. Program 0 writes the segment."""
+        """`_solve_segment` over the whole (rows, width) segment in every program, then the first-layer update of
+        this program's BLOCK_UNITS hidden units: pre += solved @ weight.T and hidden = relu(pre), where weight is the
+        (units, width) block of first-layer columns of the segment. Program 0 writes the segment."""
         row = tl.arange(0, BLOCK_ROWS)[:, None]
         column = tl.arange(0, BLOCK_WIDTH)[None, :]
         inside = (row < rows) & (column < width)
-        at = products_ptr + row * products_stride + column
-        shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
-        raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
-        shift += tl.load(bias_ptr + column, mask=column < width, other=0.0).to(tl.float32)
-        raw += tl.load(bias_ptr + bias_half + column, mask=column < width, other=0.0).to(tl.float32)
-        known = tl.load(known_ptr + row * known_stride + column, mask=inside, other=0.0).to(tl.float32)
-        scaled = raw / clamp
-        decay = tl.exp(-2.0 * tl.abs(scaled))
-        magnitude = (1.0 - decay) / (1.0 + decay)
-        log_scale = clamp * tl.where(scaled < 0, -magnitude, magnitude)
-        scale = tl.exp(log_scale)
-        if INVERT:
-            solved = (known - shift) / scale
-        else:
-            solved = known * scale + shift
+        solved, log_scale = _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half,
+                                           products_stride, bias_half, known_stride, clamp, INVERT)
         solved = tl.where(inside, solved, 0.0)
         if tl.program_id(0) == 0:
             tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
