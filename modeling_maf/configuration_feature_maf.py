@@ -75,6 +75,13 @@ class FeatureMAFConfig(PreTrainedConfig):
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation of the [0, 1] images that the backbone's weights expect (default: the backbone config's own
             ``image_mean``/``image_std`` if it has them, else ImageNet's).
+        normalize_image_statistics (`bool`, *optional*, defaults to `True`):
+            Training fits ``image_reference_mean``/``image_reference_std`` (the training images' average per-channel
+            mean and standard deviation), and every image's channels are then standardised to them before the
+            backbone: a global change of brightness or colour cast between the training and the test images leaves
+            the features as they were. False: images go to the backbone as they are.
+        image_reference_mean, image_reference_std (`list[float]`, *optional*):
+            Set by `FeatureMAFModel.fit_image_statistics`; None: no per-image standardisation.
         feature_pooling_size (`int`, *optional*, defaults to 3):
             Side of the average over each feature map's neighbourhood (odd; 1 = none).
         hidden_sizes, num_blocks, hidden_act, degree_assignment, degree_seed, permutation, normalization,
@@ -116,6 +123,9 @@ class FeatureMAFConfig(PreTrainedConfig):
         num_channels: int = 3,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        normalize_image_statistics: bool = True,
+        image_reference_mean: list[float] | None = None,
+        image_reference_std: list[float] | None = None,
         feature_pooling_size: int = 3,
         hidden_sizes: list[int] | None = None,
         num_blocks: int = 4,
@@ -149,6 +159,9 @@ class FeatureMAFConfig(PreTrainedConfig):
         default_std = getattr(self.backbone_config, "image_std", None) or [0.229, 0.224, 0.225]
         self.image_mean = [float(value) for value in (image_mean if image_mean is not None else default_mean)]
         self.image_std = [float(value) for value in (image_std if image_std is not None else default_std)]
+        self.normalize_image_statistics = bool(normalize_image_statistics)
+        self.image_reference_mean = None if image_reference_mean is None else [float(v) for v in image_reference_mean]
+        self.image_reference_std = None if image_reference_std is None else [float(v) for v in image_reference_std]
         self.feature_pooling_size = int(feature_pooling_size)
         self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [128, 128]
         self.num_blocks = int(num_blocks)
@@ -177,6 +190,12 @@ class FeatureMAFConfig(PreTrainedConfig):
              f"image_mean and image_std need {self.num_channels} values each, got {self.image_mean} and "
              f"{self.image_std}"),
             (all(value > 0 for value in self.image_std), f"image_std must be positive, got {self.image_std}"),
+            ((self.image_reference_mean is None) == (self.image_reference_std is None)
+             and (self.image_reference_mean is None or (
+                 len(self.image_reference_mean) == len(self.image_reference_std) == self.num_channels
+                 and all(value > 0 for value in self.image_reference_std))),
+             f"image_reference_mean and image_reference_std must both be None or {self.num_channels} values each "
+             f"(std positive), got {self.image_reference_mean} and {self.image_reference_std}"),
             (self.feature_pooling_size >= 1 and self.feature_pooling_size % 2 == 1,
              f"feature_pooling_size must be odd and >= 1, got {self.feature_pooling_size}"),
             (len(self.hidden_sizes) >= 1 and all(int(size) >= 1 for size in self.hidden_sizes),

@@ -119,6 +119,14 @@ class VectorFlowSpec:
         self.num_patch_locations = num_locations
 
 
+def _channel_statistics(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and standard deviation (B, C, 1, 1) of images (B, C, H, W); the standard deviation
+    floored at 1e-3 (a uniform channel)."""
+    pixel_values = pixel_values.float()
+    return (pixel_values.mean(dim=(2, 3), keepdim=True),
+            pixel_values.std(dim=(2, 3), keepdim=True).clamp_min(1e-3))
+
+
 MAX_WHITENING_NUMBERS = 2 ** 27  # 512 MiB of float32 whitening matrices
 
 
@@ -227,10 +235,34 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         check_pixel_values(pixel_values, self.config)  # the pixel models' check: shape, float, values in [0, 1]
 
     @torch.no_grad()
+    def fit_image_statistics(self, pixel_values: torch.Tensor) -> None:
+        """With `normalize_image_statistics`, sets the config's reference channel statistics to the training images'
+        (B, C, S, S) average per-image channel mean and standard deviation (`extract_features` standardises every
+        image's channels to them)."""
+        if not self.config.normalize_image_statistics:
+            return
+        self._check_pixel_values(pixel_values)
+        mean, std = (torch.cat(parts) for parts in zip(*map(_channel_statistics, pixel_values.split(64))))
+        self.config.image_reference_mean = [float(value) for value in mean.mean(dim=0).flatten().double()]
+        self.config.image_reference_std = [float(value) for value in std.mean(dim=0).flatten().double()]
+
+    def _standardise_image_statistics(self, pixel_values):
+        """Each image's channels moved to the reference mean and standard deviation, when the config has them."""
+        if self.config.image_reference_mean is None:
+            return pixel_values
+        mean, std = _channel_statistics(pixel_values)
+        reference_mean, reference_std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
+                                         for values in (self.config.image_reference_mean,
+                                                        self.config.image_reference_std))
+        return (pixel_values - mean) / std * reference_std + reference_mean
+
+    @torch.no_grad()
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) in [0, 1] -> the aggregated feature maps (B, D, h, w), float32, before
-        standardisation."""
+        standardisation. Each image's channels are first standardised to the reference statistics, when fitted
+        (`fit_image_statistics`)."""
         self._check_pixel_values(pixel_values)
+        pixel_values = self._standardise_image_statistics(pixel_values.float())
         mean, std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
                      for values in (self.config.image_mean, self.config.image_std))
         parameter = next(self.backbone.parameters())

@@ -335,6 +335,7 @@ class FeatureTask(TrainingTask):
         self.args, self.accelerator = args, accelerator
         device = accelerator.device
         model.to(device)
+        model.fit_image_statistics(train_pixels)
         features = self._features(model, train_pixels)
         model.fit_feature_statistics(features)
         self.vectors, self.locations = model.out_of_fold_vectors(features)

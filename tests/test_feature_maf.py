@@ -105,6 +105,28 @@ def test_the_flow_learns_from_out_of_fold_whitened_vectors():
     assert per_image.square().mean() > in_sample.square().mean()
 
 
+def test_image_statistics_make_the_features_blind_to_a_global_lighting_change(tmp_path):
+    """Fitted reference channel statistics: a brighter/darker image or a colour cast gives the same features; without
+    them the features move. The references travel in config.json."""
+    model = tiny_detector()
+    images = torch.rand(6, 3, 32, 32) * 0.6 + 0.2
+    relit = images * 0.8
+    relit[:, 2] += 0.05  # a colour cast on one channel
+    assert model.config.image_reference_mean is None
+    assert not torch.allclose(model.extract_features(images), model.extract_features(relit), atol=1e-3)
+    model.fit_image_statistics(images)
+    expected_mean = images.mean(dim=(2, 3)).mean(dim=0)
+    assert torch.allclose(torch.tensor(model.config.image_reference_mean), expected_mean, atol=1e-6)
+    torch.testing.assert_close(model.extract_features(relit), model.extract_features(images), rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path)
+    loaded = FeatureMAFModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.image_reference_std == model.config.image_reference_std
+    torch.testing.assert_close(loaded.extract_features(relit), model.extract_features(images), rtol=1e-4, atol=1e-4)
+    off = FeatureMAFModel(tiny_config(normalize_image_statistics=False))
+    off.fit_image_statistics(images)
+    assert off.config.image_reference_mean is None
+
+
 def test_a_whitening_too_large_to_store_is_refused(monkeypatch):
     import modeling_maf.modeling_feature_maf as module
 
@@ -158,6 +180,10 @@ def test_config_rejects_bad_values():
         tiny_config(feature_pooling_size=2)
     with pytest.raises(ValueError, match="anomaly_score"):
         tiny_config(anomaly_score="accuracy")
+    with pytest.raises(ValueError, match="image_reference_mean"):
+        tiny_config(image_reference_mean=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="whitening_shrinkage"):
+        tiny_config(whitening_shrinkage=1.5)
 
 
 def test_hub_round_trip_and_remote_code_pipeline(hub_server, tmp_path):
