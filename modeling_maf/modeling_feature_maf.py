@@ -140,6 +140,17 @@ class FeatureMAFPreTrainedModel(MAFPreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and not isinstance(module, MaskedLinear):
             return  # backbone modules
+        if isinstance(module, FeatureMAFPreTrainedModel):
+            # The statistics start as "no change" (a detector saved before they existed loads as it was saved);
+            # tensors loaded from a checkpoint carry `_is_hf_initialized` and are left untouched.
+            for name, value in (("feature_mean", 0.0), ("feature_std", 1.0), ("whitening_mean", 0.0)):
+                tensor = getattr(module, name, None)
+                if tensor is not None and not getattr(tensor, "_is_hf_initialized", False):
+                    tensor.data.fill_(value)
+            matrix = getattr(module, "whitening_matrix", None)
+            if matrix is not None and not getattr(matrix, "_is_hf_initialized", False):
+                matrix.data.copy_(torch.eye(matrix.shape[-1], dtype=matrix.dtype).expand_as(matrix))
+            return
         super()._init_weights(module)
 
 

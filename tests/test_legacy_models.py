@@ -9,11 +9,13 @@ import os
 import pytest
 import torch
 
-from modeling_maf import IAFModel, MAFModel
+from modeling_maf import FeatureMAFModel, IAFModel, MAFModel
 
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy_models")
-MODELS = {"maf": MAFModel, "patch_maf": MAFModel, "iaf": IAFModel}
+# feature_maf: saved by 1f83765, before the per-location whitening and the per-image channel statistics, whose
+# buffers and config fields it lacks: it must load as the identity and no standardisation.
+MODELS = {"maf": MAFModel, "patch_maf": MAFModel, "iaf": IAFModel, "feature_maf": FeatureMAFModel}
 
 
 def close(actual, expected, what):
