@@ -188,3 +188,17 @@ def test_gradient_clipping_is_on_by_default_and_zero_turns_it_off(tmp_path):
     assert train_maf.parse_args(base + ["--max_grad_norm", "0.5"]).max_grad_norm == 0.5
     with pytest.raises(SystemExit):
         train_maf.parse_args(base + ["--max_grad_norm", "-1"])
+
+
+def test_batches_gathered_on_the_device_are_the_dataloaders(category, tmp_path, monkeypatch):
+    """One process keeps the training set on the device and gathers each batch there; several processes shard a
+    DataLoader's batches. Both draw the same images in the same order, so the losses agree step by step."""
+    import train_maf
+
+    common = ["--data_dir", category, "--num_train_epochs", 2, "--seed", 3, *TINY]
+    run("train_maf.py", "--output_dir", tmp_path / "device", *common)
+    monkeypatch.setattr(train_maf, "DEVICE_DATASET_BYTES", 0)  # too large for the device: the DataLoader
+    run("train_maf.py", "--output_dir", tmp_path / "loader", *common)
+    losses = [[row["train/nll"] for row in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/nll" in row]
+              for name in ("device", "loader")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
