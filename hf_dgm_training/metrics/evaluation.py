@@ -110,9 +110,16 @@ def evaluate_scores(model, scored: ScoredImages, labels: np.ndarray, defect_type
     """Per score name: image metrics (when defined), pixel metrics, and the counts at its calibrated threshold."""
     results = {}
     defined = image_metrics_note(labels) is None
+    measured = []  # (maps, pixel metrics): scores whose maps are the same (e.g. map-max and map-topk) share them
     for name, scores in scored.scores.items():
         result = image_metrics(metric, scores, labels, defect_types) if defined else {}
-        result.update(pixel_metrics(scored.maps[name], masks, has_masks))
+        maps = scored.maps[name]
+        pixel = next((dict(known) for seen, known in measured
+                      if seen.shape == maps.shape and np.array_equal(seen, maps)), None)
+        if pixel is None:
+            pixel = pixel_metrics(maps, masks, has_masks)
+            measured.append((maps, pixel))
+        result.update(pixel)
         if model.is_calibrated:
             threshold = model.anomaly_threshold(name)
             result["threshold"] = threshold
