@@ -313,11 +313,15 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         """Feature maps (B, D, h, w) -> the flow's input vectors (B * h * w, D), standardised and (with
         `location_whitening`) whitened by their location's Gaussian, and their locations (B * h * w,), row-major over
         the grid."""
-        batch_size, _, height, width = features.shape
         vectors = self._standardise(features)
         if self.config.location_whitening:
             vectors = self._whiten(vectors, self.whitening_mean, self.whitening_matrix)
-        locations = torch.arange(height * width, device=features.device).repeat(batch_size)
+        return self._with_locations(vectors)
+
+    def _with_locations(self, vectors):
+        """Vectors (B, h * w, D) -> (B * h * w, D) and their locations (B * h * w,), row-major over the grid."""
+        batch_size, num_locations, _ = vectors.shape
+        locations = torch.arange(num_locations, device=vectors.device).repeat(batch_size)
         return vectors.reshape(-1, self.num_features), locations
 
     @torch.no_grad()
@@ -336,9 +340,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
             held_out = fold == index
             mean, whitening = self._fit_whitening(features[~held_out])
             whitened[held_out] = self._whiten(standardised[held_out], mean, whitening)
-        height, width = features.shape[-2:]
-        locations = torch.arange(height * width, device=features.device).repeat(features.shape[0])
-        return whitened.reshape(-1, self.num_features), locations
+        return self._with_locations(whitened)
 
     def whitening_log_det(self) -> torch.Tensor:
         """log |det| of every location's whitening (h * w,): zeros without `location_whitening`."""
@@ -352,8 +354,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         the whitening's log-determinant at the location is included (the standardisation's, the same everywhere, is
         not)."""
         hidden = vectors.float()
-        log_det = self.whitening_log_det()[locations] if self.config.location_whitening else \
-            torch.zeros(hidden.shape[0], device=hidden.device)
+        log_det = self.whitening_log_det()[locations]
         for index, block in enumerate(self.blocks):
             shift, log_scale = block(hidden, locations)
             hidden = (hidden - shift) * torch.exp(-log_scale)
