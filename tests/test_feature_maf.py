@@ -4,7 +4,6 @@ detect_anomalies.py, and the pipeline. Tiny random backbones: no weights are nee
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from transformers import AutoModel, ResNetConfig, pipeline
 from child_process import run_without_hf_dgm
 from modeling_maf import EfficientNetLiteConfig, FeatureMAFConfig, FeatureMAFModel
 from synthetic_data import make_mvtec_category
+from tiny_models import randomize_flow
 
 
 def tiny_config(**overrides):
@@ -23,14 +23,8 @@ def tiny_config(**overrides):
 
 def tiny_detector(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = FeatureMAFModel(tiny_config(**overrides))
-    with torch.no_grad():  # blocks away from the identity, statistics away from (0, 1)
-        for name, parameter in model.named_parameters():
-            if not name.startswith("backbone."):
-                parameter.add_(0.05 * torch.randn_like(parameter))
-        with warnings.catch_warnings():  # it reports the masked connections the noise touched
-            warnings.simplefilter("ignore")
-            model.zero_absent_connections()
+    # blocks away from the identity (the frozen backbone keeps its weights)
+    model = randomize_flow(FeatureMAFModel(tiny_config(**overrides)), seed, std=0.05, other_std=0.05)
     # statistics away from (0, 1) and per-location Gaussians away from the identity
     model.fit_feature_statistics(random_features(model, 12, seed))
     return model.eval()

@@ -9,8 +9,9 @@ from modeling_maf.modeling_maf import MaskedLinear
 
 def randomize_flow(model, seed=0, std=0.1, other_std=None):
     """Random weights and biases on a flow's MADE connections (absent ones kept at zero; a fresh flow is the identity,
-    which would compare trivially), and, with `other_std`, on every other leaf module's parameters (location
-    embeddings, batch norms), drawn in module order from one seeded generator. Returns the model."""
+    which would compare trivially), and, with `other_std`, on every other leaf module's trainable parameters (location
+    embeddings, batch norms; not a frozen backbone's), drawn in module order from one seeded generator. Returns the
+    model."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -19,7 +20,8 @@ def randomize_flow(model, seed=0, std=0.1, other_std=None):
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * std)
             elif other_std is not None and not list(module.children()):
                 for parameter in module.parameters(recurse=False):
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * other_std)
+                    if parameter.requires_grad:
+                        parameter.copy_(torch.randn(parameter.shape, generator=generator) * other_std)
     return model
 
 
