@@ -168,8 +168,12 @@ def build_model(args, num_channels: int, device):
             raise UsageError(f"{args.model_name_or_path} was trained at image_size={model.config.image_size}; "
                              f"pass --image_size {model.config.image_size}.")
         return model
-    with torch.device(device):
-        model = model_class(config_class(image_size=args.image_size, **overrides))
+    config = config_class(image_size=args.image_size, **overrides)
+    try:
+        with torch.device(device):
+            model = model_class(config)
+    except ValueError as error:  # fields that are each valid but build no model (e.g. a whitening too large to store)
+        raise UsageError(f"{str(error).rstrip('.')}: the flags of the same names set them (see --help).") from error
     if args.flow_type == "feature_maf" and model.config.use_pretrained_backbone:
         model.load_pretrained_backbone(token=args.hub_token)
     return model

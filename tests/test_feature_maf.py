@@ -248,3 +248,18 @@ def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch
     detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
     report = json.loads((output / "anomaly" / "anomaly_report.json").read_text())
     assert report["image_auroc"] is not None and report["pixel_auroc"] is None  # no masks: no pixel AUROC
+
+
+def test_train_maf_refuses_a_whitening_too_large_in_one_line(tmp_path, monkeypatch):
+    """Flags that are each valid but build no detector end in one line that names the field and the fix."""
+    import modeling_maf.modeling_feature_maf as module
+    from script_runner import run_in_process
+
+    monkeypatch.setattr(module, "MAX_WHITENING_NUMBERS", 100)
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=4, num_test_good=1, defects=(("crack", 1),))
+    result = run_in_process("train_maf.py", "--flow_type", "feature_maf", "--data_dir", data, "--output_dir",
+                            tmp_path / "detector", "--image_size", 32, "--use_pretrained_backbone", "false",
+                            expect_ok=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("train_maf.py: error: location_whitening needs") and "--help" in lines[-1], lines
