@@ -5,9 +5,12 @@ side by side with nflows 0.14 at the same layer shapes, in one process: fp32 and
     TRITON_INTERPRET=1 python benchmarks/time_maf_log_prob.py --smoke     # CPU, tiny sizes: checks that it runs
 
 Rows (median ms over --repeats rounds in which the variants take turns, so a drift of the clocks touches all alike):
-  - log_prob of the whole spec MAF (7 blocks of 49,152 -> 512 -> 512 -> 2 x 49,152), eval mode, no grad: `dense`
-    (HF_DGM_BLOCK_SPARSE=0), `block-sparse` (fp32 products as tf32x3, the default), `block-sparse ieee` (fp32 only:
-    plain float32 multiply-adds), and nflows' MaskedAutoregressiveFlow when it is importable;
+  - log_prob of the whole spec MAF (7 blocks of 49,152 -> 512 -> 512 -> 2 x 49,152), eval mode, no grad, as users
+    call it (through the density's CUDA graph, flow_graphs.py): `dense` (HF_DGM_BLOCK_SPARSE=0), `block-sparse` (the
+    default: the kernel where `masked_matmul.pays`, fp32 products as tf32x3), `block-sparse every layer` (the kernel
+    wherever the tiles skip enough, also for bf16 products of many rows), `block-sparse ieee` (fp32 only: plain
+    float32 multiply-adds); `dense eager` and `block-sparse eager` without the graph; and nflows'
+    MaskedAutoregressiveFlow when it is importable;
   - the floor: bytes a log_prob must move (the connected weights once, the pixels, each block's input read and output
     written) over the copy bandwidth measured here; and the multiply-adds of the connected weights (GFLOP);
   - every layer of one MADE alone: dense F.linear against the kernel's default tile shapes and, with --sweep, the
@@ -73,6 +76,32 @@ def environment(**values):
 DENSE = {masked_matmul.DISABLE_ENV: "0", masked_matmul.FP32_PRECISION_ENV: None}
 SPARSE = {masked_matmul.DISABLE_ENV: None, masked_matmul.FP32_PRECISION_ENV: None}
 SPARSE_IEEE = {masked_matmul.DISABLE_ENV: None, masked_matmul.FP32_PRECISION_ENV: "ieee"}
+
+
+def without_graphs(model, fn):
+    """``fn`` with the model's density CUDA graphs off (every op launched from Python, as before flow_graphs.py)."""
+    def run():
+        model.density_cuda_graphs = False
+        try:
+            return fn()
+        finally:
+            model.density_cuda_graphs = True
+
+    return run
+
+
+def with_every_layer_on_the_kernel(fn):
+    """``fn`` with masked_matmul.pays' rule for half precision lifted: the kernel for every layer with enough zero
+    tiles whatever the batch (what the rule is measured against)."""
+    def run():
+        saved = masked_matmul.MAX_HALF_PRECISION_ROWS
+        masked_matmul.MAX_HALF_PRECISION_ROWS = 2**31
+        try:
+            return fn()
+        finally:
+            masked_matmul.MAX_HALF_PRECISION_ROWS = saved
+
+    return run
 
 
 def sync():
@@ -216,7 +245,10 @@ def main(argv=None):
         results["floor"].append(log_prob_floor(model, batch, results["copy_bandwidth_GBps"]))
         for dtype in DTYPES:
             ours = log_prob_fn(model, lambda m, p: m(p).log_prob, pixels, dtype)
-            variants = {"dense": (ours, DENSE), "block-sparse": (ours, SPARSE)}
+            eager, every_layer = without_graphs(model, ours), with_every_layer_on_the_kernel(ours)
+            variants = {"dense": (ours, DENSE), "block-sparse": (ours, SPARSE),
+                        "block-sparse every layer": (every_layer, SPARSE),
+                        "dense eager": (eager, DENSE), "block-sparse eager": (eager, SPARSE)}
             if dtype == "fp32":
                 variants["block-sparse ieee"] = (ours, SPARSE_IEEE)
             if flow is not None:
@@ -227,15 +259,16 @@ def main(argv=None):
                 if "nflows 0.14" in medians:
                     row["speedup_vs_nflows"] = medians["nflows 0.14"] / ms
                 results["log_prob"].append(row)
-                print(f"log_prob b{batch} {dtype} {name:18s} {ms:8.3f} ms"
+                print(f"log_prob b{batch} {dtype} {name:24s} {ms:8.3f} ms"
                       + (f"  {row['speedup_vs_nflows']:.2f}x nflows" if "speedup_vs_nflows" in row else ""),
                       flush=True)
             with environment(**DENSE):
-                dense = ours()
-            for name, env in (("block-sparse", SPARSE), ("block-sparse ieee", SPARSE_IEEE)):
-                if name in variants:
+                dense = eager()  # the reference: dense GEMMs launched from Python
+            for name in variants:
+                if not name.startswith("nflows"):
+                    fn, env = variants[name]
                     with environment(**env):
-                        difference = (ours().double() - dense.double()).abs()
+                        difference = (fn().double() - dense.double()).abs()
                     results["agreement"].append({"variant": name, "batch": batch, "dtype": dtype,
                                                  "max_abs_diff_nats": float(difference.max()),
                                                  "max_rel_diff": float((difference / dense.double().abs()).max())})

@@ -10,8 +10,10 @@ ranges are derived from the layer's degrees on first use and cached per device (
 Used by ``MaskedLinear.forward`` when no weight gradient is needed (``log_prob``, anomaly scoring in eval/no-grad
 mode; inputs may take gradients: the input gradient is the same kernel over the transposed tiles). It runs where
 Triton is importable and the tensors are on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, which is how the tests
-run it), for float32, bfloat16 and float16 (also under autocast, reading float32 weights and casting tiles in
-registers), and only for layers whose tiles skip enough of the matrix; everything else takes the dense ``F.linear``.
+run it). The kernel takes float32, bfloat16 and float16 (also under autocast, reading float32 weights and casting
+tiles in registers); by default (``pays``) it runs where it measured faster than cuBLAS: layers whose tiles skip
+enough of the matrix, for float32 products and for half-precision products of a few rows. Everything else takes the
+dense ``F.linear``.
 ``HF_DGM_BLOCK_SPARSE=0`` in the environment turns it off.
 
 float32 products use Triton's ``tf32x3`` by default (three TF32 tensor-core products that carry about 21 of fp32's
@@ -41,6 +43,11 @@ FP32_PRECISIONS = ("tf32x3", "ieee")
 # A layer takes the kernel only when its tiles cover at most this fraction of the matrix: a random input permutation
 # (or random hidden degrees) leaves almost no zero tile, and then cuBLAS's dense GEMM is the faster way.
 MAX_COVERED_FRACTION = 0.8
+# ... and, for half-precision products, only for batches of at most this many rows: chosen by measurement
+# (docs/RESULTS.md, "log_prob"). A few rows are bound by reading the weights, and the kernel reads the float32 weights
+# once, casting tiles in registers, where autocast's cuBLAS path first writes and reads a cast copy; for larger
+# batches cuBLAS's half-precision GEMMs are the faster ones. ``force=True`` (tests, benchmarks) skips these rules.
+MAX_HALF_PRECISION_ROWS = 16
 
 if triton is not None:
 
@@ -195,6 +202,13 @@ def block_sparse_enabled() -> bool:
     return triton is not None and os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def kernel_settings() -> tuple:
+    """The switches that decide which kernels a call launches (part of a CUDA graph's key: a graph captured with one
+    setting must not serve another)."""
+    return (block_sparse_enabled(), os.environ.get(FP32_PRECISION_ENV), torch.backends.cuda.matmul.allow_tf32,
+            MAX_HALF_PRECISION_ROWS, MAX_COVERED_FRACTION)
+
+
 def _fp32_precision() -> str:
     if torch.backends.cuda.matmul.allow_tf32:  # the dense path is TF32 then: so is this one
         return "tf32"
@@ -316,15 +330,23 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     if compute_dtype is None or max(inputs.numel(), weight.numel(), inputs.shape[0] * weight.shape[0]) >= 2**31:
         return None  # the kernel's offsets are int32
     try:
-        if not force:
-            _, block_n, block_k, _, _ = config or default_config(inputs.shape[0], compute_dtype)
-            if _plan(layer, False, block_n, block_k, inputs.device).covered_fraction > MAX_COVERED_FRACTION:
-                return None
+        if not force and not pays(layer, inputs.shape[0], compute_dtype, inputs.device, config):
+            return None
         if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
             return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
         return _launch(layer, inputs, weight, bias, compute_dtype, transposed=False, config=config)
     except _NotPlanned:  # a capture before the first eager call of this shape: the dense GEMM is captured instead
         return None
+
+
+def pays(layer, num_rows: int, compute_dtype: torch.dtype, device, config=None) -> bool:
+    """Whether ``block_sparse_linear`` runs the kernel (rather than cuBLAS) for ``num_rows`` rows of products in
+    ``compute_dtype`` through ``layer``: float32 products, or half-precision ones for at most MAX_HALF_PRECISION_ROWS
+    rows, through tiles that cover at most MAX_COVERED_FRACTION of the matrix."""
+    if compute_dtype != torch.float32 and num_rows > MAX_HALF_PRECISION_ROWS:
+        return False
+    _, block_n, block_k, _, _ = config or default_config(num_rows, compute_dtype)
+    return _plan(layer, False, block_n, block_k, torch.device(device)).covered_fraction <= MAX_COVERED_FRACTION
 
 
 def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
@@ -334,4 +356,5 @@ def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
     return _covered_fraction(ranges, block_n, block_k, len(row_degrees), len(col_degrees))
 
 
-__all__ = ["block_sparse_linear", "block_sparse_enabled", "covered_fraction", "default_config", "tile_ranges"]
+__all__ = ["block_sparse_linear", "block_sparse_enabled", "covered_fraction", "default_config", "kernel_settings",
+           "pays", "tile_ranges"]

@@ -42,12 +42,13 @@ from .anomaly_scores import (
     NLLMaps,
 )
 from .configuration_maf import IAFConfig, MAFConfig
+from .flow_graphs import can_replay, replay_flow
 from .image_processing_maf import IMAGE_PROCESSOR_FILE, MAFImageProcessor
-from .masked_matmul import block_sparse_linear
+from .masked_matmul import block_sparse_linear, kernel_settings
 from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
 from .sampling_maf import MAFSamplingMixin
-from .sequential_solver import affine_density, affine_generate, can_replay, replay_generation, solve_sequential
+from .sequential_solver import affine_density, affine_generate, solve_sequential
 
 
 logger = logging.get_logger(__name__)
@@ -535,6 +536,9 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     conditioner_on_noise = False
     # Sampling on CUDA replays a CUDA graph of the whole sampling direction (captured per batch shape); False: eager.
     sampling_cuda_graphs = True
+    # Density on CUDA in eval mode without gradients (log_prob, encode, the anomaly maps) replays a CUDA graph of
+    # every block (captured per batch shape, from the second call on); False: eager.
+    density_cuda_graphs = True
 
     def __init__(self, config: MAFConfig):
         super().__init__(config)
@@ -597,7 +601,14 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
 
     def _flow_density(self, logits, locations=None):
         """logits (rows, D) -> (latents, per-dimension sum of log-dets), everything float32. `locations` (rows,):
-        the patch locations of a patch model."""
+        the patch locations of a patch model. On CUDA in eval mode without gradients it replays a CUDA graph of every
+        block from the second call at the same shape on (``flow_graphs.py``) unless ``density_cuda_graphs`` is False."""
+        if self.density_cuda_graphs and not self.training and can_replay(logits):
+            return replay_flow(self, "density", self._flow_density_eagerly, logits, locations,
+                               settings=kernel_settings())
+        return self._flow_density_eagerly(logits, locations)
+
+    def _flow_density_eagerly(self, logits, locations=None):
         hidden, log_det = logits, torch.zeros_like(logits)
         for index, block in enumerate(self.blocks):
             hidden, block_log_det = self._block_density(block, hidden, locations)
@@ -610,9 +621,11 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     def _flow_generate(self, latents, show_progress=False, locations=None):
         """latents (rows, D) -> (logits, per-dimension log|d logits / d latents|), everything float32. On CUDA without
         gradients it replays a CUDA graph of every block from the second call at the same shape on
-        (``sequential_solver.py``) unless ``sampling_cuda_graphs`` is False; the progress bar is of eager runs."""
+        (``flow_graphs.py``) unless ``sampling_cuda_graphs`` is False; the progress bar is of eager runs."""
         if self.sampling_cuda_graphs and can_replay(latents):
-            return replay_generation(self, self._flow_generate_eagerly, latents, locations, show_progress)
+            return replay_flow(self, "generation", self._flow_generate_eagerly, latents, locations,
+                               settings=kernel_settings(),
+                               eager_run=lambda: self._flow_generate_eagerly(latents, locations, show_progress))
         return self._flow_generate_eagerly(latents, locations, show_progress)
 
     def _flow_generate_eagerly(self, latents, locations=None, show_progress=False):

@@ -1,5 +1,4 @@
-"""The sequential direction of a MADE block (MAF sampling, IAF density), solved exactly one segment at a time, and
-CUDA graphs of a flow's whole sampling direction.
+"""The sequential direction of a MADE block (MAF sampling, IAF density), solved exactly one segment at a time.
 
 A MADE's output i depends on inputs of degree <= m_L(k) only through last-layer hidden units k with m_L(k) < i. With
 the distinct last-layer degrees s_1 < ... < s_r, the outputs of degrees (s_j, s_{j+1}] therefore depend only on the
@@ -16,18 +15,12 @@ preallocated (batch, D) buffers. When a block's ordering is the natural or the r
 permutation), every segment is a contiguous range of pixel positions, so the weights are used as views, never copied;
 a random ordering gathers the weights into degree order once per call.
 
-``replay_generation`` runs a flow's whole sampling direction (every block, 3,591 passes at the spec size) as one CUDA
-graph, captured per (batch shape, dtype, device, inference mode, parameter storage) on the second call with that key
-(the first runs eagerly, so a one-off call pays no capture) and replayed afterwards: what remains is the kernels
-themselves, without Python or launch overhead. The graph reads the parameters where they live,
-so in-place weight updates (training) are seen by the next replay; a parameter moved to new storage (``.to()``,
-``load_state_dict(assign=True)``) makes a new graph.
+Whole directions of a flow (every block) run as CUDA graphs through ``flow_graphs.py``.
 
 This file imports only torch (and Triton where present), so a Hub repo made by ``save_pretrained`` loads with
 ``trust_remote_code=True``.
 """
 
-import collections
 import weakref
 
 import torch
@@ -303,70 +296,3 @@ def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update
         log_scale.stride(0), weight.stride(0), pre_activation.stride(0), hidden.stride(0), float(clamp),
         INVERT=invert, BLOCK_ROWS=max(16, triton.next_power_of_2(rows)),
         BLOCK_WIDTH=max(16, triton.next_power_of_2(width)), BLOCK_UNITS=_UPDATE_BLOCK_UNITS)
-
-
-# ---------------------------------------------------------------------------------- CUDA graphs of sampling
-# Graphs of one model, newest last, at most this many (each holds its own memory pool).
-MAX_GRAPHS_PER_MODEL = 4
-_GRAPHS = weakref.WeakKeyDictionary()
-
-
-def can_replay(latents: torch.Tensor) -> bool:
-    """Whether sampling from ``latents`` may use a CUDA graph: on CUDA, without gradients, outside autocast (whose
-    cache of cast weights must not live in a graph's memory) and not inside another capture."""
-    return (latents.is_cuda and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
-            and not torch.cuda.is_current_stream_capturing())
-
-
-class _GenerationGraph:
-    """One captured run of ``generate(latents, locations) -> (logits, log_det)`` on static input buffers. The caller has
-    run ``generate`` eagerly at these shapes before (library handles created, Triton kernels compiled)."""
-
-    def __init__(self, generate, latents, locations):
-        self.latents = latents.clone()
-        self.locations = locations.clone() if locations is not None else None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = generate(self.latents, self.locations)
-
-    def replay(self, latents, locations):
-        self.latents.copy_(latents)
-        if locations is not None:
-            self.locations.copy_(locations)
-        self.graph.replay()
-        return tuple(output.clone() for output in self.outputs)
-
-
-def _graph_key(model, latents, locations):
-    storage = tuple(tensor.data_ptr() for tensor in model.parameters()) + tuple(
-        tensor.data_ptr() for tensor in model.buffers())
-    # Inference mode is part of the key: a graph's static inputs made under it cannot be written outside it.
-    return (tuple(latents.shape), latents.dtype, latents.device, locations is None, torch.is_inference_mode_enabled(),
-            storage)
-
-
-def replay_generation(model, generate, latents: torch.Tensor, locations: torch.Tensor | None = None,
-                      show_progress: bool = False):
-    """``generate(latents, locations, show_progress)`` (a flow's whole sampling direction) through a CUDA graph of
-    ``model``. The first call for a key runs eagerly (a single call costs no more than before, and it warms up what a
-    capture needs); the second captures the graph and replays it; later calls replay it. Returns fresh tensors."""
-    cache = _GRAPHS.setdefault(model, {"graphs": collections.OrderedDict(), "seen": set()})
-    graphs, seen = cache["graphs"], cache["seen"]
-    key = _graph_key(model, latents, locations)
-    graph = graphs.get(key)
-    if graph is None:
-        if key not in seen:
-            if len(seen) >= 16 * MAX_GRAPHS_PER_MODEL:
-                seen.clear()
-            seen.add(key)
-            return generate(latents, locations, show_progress)
-        graph = graphs[key] = _GenerationGraph(generate, latents, locations)
-        while len(graphs) > MAX_GRAPHS_PER_MODEL:
-            graphs.popitem(last=False)
-    graphs.move_to_end(key)
-    return graph.replay(latents, locations)
-
-
-def clear_graphs(model) -> None:
-    """Drops the sampling graphs of ``model`` (and their memory)."""
-    _GRAPHS.pop(model, None)

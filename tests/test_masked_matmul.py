@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import modeling_maf.masked_matmul as mm
 from modeling_maf import MAFConfig, MAFModel
 from modeling_maf.masked_matmul import DISABLE_ENV, block_sparse_linear, covered_fraction, tile_ranges
 
@@ -56,6 +57,19 @@ def test_spec_layers_skip_almost_half_of_every_matrix_in_the_default_ordering():
     for block in model.blocks:
         for layer in block.made.layers:
             assert 0.5 <= covered_fraction(layer) < 0.57
+
+
+def test_the_kernel_runs_only_where_it_measured_faster_than_cublas():
+    """`pays`: float32 products through every spec layer, bfloat16 ones for a few rows only; never a layer whose
+    random ordering leaves no zero tiles."""
+    with torch.device("meta"):
+        spec = MAFModel(MAFConfig(num_blocks=2))
+        shuffled = MAFModel(MAFConfig(num_blocks=1, permutation="random", degree_assignment="random"))
+    for layer in spec.blocks[1].made.layers:
+        assert mm.pays(layer, 132, torch.float32, "cpu") and mm.pays(layer, 8, torch.float32, "cpu")
+        assert mm.pays(layer, 16, torch.bfloat16, "cpu") and not mm.pays(layer, 17, torch.bfloat16, "cpu")
+    for layer in shuffled.blocks[0].made.layers:
+        assert not mm.pays(layer, 8, torch.float32, "cpu") and not mm.pays(layer, 8, torch.bfloat16, "cpu")
 
 
 def test_without_cuda_or_the_interpreter_the_dense_path_runs(monkeypatch):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel, sequential_solver
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel, flow_graphs, sequential_solver
 from modeling_maf.modeling_maf import MADEBlock
 from tiny_models import randomize_flow
 
@@ -188,7 +188,7 @@ def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case
         return model.sample(3, generator=torch.Generator("cuda").manual_seed(seed))
     # Eager (first call at this shape), captured and replayed, then replayed twice more.
     graphed = [sample(seed) for seed in (1, 2, 1, 2)]
-    assert len(sequential_solver._GRAPHS[model]["graphs"]) == 1
+    assert flow_graphs.num_graphs(model, "generation") == 1
     assert not torch.equal(graphed[2], graphed[3])
     monkeypatch.setattr(model, "sampling_cuda_graphs", False)
     monkeypatch.setattr(sequential_solver, "FUSE_WITH_TRITON", False)
@@ -201,4 +201,4 @@ def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case
     eager = sample(1)
     monkeypatch.setattr(model, "sampling_cuda_graphs", True)
     torch.testing.assert_close(sample(1), eager, rtol=0, atol=1e-5)
-    assert len(sequential_solver._GRAPHS[model]["graphs"]) == 1
+    assert flow_graphs.num_graphs(model, "generation") == 1
