@@ -6,7 +6,7 @@ from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_maf import DEGREE_ASSIGNMENTS, NORMALIZATIONS, PERMUTATIONS
 
 
-# The default backbone stages (with the default image_size, 320), chosen by measurement
+# The default backbone stages (with the default image_size, 384), chosen by measurement
 # (docs/RESULTS.md#feature-space-detector).
 DEFAULT_STAGES = ("stage4", "stage5")
 IMAGE_SCORES = ("map-max", "map-topk", "patch-z-top3", "standardized-topk", "standardized-map")
@@ -68,7 +68,7 @@ class FeatureMAFConfig(PreTrainedConfig):
             Extra fields for the backbone's config (e.g. ``{"out_indices": [2, 3]}``).
         out_features (`list[str]`, *optional*):
             The backbone stages to read (stored in ``backbone_config.out_features``; e.g. ``["stage2", "stage3"]``).
-        image_size (`int`, *optional*, defaults to 320):
+        image_size (`int`, *optional*, defaults to 384):
             Side of the square images the detector reads.
         num_channels (`int`, *optional*, defaults to 3):
             Image channels (the pretrained backbones read RGB).
@@ -119,7 +119,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         use_timm_backbone: bool = False,
         backbone_kwargs: dict | None = None,
         out_features: list[str] | None = None,
-        image_size: int = 320,
+        image_size: int = 384,
         num_channels: int = 3,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,

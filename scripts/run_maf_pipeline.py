@@ -9,7 +9,7 @@ environment and calls this.
 
 Presets: `spec` trains the default whole-image MAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8,
 100 epochs, lr 1e-4), `cpu` a 64x64 MAF (3 blocks of 256-256, 8 epochs); both train the feature detector at its
-defaults (320x320 images, EfficientNet-Lite0 stages 4 and 5 whitened per location, 4 MADE blocks of 128-128, 3 epochs
+defaults (384x384 images, EfficientNet-Lite0 stages 4 and 5 whitened per location, 4 MADE blocks of 128-128, 3 epochs
 of one image's vectors a step: seconds on a CPU). Every stage runs the script of its own (train_maf.py, sample_maf.py,
 detect_anomalies.py) in this process, so imports are paid once; each stage's wall time goes to
 OUTPUT_DIR/pipeline_results.json with the detectors' figures.

