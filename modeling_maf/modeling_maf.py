@@ -48,7 +48,7 @@ from .masked_matmul import block_sparse_linear, kernel_settings
 from .patches_maf import PatchLayout
 from .pipeline_maf import AnomalyDetectionPipeline
 from .sampling_maf import MAFSamplingMixin
-from .sequential_solver import affine_density, affine_generate, solve_sequential
+from .sequential_solver import affine_density, affine_generate, density_in_one_kernel, solve_sequential
 
 
 logger = logging.get_logger(__name__)
@@ -285,14 +285,18 @@ class MADE(nn.Module):
     def soft_clamp(self, raw_log_scale: torch.Tensor) -> torch.Tensor:
         return self.log_scale_clamp * torch.tanh(raw_log_scale / self.log_scale_clamp)
 
-    def forward(self, inputs: torch.Tensor, locations: torch.Tensor | None = None):
+    def last_hidden(self, inputs: torch.Tensor, locations: torch.Tensor | None = None) -> torch.Tensor:
+        """The activations of the last hidden layer, (batch, hidden_sizes[-1])."""
         hidden = self.layers[0](inputs)
         offset = self.position_offset(locations, hidden)
         hidden = self.activation(hidden if offset is None else hidden + offset)
         for layer in self.layers[1:-1]:
             hidden = self.activation(layer(hidden))
+        return hidden
+
+    def forward(self, inputs: torch.Tensor, locations: torch.Tensor | None = None):
         # Affine parameters (and everything downstream) in float32, also under bf16 autocast.
-        output = _at_least_float32(self.layers[-1](hidden))
+        output = _at_least_float32(self.layers[-1](self.last_hidden(inputs, locations)))
         shift, raw_log_scale = output.split(self.num_features, dim=1)
         return shift, self.soft_clamp(raw_log_scale)
 
@@ -587,6 +591,10 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     def _block_density(self, block, data_side, locations=None):
         """One block, data side -> noise side. Returns (noise, per-dimension log-det)."""
         if not self.conditioner_on_noise:
+            fused = density_in_one_kernel(block.made, data_side, locations)  # None: not on CUDA, or with gradients
+            if fused is not None:
+                noise, log_scale = fused
+                return noise, log_scale.neg_()
             shift, log_scale = block(data_side, locations)
             return (data_side - shift) * torch.exp(-log_scale), -log_scale
         noise, log_scale = block.solve_sequential(data_side, affine_density, locations)

@@ -21,6 +21,7 @@ This file imports only torch (and Triton where present), so a Hub repo made by `
 ``trust_remote_code=True``.
 """
 
+import os
 import weakref
 
 import torch
@@ -191,15 +192,16 @@ if triton is not None:
 
     @triton.jit
     def _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half, products_stride,
-                       bias_half, known_stride, clamp, INVERT: tl.constexpr):
+                       bias_half, known_stride, clamp, INVERT: tl.constexpr, HAS_BIAS: tl.constexpr):
         """(solved, log_scale) at (row, column) of a segment: shift = products[0] + bias[0], raw = products[1] +
-        bias[1]; log_scale = clamp * tanh(raw / clamp); solved = known * exp(log_scale) + shift (INVERT=0) or
-        (known - shift) / exp(log_scale) (INVERT=1). Every operand is addressed by its strides."""
+        bias[1] (no bias without HAS_BIAS); log_scale = clamp * tanh(raw / clamp); solved = known * exp(log_scale) +
+        shift (INVERT=0) or (known - shift) / exp(log_scale) (INVERT=1). Every operand is addressed by its strides."""
         at = products_ptr + row * products_stride + column
         shift = tl.load(at, mask=inside, other=0.0).to(tl.float32)
         raw = tl.load(at + products_half, mask=inside, other=0.0).to(tl.float32)
-        shift += tl.load(bias_ptr + column, mask=inside, other=0.0).to(tl.float32)
-        raw += tl.load(bias_ptr + bias_half + column, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + column, mask=inside, other=0.0).to(tl.float32)
+            raw += tl.load(bias_ptr + bias_half + column, mask=inside, other=0.0).to(tl.float32)
         known = tl.load(known_ptr + row * known_stride + column, mask=inside, other=0.0).to(tl.float32)
         scaled = raw / clamp
         # tanh(y) = sign(y) * (1 - e) / (1 + e) with e = exp(-2|y|): no overflow for any y.
@@ -216,13 +218,13 @@ if triton is not None:
     @triton.jit
     def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
                             products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
-                            clamp, INVERT: tl.constexpr, BLOCK: tl.constexpr):
+                            clamp, INVERT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         """`_solve_segment` over a (rows, width) segment, BLOCK elements a program; writes solved and log_scale."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = index < total
         row, column = index // width, index % width
         solved, log_scale = _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half,
-                                           products_stride, bias_half, known_stride, clamp, INVERT)
+                                           products_stride, bias_half, known_stride, clamp, INVERT, HAS_BIAS)
         tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
         tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
 
@@ -239,7 +241,7 @@ if triton is not None:
         column = tl.arange(0, BLOCK_WIDTH)[None, :]
         inside = (row < rows) & (column < width)
         solved, log_scale = _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half,
-                                           products_stride, bias_half, known_stride, clamp, INVERT)
+                                           products_stride, bias_half, known_stride, clamp, INVERT, True)
         solved = tl.where(inside, solved, 0.0)
         if tl.program_id(0) == 0:
             tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
@@ -264,22 +266,25 @@ _UPDATE_BLOCK_UNITS = 32
 
 def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update=None):
     """One kernel for the bias, the soft clamp and the affine solve of one segment: ``products`` (2, rows, width)
-    are the segment's shifts and raw log-scales before their ``bias`` (2, width); writes ``solved`` and ``log_scale``
-    (rows, width views of the output buffers). Every operand's last dimension must be contiguous.
+    are the segment's shifts and raw log-scales before their ``bias`` (2, width; None: already added); writes
+    ``solved`` and ``log_scale`` (rows, width views of the output buffers). Every operand's last dimension must be
+    contiguous.
 
     ``update=(weight, pre_activation, hidden)``: the same kernel then also adds ``solved @ weight.T`` to
     ``pre_activation`` (rows, H) in place and writes its ReLU into ``hidden`` (rows, H); ``weight`` (H, width) are
     the first layer's columns of the segment; all float32, at most _UPDATE_MAX_ROWS rows and _UPDATE_MAX_WIDTH
     columns."""
     rows, width = solved.shape
-    if min(tensor.stride(-1) for tensor in (products, bias, known, solved, log_scale)) != 1 or width == 0:
+    operands = (products, known, solved, log_scale) + ((bias,) if bias is not None else ())
+    if min(tensor.stride(-1) for tensor in operands) != 1 or width == 0:
         raise ValueError("the fused tail needs operands whose last dimension is contiguous")
     if update is None:
         total = rows * width
         block = 256
         _affine_tail_kernel[(triton.cdiv(total, block),)](
-            products, bias, known, solved, log_scale, width, total, products.stride(0), products.stride(1),
-            bias.stride(0), known.stride(0), solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert,
+            products, bias if bias is not None else products, known, solved, log_scale, width, total,
+            products.stride(0), products.stride(1), bias.stride(0) if bias is not None else 0, known.stride(0),
+            solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert, HAS_BIAS=bias is not None,
             BLOCK=block)
         return
     weight, pre_activation, hidden = update
@@ -296,3 +301,25 @@ def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update
         log_scale.stride(0), weight.stride(0), pre_activation.stride(0), hidden.stride(0), float(clamp),
         INVERT=invert, BLOCK_ROWS=max(16, triton.next_power_of_2(rows)),
         BLOCK_WIDTH=max(16, triton.next_power_of_2(width)), BLOCK_UNITS=_UPDATE_BLOCK_UNITS)
+
+
+def density_in_one_kernel(made, inputs: torch.Tensor, locations: torch.Tensor | None = None):
+    """The parallel direction of a MAF block without gradients on CUDA: ``(noise, log_scale)``, noise = (inputs -
+    shift) / exp(log_scale), from one MADE evaluation whose output is read once by the fused tail (the soft clamp and
+    the affine solve in one kernel, instead of the eight elementwise torch kernels of ``MADE.forward`` and the solve,
+    each of which reads and writes (batch, D) in memory). None where it does not apply (no Triton, not on CUDA, with
+    gradients, ``FUSE_WITH_TRITON`` off, inputs that are not contiguous float32, offsets beyond int32; on the CPU only
+    under Triton's interpreter, which is how the tests run it): the caller runs the torch path."""
+    num_features = made.num_features
+    on_device = inputs.is_cuda or (inputs.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if (not FUSE_WITH_TRITON or triton is None or not on_device or torch.is_grad_enabled()
+            or inputs.dtype != torch.float32 or not inputs.is_contiguous() or inputs.ndim != 2
+            or inputs.shape[0] * 2 * num_features >= 2**31 or not inputs.shape[0]):
+        return None
+    output = made.layers[-1](made.last_hidden(inputs, locations))  # (rows, 2D): shifts, then raw log-scales
+    if output.stride(-1) != 1 or output.stride(0) != 2 * num_features:
+        return None
+    noise, log_scale = torch.empty_like(inputs), torch.empty_like(inputs)
+    products = output.view(-1, 2, num_features).transpose(0, 1)  # (2, rows, D) views, biases included
+    _affine_tail(products, None, inputs, noise, log_scale, made.log_scale_clamp, _FUSED_SOLVES[affine_density])
+    return noise, log_scale

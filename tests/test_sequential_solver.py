@@ -162,9 +162,37 @@ print("ok")
 """
 
 
+FUSED_DENSITY = r"""
+import torch
+from modeling_maf import MAFConfig, MAFModel, sequential_solver as solver
+from tiny_models import randomize_flow
+generator = torch.Generator().manual_seed(0)
+cases = (dict(image_size=4, num_channels=2, hidden_sizes=[12, 10], num_blocks=3),
+         dict(image_size=8, num_channels=2, hidden_sizes=[16, 16], num_blocks=2, patch_size=4, patch_stride=2))
+for fields in cases:
+    model = randomize_flow(MAFModel(MAFConfig(**fields)), seed=1, std=0.3, other_std=0.3).eval()
+    pixels = torch.rand(3, fields["num_channels"], fields["image_size"], fields["image_size"], generator=generator)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            calls = []
+            original = solver._affine_tail
+            solver._affine_tail = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+            fused = model(pixels)
+            solver._affine_tail = original
+            assert len(calls) == fields["num_blocks"], calls
+            solver.FUSE_WITH_TRITON = False
+            reference = model(pixels)
+            solver.FUSE_WITH_TRITON = True
+        torch.testing.assert_close(fused.log_prob, reference.log_prob, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(fused.latents, reference.latents, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
 def _run_in_interpreter(script):
     pytest.importorskip("triton")
-    environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    environment = {**os.environ, "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
@@ -173,6 +201,11 @@ def _run_in_interpreter(script):
 def test_triton_tail_with_the_first_layer_update_matches_torch_in_the_interpreter():
     """The pass's one Triton kernel on CUDA: the tail, then pre-activation += solved @ W.T and its ReLU."""
     _run_in_interpreter(TRITON_TAIL_WITH_UPDATE)
+
+
+def test_density_with_the_fused_tail_matches_the_torch_path_in_the_interpreter():
+    """A MAF block's parallel direction on CUDA without gradients: one MADE evaluation read once by the Triton tail."""
+    _run_in_interpreter(FUSED_DENSITY)
 
 
 def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
