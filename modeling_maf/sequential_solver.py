@@ -7,7 +7,9 @@ inputs of degree <= s_j: the block is inverted exactly in r + 1 MADE passes, one
 One pass here is a fixed, short sequence of kernels: the first layer's pre-activation is updated in place with the
 columns of the segment just solved (each first-layer weight is read once per inversion), the middle layers run on
 (batch, H), and only the segment's output rows are evaluated. On CUDA with Triton a pass is three kernels: the middle
-layers (one cuBLAS call each), the segment's output rows (one batched matmul), and one Triton kernel that adds the
+layers (one cuBLAS call each), the segment's output rows (for a few float32 rows a Triton kernel whose programs each
+hold a few rows of the output weight, where cuBLAS's batched matmul would run a handful of long tiles; else that
+matmul), and one Triton kernel that adds the
 biases, soft-clamps the log-scales, solves the segment, writes it, and updates the first layer's pre-activation and
 its activation with the solved columns. Nothing is allocated per pass beyond the small
 (batch, H) and (batch, segment) results, and the solved values and log-scales are written in place into
@@ -129,6 +131,8 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
     update_in_tail = (fused_kernel and relu and batch_size <= _UPDATE_MAX_ROWS
                       and pre_activation.dtype == first_weight.dtype == torch.float32 and first_weight.stride(1) == 1)
     first_hidden = made.activation(pre_activation) if update_in_tail else None
+    rows_in_triton = (update_in_tail and output_weight.dtype == torch.float32 and output_weight.stride(-1) == 1
+                      and output_weight.shape[-1] <= _SEGMENT_ROWS_MAX_HIDDEN and output_weight.numel() < 2**31)
     compute_dtype = torch.promote_types(known.dtype, torch.promote_types(pre_activation.dtype, torch.float32))
     if not differentiable:
         solved = torch.empty(batch_size, num_features, dtype=compute_dtype, device=known.device)
@@ -143,10 +147,13 @@ def solve_sequential(block, known: torch.Tensor, solve_segment, locations: torch
                 hidden = made.activation(F.linear(hidden, weight, bias))
         known_segment = known[:, low:high]
         if fused_kernel:
-            # Shifts and raw log-scales of the segment in one batched matmul; the bias, soft clamp and solve in one
-            # kernel that writes the output buffers.
+            # Shifts and raw log-scales of the segment in one kernel (a few float32 rows: `_segment_rows`; else a
+            # batched matmul); the bias, soft clamp and solve in one kernel that writes the output buffers.
             segment, log_scale = solved[:, low:high], log_scales[:, low:high]
-            products = torch.bmm(hidden.expand(2, -1, -1), output_weight[:, low:high].transpose(1, 2))
+            if rows_in_triton:
+                products = _segment_rows(hidden, output_weight[:, low:high])
+            else:
+                products = torch.bmm(hidden.expand(2, -1, -1), output_weight[:, low:high].transpose(1, 2))
             if update_in_tail and high - low <= _UPDATE_MAX_WIDTH:
                 _affine_tail(products, output_bias[:, low:high], known_segment, segment, log_scale, clamp, fused,
                              update=(first_weight[:, low:high], pre_activation, first_hidden))
@@ -255,6 +262,43 @@ if triton is not None:
         pre = tl.load(pre_ptr + row * pre_stride + unit, mask=on_units, other=0.0) + update
         tl.store(pre_ptr + row * pre_stride + unit, pre, mask=on_units)
         tl.store(hidden_ptr + row * hidden_stride + unit, tl.maximum(pre, 0.0), mask=on_units)
+
+
+    @triton.jit
+    def _segment_rows_kernel(hidden_ptr, weight_ptr, out_ptr, rows, width, hidden_size, hidden_stride, weight_half,
+                             weight_stride, out_half, out_stride, BLOCK_OUT: tl.constexpr, BLOCK_HIDDEN: tl.constexpr):
+        """out[half, r, j] = sum_k hidden[r, k] * weight[half, j, k] for BLOCK_OUT columns j of one half a program:
+        the program keeps its (BLOCK_OUT, hidden_size) weight tile in registers and reduces it against each row."""
+        half = tl.program_id(0)
+        column = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        unit = tl.arange(0, BLOCK_HIDDEN)
+        weight = tl.load(weight_ptr + half * weight_half + column[:, None] * weight_stride + unit[None, :],
+                         mask=(column[:, None] < width) & (unit[None, :] < hidden_size), other=0.0)
+        for row in range(rows):
+            hidden = tl.load(hidden_ptr + row * hidden_stride + unit, mask=unit < hidden_size, other=0.0)
+            total = tl.sum(weight * hidden[None, :], axis=1)
+            tl.store(out_ptr + half * out_half + row * out_stride + column, total, mask=column < width)
+
+
+# `_segment_rows`: columns a program, warps a program, and the largest last hidden layer it takes (its weight tile
+# lives in registers).
+_SEGMENT_ROWS_BLOCK_OUT = 8
+_SEGMENT_ROWS_WARPS = 4
+_SEGMENT_ROWS_MAX_HIDDEN = 1024
+
+
+def _segment_rows(hidden, weight):
+    """``torch.bmm(hidden.expand(2, -1, -1), weight.transpose(1, 2))`` for a few float32 rows in one Triton kernel:
+    ``hidden`` (rows, H) with contiguous rows, ``weight`` (2, width, H), the output layer's rows of one segment
+    (shifts, raw log-scales), with a contiguous last dimension. Returns (2, rows, width)."""
+    rows, hidden_size = hidden.shape
+    width = weight.shape[1]
+    out = torch.empty(2, rows, width, dtype=torch.float32, device=hidden.device)
+    _segment_rows_kernel[(2, triton.cdiv(width, _SEGMENT_ROWS_BLOCK_OUT))](
+        hidden, weight, out, rows, width, hidden_size, hidden.stride(0), weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), BLOCK_OUT=_SEGMENT_ROWS_BLOCK_OUT,
+        BLOCK_HIDDEN=triton.next_power_of_2(hidden_size), num_warps=_SEGMENT_ROWS_WARPS)
+    return out
 
 
 # The first-layer update joins the tail kernel for batches and segments up to these sizes (its registers hold the

@@ -189,6 +189,20 @@ print("ok")
 """
 
 
+SEGMENT_ROWS = r"""
+import torch
+from modeling_maf import sequential_solver as solver
+generator = torch.Generator().manual_seed(0)
+for rows, hidden_size, width in ((5, 512, 96), (1, 40, 3), (32, 100, 17)):
+    hidden = torch.randn(rows, hidden_size + 3, generator=generator)[:, 3:]  # rows with a stride of their own
+    output_weight = torch.randn(2, 300, hidden_size, generator=generator)  # (shifts | log-scales, D, H)
+    weight = output_weight[:, 50:50 + width]  # one segment's rows: a view
+    expected = torch.bmm(hidden.expand(2, -1, -1), weight.transpose(1, 2))
+    torch.testing.assert_close(solver._segment_rows(hidden, weight), expected, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
 def _run_in_interpreter(script):
     pytest.importorskip("triton")
     environment = {**os.environ, "TRITON_INTERPRET": "1",
@@ -206,6 +220,11 @@ def test_triton_tail_with_the_first_layer_update_matches_torch_in_the_interprete
 def test_density_with_the_fused_tail_matches_the_torch_path_in_the_interpreter():
     """A MAF block's parallel direction on CUDA without gradients: one MADE evaluation read once by the Triton tail."""
     _run_in_interpreter(FUSED_DENSITY)
+
+
+def test_triton_segment_rows_match_the_batched_matmul_in_the_interpreter():
+    """The pass's output rows for a few float32 rows: one Triton kernel instead of cuBLAS's batched matmul."""
+    _run_in_interpreter(SEGMENT_ROWS)
 
 
 def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
