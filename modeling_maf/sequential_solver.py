@@ -274,15 +274,17 @@ if triton is not None:
         unit = tl.arange(0, BLOCK_HIDDEN)
         weight = tl.load(weight_ptr + half * weight_half + column[:, None] * weight_stride + unit[None, :],
                          mask=(column[:, None] < width) & (unit[None, :] < hidden_size), other=0.0)
-        for row in range(rows):
+        row = 0
+        while row < rows:  # (not `for row in range(rows)`: Triton 3.6's interpreter cannot range over an argument)
             hidden = tl.load(hidden_ptr + row * hidden_stride + unit, mask=unit < hidden_size, other=0.0)
             total = tl.sum(weight * hidden[None, :], axis=1)
             tl.store(out_ptr + half * out_half + row * out_stride + column, total, mask=column < width)
+            row += 1
 
 
 # `_segment_rows`: columns a program, warps a program, and the largest last hidden layer it takes (its weight tile
 # lives in registers).
-_SEGMENT_ROWS_BLOCK_OUT = 8
+_SEGMENT_ROWS_BLOCK_OUT = 4
 _SEGMENT_ROWS_WARPS = 4
 _SEGMENT_ROWS_MAX_HIDDEN = 1024
 
