@@ -197,6 +197,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``tensor``: Triton importable and the tensor on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1`` (Triton's interpreter, which is how the tests run the kernels)."""
+    return triton is not None and (tensor.is_cuda or (_interpreting() and tensor.device.type == "cpu"))
+
+
 def block_sparse_enabled() -> bool:
     """Whether this process may use the kernel at all (Triton importable, not switched off by the environment)."""
     return triton is not None and os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -322,7 +328,7 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     weight, bias = layer.weight, layer.bias
     if not block_sparse_enabled() or inputs.ndim != 2 or inputs.shape[1] != weight.shape[1] or not len(inputs):
         return None
-    if not (inputs.is_cuda or (_interpreting() and inputs.device.type == "cpu")) or weight.device != inputs.device:
+    if not triton_runs_on(inputs) or weight.device != inputs.device:
         return None
     if torch.is_grad_enabled() and weight.requires_grad:
         return None
@@ -357,4 +363,4 @@ def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
 
 
 __all__ = ["block_sparse_linear", "block_sparse_enabled", "covered_fraction", "default_config", "kernel_settings",
-           "pays", "tile_ranges"]
+           "pays", "tile_ranges", "triton_runs_on"]

@@ -19,16 +19,17 @@ a random ordering gathers the weights into degree order once per call.
 
 Whole directions of a flow (every block) run as CUDA graphs through ``flow_graphs.py``.
 
-This file imports only torch (and Triton where present), so a Hub repo made by ``save_pretrained`` loads with
-``trust_remote_code=True``.
+This file imports only torch, Triton where present and its sibling ``masked_matmul.py``, relatively, so a Hub repo made
+by ``save_pretrained`` loads with ``trust_remote_code=True``.
 """
 
-import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .masked_matmul import triton_runs_on
 
 
 try:  # Triton ships with CUDA builds of torch; without it the pass's elementwise tail runs as torch kernels
@@ -357,8 +358,7 @@ def density_in_one_kernel(made, inputs: torch.Tensor, locations: torch.Tensor | 
     gradients, ``FUSE_WITH_TRITON`` off, inputs that are not contiguous float32, offsets beyond int32; on the CPU only
     under Triton's interpreter, which is how the tests run it): the caller runs the torch path."""
     num_features = made.num_features
-    on_device = inputs.is_cuda or (inputs.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    if (not FUSE_WITH_TRITON or triton is None or not on_device or torch.is_grad_enabled()
+    if (not FUSE_WITH_TRITON or not triton_runs_on(inputs) or torch.is_grad_enabled()
             or inputs.dtype != torch.float32 or not inputs.is_contiguous() or inputs.ndim != 2
             or inputs.shape[0] * 2 * num_features >= 2**31 or not inputs.shape[0]):
         return None
