@@ -9,15 +9,16 @@ columns of the segment just solved (each first-layer weight is read once per inv
 (batch, H), and only the segment's output rows are evaluated. On CUDA with Triton a pass is three kernels: the middle
 layers (one cuBLAS call each), the segment's output rows (for a few float32 rows a Triton kernel whose programs each
 hold a few rows of the output weight, where cuBLAS's batched matmul would run a handful of long tiles; else that
-matmul), and one Triton kernel that adds the
-biases, soft-clamps the log-scales, solves the segment, writes it, and updates the first layer's pre-activation and
-its activation with the solved columns. Nothing is allocated per pass beyond the small
-(batch, H) and (batch, segment) results, and the solved values and log-scales are written in place into
-preallocated (batch, D) buffers. When a block's ordering is the natural or the reversed one (the ``"reverse"``
+matmul), and one Triton kernel that adds the biases, soft-clamps the log-scales, solves the segment, writes it, and
+updates the first layer's pre-activation and its activation with the solved columns. Nothing is allocated per pass
+beyond the small (batch, H) and (batch, segment) results, and the solved values and log-scales are written in place
+into preallocated (batch, D) buffers. When a block's ordering is the natural or the reversed one (the ``"reverse"``
 permutation), every segment is a contiguous range of pixel positions, so the weights are used as views, never copied;
 a random ordering gathers the weights into degree order once per call.
 
-Whole directions of a flow (every block) run as CUDA graphs through ``flow_graphs.py``.
+The same fused tail serves the parallel direction of a MAF block without gradients (``density_in_one_kernel``: the
+soft clamp and the affine solve of the whole output in one kernel). Whole directions of a flow (every block) run as
+CUDA graphs through ``flow_graphs.py``.
 
 This file imports only torch, Triton where present and its sibling ``masked_matmul.py``, relatively, so a Hub repo made
 by ``save_pretrained`` loads with ``trust_remote_code=True``.

@@ -8,27 +8,21 @@ Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest 
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel, flow_graphs, masked_matmul
-from tiny_models import randomize_flow
+from modeling_maf import flow_graphs, masked_matmul
+from tiny_models import FLOWS, random_flow
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 WHOLE = dict(image_size=8, num_channels=3, hidden_sizes=[64, 48], num_blocks=3)
 PATCH = dict(image_size=16, num_channels=2, hidden_sizes=[32, 32], num_blocks=2, patch_size=8, patch_stride=4)
-FLOWS = {"maf": (MAFModel, MAFConfig), "iaf": (IAFModel, IAFConfig)}
-
-
-def flow(kind, fields):
-    model_class, config_class = FLOWS[kind]
-    return randomize_flow(model_class(config_class(**fields)), seed=0, std=0.3, other_std=0.3).eval().cuda()
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("fields", [WHOLE, PATCH], ids=["whole", "patch"])
 @pytest.mark.parametrize("kind", FLOWS)
 def test_graphed_log_prob_matches_eager_log_prob(monkeypatch, kind, fields, autocast):
-    model = flow(kind, fields)
+    model = random_flow(kind, fields).cuda()
     generator = torch.Generator("cuda").manual_seed(0)
     pixels = [torch.rand(5, fields["num_channels"], fields["image_size"], fields["image_size"], device="cuda",
                          generator=generator) for _ in range(2)]
@@ -55,7 +49,7 @@ def test_graphed_log_prob_matches_eager_log_prob(monkeypatch, kind, fields, auto
 
 
 def test_training_mode_and_gradients_stay_eager():
-    model = flow("maf", WHOLE)
+    model = random_flow("maf", WHOLE).cuda()
     pixels = torch.rand(4, 3, 8, 8, device="cuda")
     for _ in range(3):
         model(pixels).loss.backward()  # eval mode, with gradients
@@ -66,7 +60,7 @@ def test_training_mode_and_gradients_stay_eager():
 
 
 def test_a_changed_kernel_switch_makes_a_new_graph(monkeypatch):
-    model = flow("maf", WHOLE)
+    model = random_flow("maf", WHOLE).cuda()
     pixels = torch.rand(4, 3, 8, 8, device="cuda")
     with torch.no_grad():
         first = [model(pixels).log_prob for _ in range(3)]
@@ -77,7 +71,7 @@ def test_a_changed_kernel_switch_makes_a_new_graph(monkeypatch):
 
 
 def test_graphed_sampling_under_autocast_matches_eager_sampling(monkeypatch):
-    model = flow("maf", WHOLE)
+    model = random_flow("maf", WHOLE).cuda()
 
     def sample(seed):
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -12,15 +12,14 @@ import sys
 import pytest
 import torch
 
-from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel, flow_graphs, sequential_solver
+from modeling_maf import MAFConfig, MAFModel, flow_graphs, sequential_solver
 from modeling_maf.modeling_maf import MADEBlock
-from tiny_models import randomize_flow
+from tiny_models import FLOWS, random_flow, randomize_flow
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHOLE = dict(image_size=4, num_channels=2, hidden_sizes=[12, 10], num_blocks=3)
 PATCH = dict(image_size=8, num_channels=2, hidden_sizes=[16, 16], num_blocks=2, patch_size=4, patch_stride=2)
-FLOWS = {"maf": (MAFModel, MAFConfig), "iaf": (IAFModel, IAFConfig)}
 
 
 def _previous_solver():
@@ -34,11 +33,6 @@ def _previous_solver():
 
 
 reference_solve_sequential = _previous_solver()
-
-
-def flow(kind, fields, seed=0):
-    model_class, config_class = FLOWS[kind]
-    return randomize_flow(model_class(config_class(**fields)), seed=seed, std=0.3, other_std=0.3).eval()
 
 
 def with_reference_solver(monkeypatch, run):
@@ -60,7 +54,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", FLOWS)
 def test_samples_match_the_previous_solver(monkeypatch, kind, case):
-    model = flow(kind, CASES[case])
+    model = random_flow(kind, CASES[case])
     def sample():
         return model.sample(3, generator=torch.Generator().manual_seed(5), temperature=0.8)
     torch.testing.assert_close(sample(), with_reference_solver(monkeypatch, sample), rtol=0, atol=1e-5)
@@ -69,7 +63,7 @@ def test_samples_match_the_previous_solver(monkeypatch, kind, case):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", FLOWS)
 def test_density_and_latents_match_the_previous_solver(monkeypatch, kind, case):
-    model = flow(kind, CASES[case], seed=1)
+    model = random_flow(kind, CASES[case], seed=1)
     size, channels = model.config.image_size, model.config.num_channels
     pixels = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(2))
     def run():
@@ -81,7 +75,7 @@ def test_density_and_latents_match_the_previous_solver(monkeypatch, kind, case):
 
 def test_iaf_density_gradients_match_the_previous_solver(monkeypatch):
     """With gradients the solver builds its result out of place: training an IAF through its sequential direction."""
-    model = flow("iaf", PATCH, seed=2).train()
+    model = random_flow("iaf", PATCH, seed=2).train()
     pixels = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
     ours = torch.autograd.grad(model(pixels).loss, list(model.parameters()))
@@ -93,7 +87,7 @@ def test_iaf_density_gradients_match_the_previous_solver(monkeypatch):
 
 
 def test_refined_samples_follow_the_exact_start(monkeypatch):
-    model = flow("maf", WHOLE, seed=3)
+    model = random_flow("maf", WHOLE, seed=3)
     def sample():
         return model.sample(2, generator=torch.Generator().manual_seed(4), refine_steps=3)
     torch.testing.assert_close(sample(), with_reference_solver(monkeypatch, sample), rtol=0, atol=1e-5)
@@ -164,13 +158,13 @@ print("ok")
 
 FUSED_DENSITY = r"""
 import torch
-from modeling_maf import MAFConfig, MAFModel, sequential_solver as solver
-from tiny_models import randomize_flow
+from modeling_maf import sequential_solver as solver
+from tiny_models import random_flow
 generator = torch.Generator().manual_seed(0)
 cases = (dict(image_size=4, num_channels=2, hidden_sizes=[12, 10], num_blocks=3),
          dict(image_size=8, num_channels=2, hidden_sizes=[16, 16], num_blocks=2, patch_size=4, patch_stride=2))
 for fields in cases:
-    model = randomize_flow(MAFModel(MAFConfig(**fields)), seed=1, std=0.3, other_std=0.3).eval()
+    model = random_flow("maf", fields, seed=1)
     pixels = torch.rand(3, fields["num_channels"], fields["image_size"], fields["image_size"], generator=generator)
     for autocast in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -235,7 +229,7 @@ def test_triton_tail_matches_the_torch_tail_in_the_interpreter():
 @pytest.mark.parametrize("case", ["whole-reverse", "whole-random-permutation", "patch-position"])
 @pytest.mark.parametrize("kind", FLOWS)
 def test_graphed_sampling_matches_eager_sampling_on_cuda(monkeypatch, kind, case):
-    model = flow(kind, {**CASES[case], "image_size": CASES[case]["image_size"] * 2}).cuda()
+    model = random_flow(kind, {**CASES[case], "image_size": CASES[case]["image_size"] * 2}).cuda()
     def sample(seed):
         return model.sample(3, generator=torch.Generator("cuda").manual_seed(seed))
     # Eager (first call at this shape), captured and replayed, then replayed twice more.

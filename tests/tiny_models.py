@@ -3,7 +3,7 @@
 import torch
 
 from modeling_cyclegan import CycleGANConfig, CycleGANImageProcessor, CycleGANModel
-from modeling_maf import MAFConfig, MAFModel
+from modeling_maf import IAFConfig, IAFModel, MAFConfig, MAFModel
 from modeling_maf.modeling_maf import MaskedLinear
 
 
@@ -23,6 +23,16 @@ def randomize_flow(model, seed=0, std=0.1, other_std=None):
                     if parameter.requires_grad:
                         parameter.copy_(torch.randn(parameter.shape, generator=generator) * other_std)
     return model
+
+
+FLOWS = {"maf": (MAFModel, MAFConfig), "iaf": (IAFModel, IAFConfig)}
+
+
+def random_flow(kind, fields, seed=0):
+    """A MAF or IAF (`kind`, a key of FLOWS) of config `fields` with random weights everywhere (`randomize_flow`,
+    std 0.3), in eval mode."""
+    model_class, config_class = FLOWS[kind]
+    return randomize_flow(model_class(config_class(**fields)), seed=seed, std=0.3, other_std=0.3).eval()
 
 
 def save_tiny_maf(path, num_channels=3, seed=0):
