@@ -24,7 +24,7 @@ from .anomaly_scores import NLLMaps, ScoreParameters
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_feature_maf import FeatureMAFConfig
 from .modeling_efficientnet_lite import EfficientNetLiteBackbone
-from .modeling_maf import MAFPreTrainedModel, MaskedLinear, build_blocks, check_pixel_values
+from .modeling_maf import MAFPreTrainedModel, MaskedLinear, build_blocks, check_pixel_values, checked_pixel_values
 
 
 @dataclass
@@ -243,9 +243,6 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         self.backbone.eval()
 
     # ------------------------------------------------------------------------------------------- features
-    def _check_pixel_values(self, pixel_values):
-        check_pixel_values(pixel_values, self.config)  # the pixel models' check: shape, float, values in [0, 1]
-
     @torch.no_grad()
     def fit_image_statistics(self, pixel_values: torch.Tensor) -> None:
         """With `normalize_image_statistics`, sets the config's reference channel statistics to the training images'
@@ -253,7 +250,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         image's channels to them)."""
         if not self.config.normalize_image_statistics:
             return
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, self.config)  # the pixel models' check: shape, float, values in [0, 1]
         mean, std = (torch.cat(parts) for parts in zip(*map(_channel_statistics, pixel_values.split(64))))
         self.config.image_reference_mean = [float(value) for value in mean.mean(dim=0).flatten().double()]
         self.config.image_reference_std = [float(value) for value in std.mean(dim=0).flatten().double()]
@@ -273,13 +270,13 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         """Images (B, C, S, S) in [0, 1] -> the aggregated feature maps (B, D, h, w), float32, before
         standardisation. Each image's channels are first standardised to the reference statistics, when fitted
         (`fit_image_statistics`)."""
-        self._check_pixel_values(pixel_values)
-        pixel_values = self._standardise_image_statistics(pixel_values.float())
-        mean, std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
-                     for values in (self.config.image_mean, self.config.image_std))
-        parameter = next(self.backbone.parameters())
-        normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
-        return self.aggregator(self.backbone(normalized).feature_maps)
+        with checked_pixel_values(pixel_values, self.config):
+            pixel_values = self._standardise_image_statistics(pixel_values.float())
+            mean, std = (torch.tensor(values, device=pixel_values.device).view(1, -1, 1, 1)
+                         for values in (self.config.image_mean, self.config.image_std))
+            parameter = next(self.backbone.parameters())
+            normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+            return self.aggregator(self.backbone(normalized).feature_maps)
 
     @torch.no_grad()
     def fit_feature_statistics(self, features: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ scores, block-sparse matmul, image processor, sampling, sequential solver and re
 them) loads with ``trust_remote_code=True`` without this package installed, pipeline included.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -369,9 +370,7 @@ class FlowBatchNorm(nn.Module):
         return (outputs - self.beta) * torch.exp(-self.log_gamma) * var.sqrt() + self.running_mean
 
 
-def check_pixel_values(pixel_values, config: MAFConfig) -> None:
-    """Raise a TypeError/ValueError naming the problem and the fix unless `pixel_values` is a float tensor
-    (batch, C, H, W) of this config's shape with values in [0, 1]."""
+def _check_pixel_layout(pixel_values, config: MAFConfig) -> None:
     expected = (config.num_channels, config.image_size, config.image_size)
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor of shape (batch, {', '.join(map(str, expected))}), "
@@ -384,13 +383,46 @@ def check_pixel_values(pixel_values, config: MAFConfig) -> None:
                          f"(num_channels={config.num_channels}, image_size={config.image_size}), got "
                          f"{tuple(pixel_values.shape)}. Preprocess the images with MAFImageProcessor.from_model_config"
                          "(model.config), or build a config that matches them.")
+
+
+def _check_pixel_range(low: float, high: float) -> None:
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise ValueError(f"pixel_values must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]; preprocess images "
+                         "with MAFImageProcessor (8-bit levels divided by 255; not normalised to [-1, 1]).")
+
+
+def check_pixel_values(pixel_values, config: MAFConfig) -> None:
+    """Raise a TypeError/ValueError naming the problem and the fix unless `pixel_values` is a float tensor
+    (batch, C, H, W) of this config's shape with values in [0, 1]."""
+    with checked_pixel_values(pixel_values, config):
+        pass
+
+
+@contextlib.contextmanager
+def checked_pixel_values(pixel_values, config: MAFConfig):
+    """`check_pixel_values` around the work a model launches on `pixel_values`. The type and shape are checked on
+    entry. On CUDA the [0, 1] range is read on the host when the block ends, from a copy of the minimum and maximum
+    queued before the block's kernels: the host then launches the block's work without first waiting for the GPU to
+    finish everything queued before it (a blocking read on entry would leave the GPU idle while the host launches).
+    Out-of-range values then raise after the work was launched; its results are never returned. Elsewhere, and
+    during a CUDA graph capture (which forbids reading values on the host: nothing is checked), the range is checked
+    on entry."""
+    _check_pixel_layout(pixel_values, config)
     if pixel_values.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # the range check reads values on the host, which a CUDA graph capture forbids
-    low, high = torch.aminmax(pixel_values.detach())
-    if bool(low < -1e-6) or bool(high > 1 + 1e-6):
-        raise ValueError(f"pixel_values must lie in [0, 1], got values in [{float(low):.3g}, {float(high):.3g}]; "
-                         "preprocess images with MAFImageProcessor (8-bit levels divided by 255; not normalised to "
-                         "[-1, 1]).")
+        yield
+        return
+    low_high = torch.stack(torch.aminmax(pixel_values.detach())).float()
+    if not pixel_values.is_cuda:
+        _check_pixel_range(*low_high.tolist())
+        yield
+        return
+    on_host = torch.empty(2, pin_memory=True)
+    on_host.copy_(low_high, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    yield
+    copied.synchronize()
+    _check_pixel_range(*on_host.tolist())
 
 
 def build_blocks(config, spec) -> tuple[nn.ModuleList, nn.ModuleList | None]:
@@ -565,9 +597,6 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
         """Densities are accumulated in float32 at least (float64 when the weights are float64)."""
         return torch.promote_types(self.dtype, torch.float32)
 
-    def _check_pixel_values(self, pixel_values):
-        check_pixel_values(pixel_values, self.config)
-
     # ------------------------------------------------------------------------------------ pixels <-> logit
     def _pixels_to_logits(self, pixel_values, random_dequantization: bool):
         """Dequantise on the data's grid, map to logit space; returns (v, per-dimension log|dv/dx|) for a density
@@ -655,12 +684,12 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     def _per_dimension_log_prob(self, pixel_values, random_dequantization):
         """Per-dimension log-density terms and latents of the flow's rows, (batch * L, D) each (L = 1 for a
         whole-image flow)."""
-        self._check_pixel_values(pixel_values)
-        rows, locations = self.patch_layout.cut(pixel_values)
-        logits, log_det = self._pixels_to_logits(rows, random_dequantization)
-        latents, flow_log_det = self._flow_density(logits, locations)
-        base = -0.5 * latents.square() - 0.5 * math.log(2 * math.pi)
-        return base + flow_log_det + log_det, latents
+        with checked_pixel_values(pixel_values, self.config):
+            rows, locations = self.patch_layout.cut(pixel_values)
+            logits, log_det = self._pixels_to_logits(rows, random_dequantization)
+            latents, flow_log_det = self._flow_density(logits, locations)
+            base = -0.5 * latents.square() - 0.5 * math.log(2 * math.pi)
+            return base + flow_log_det + log_det, latents
 
     @torch.no_grad()
     def _deterministic_per_dimension(self, pixel_values):
@@ -691,10 +720,10 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> latents (batch, D), with deterministic (bin-centre) dequantisation; a patch model:
         the latents of every patch, (batch, num_patch_locations, D)."""
-        self._check_pixel_values(pixel_values)
-        rows, locations = self.patch_layout.cut(pixel_values)
-        latents = self._flow_density(self._pixels_to_logits(rows, random_dequantization=False)[0], locations)[0]
-        return self.patch_layout.per_image(latents, pixel_values.shape[0])
+        with checked_pixel_values(pixel_values, self.config):
+            rows, locations = self.patch_layout.cut(pixel_values)
+            latents = self._flow_density(self._pixels_to_logits(rows, random_dequantization=False)[0], locations)[0]
+            return self.patch_layout.per_image(latents, pixel_values.shape[0])
 
     def decode(self, latents: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
         """Latents (batch, D) -> images (batch, C, H, W) in [0, 1]; the exact inverse of `encode`. A patch model

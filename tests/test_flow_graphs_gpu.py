@@ -1,6 +1,7 @@
 """modeling_maf.flow_graphs on CUDA: log_prob through a CUDA graph of the density direction equals the eager
 log_prob (float32 and bf16 autocast, whole-image and patch flows, MAF and IAF), sees in-place weight updates, keeps
-one graph per key and makes a new one when the block-sparse switch changes; sampling under autocast replays too.
+one graph per key and makes a new one when the block-sparse switch changes; sampling under autocast replays too;
+out-of-range pixels still raise when the graph replays.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest -q tests/test_flow_graphs_gpu.py`.
 """
@@ -82,3 +83,17 @@ def test_graphed_sampling_under_autocast_matches_eager_sampling(monkeypatch):
     monkeypatch.setattr(model, "sampling_cuda_graphs", False)
     eager = [sample(seed) for seed in (1, 2, 1)]
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
+
+
+def test_out_of_range_pixels_raise_when_the_graph_replays():
+    # On CUDA the [0, 1] check reads the values on the host after the work is launched (checked_pixel_values).
+    model = random_flow("maf", WHOLE).cuda().eval()
+    pixels = torch.rand(4, 3, 8, 8, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):  # eager, captured, replayed
+            model(pixels)
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            model(pixels * 2 - 1)
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            model.encode(pixels * 255)
+    assert flow_graphs.num_graphs(model, "density") == 1
