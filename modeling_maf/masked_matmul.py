@@ -12,8 +12,10 @@ mode; inputs may take gradients: the input gradient is the same kernel over the 
 Triton is importable and the tensors are on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, which is how the tests
 run it). The kernel takes float32, bfloat16 and float16 (also under autocast, reading float32 weights and casting
 tiles in registers); by default (``pays``) it runs where it measured faster than cuBLAS: layers whose tiles skip
-enough of the matrix, for float32 products and for half-precision products of a few rows. Everything else takes the
-dense ``F.linear``.
+enough of the matrix, for float32 products and for half-precision products of a few rows. Half-precision products of
+more rows under autocast (float32 weights) stay with cuBLAS, but on a cast copy of the weight made from its connected
+tiles only (``connected_weight``: half the float32 reads of autocast's cast, the same values). Everything else takes
+the dense ``F.linear``.
 ``HF_DGM_BLOCK_SPARSE=0`` in the environment turns it off.
 
 float32 products use Triton's ``tf32x3`` by default (three TF32 tensor-core products that carry about 21 of fp32's
@@ -27,6 +29,7 @@ import os
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 
 try:  # Triton ships with CUDA builds of torch; without it (CPU wheels) the dense path runs.
@@ -107,6 +110,24 @@ if triton is not None:
             out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _connected_tiles_cast_kernel(weight_ptr, out_ptr, ranges_ptr, num_rows, num_cols, stride_wn, stride_wk,
+                                     stride_on, stride_ok, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (BLOCK_N, BLOCK_K) tile of ``out = weight.to(out's dtype)``: the weight tile read and cast where it
+        holds connections (its column tile inside its row tile's range ``ranges[row_tile]``), zeros written
+        elsewhere without reading (the weight is zero there)."""
+        row_tile, col_tile = tl.program_id(0), tl.program_id(1)
+        rows = row_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        inside = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+        first = tl.load(ranges_ptr + 2 * row_tile)
+        end = tl.load(ranges_ptr + 2 * row_tile + 1)
+        values = tl.zeros((BLOCK_N, BLOCK_K), dtype=out_ptr.dtype.element_ty)
+        if (col_tile >= first) & (col_tile < end):
+            values = tl.load(weight_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=inside,
+                             other=0.0).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_ok, values, mask=inside)
+
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -154,6 +175,14 @@ class _Plan:
         self.covered_fraction = _covered_fraction(self.ranges, block_n, block_k, len(row_degrees), len(col_degrees))
         self.block_n, self.block_k, self.device = block_n, block_k, device
         self.items = {}  # splits -> (int32 work items on the device, number of items)
+        self._device_ranges = None
+
+    def device_ranges(self) -> torch.Tensor:
+        """The ranges as an int32 (num_row_tiles, 2) tensor on the device."""
+        if self._device_ranges is None:
+            _refuse_during_capture(self.device)
+            self._device_ranges = self.ranges.to(torch.int32).to(self.device)
+        return self._device_ranges
 
     def work_items(self, splits: int):
         """Every row tile's range cut into ``splits`` near-equal slices (some may be empty: their programs write
@@ -248,10 +277,11 @@ def _num_programs_wanted(device) -> int:
 def default_config(num_rows: int, compute_dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """``(block_m, block_n, block_k, num_warps, num_stages)`` for ``num_rows`` input rows: a row tile of 16 for up to
     16 rows, else of 32 or 64, whichever pads the rows less (the row tiles of one item share its weight tiles through
-    L2; fewer, larger ones use the tensor cores better); 64 output columns; a reduction step of 128 bytes of float32
-    weights (or 64 half values)."""
+    L2; fewer, larger ones use the tensor cores better); 64 output columns; a reduction step of 64 values (32 for
+    float32 products of at most 16 rows). Chosen by a sweep of tile shapes (docs/RESULTS.md, "log_prob")."""
     block_m = 16 if num_rows <= 16 else min((64, 32), key=lambda size: -(-num_rows // size) * size)
-    return block_m, 64, 64 if compute_dtype != torch.float32 else 32, 4, 3
+    block_k = 32 if compute_dtype == torch.float32 and num_rows <= 16 else 64
+    return block_m, 64, block_k, 4, 3
 
 
 def _launch(layer, inputs, weight, bias, compute_dtype, transposed: bool, config=None):
@@ -323,6 +353,8 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     ``MaskedLinear``), or None where the dense path should run instead: no Triton, switched off, not on CUDA (CPU only
     under the Triton interpreter), a dtype it does not take, a weight that needs a gradient, a CUDA graph capture
     before an eager call of the same shape, or (unless ``force``) tiles that skip too little of the matrix to pay.
+    Where the kernel does not pay for half-precision products under autocast (many rows), the result is cuBLAS's
+    ``F.linear`` on ``connected_weight``, which equals the dense path's.
     ``config`` (benchmarks): the kernel's ``(block_m, block_n, block_k, num_warps, num_stages)``, default
     ``default_config``."""
     weight, bias = layer.weight, layer.bias
@@ -337,6 +369,10 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
         return None  # the kernel's offsets are int32
     try:
         if not force and not pays(layer, inputs.shape[0], compute_dtype, inputs.device, config):
+            if compute_dtype != torch.float32 and weight.dtype == torch.float32 and _skips_enough(layer, inputs.device):
+                # Half-precision products of many rows under autocast: cuBLAS multiplies, but the cast copy of the
+                # weight it needs is made from the connected tiles only.
+                return F.linear(inputs, connected_weight(layer, compute_dtype), bias)
             return None
         if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
             return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
@@ -355,6 +391,33 @@ def pays(layer, num_rows: int, compute_dtype: torch.dtype, device, config=None) 
     return _plan(layer, False, block_n, block_k, torch.device(device)).covered_fraction <= MAX_COVERED_FRACTION
 
 
+# The tile shape of ``connected_weight``'s cast.
+CAST_BLOCK = 64
+
+
+def _skips_enough(layer, device) -> bool:
+    return _plan(layer, False, CAST_BLOCK, CAST_BLOCK, torch.device(device)).covered_fraction <= MAX_COVERED_FRACTION
+
+
+def connected_weight(layer, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer.weight.to(dtype)`` made from the weight tiles that hold connections, in one Triton kernel: the
+    other tiles are written as zeros without being read (the weight is zero there), so a cast reads about half the
+    float32 weight. It is what autocast's cuBLAS path needs for half-precision products of many rows, where a full
+    cast of every weight in every call is a large part of the time. ``out``: the tensor to write (default: new).
+    CUDA, or the CPU under Triton's interpreter (whose float32 -> bfloat16 conversion truncates, where a GPU
+    rounds to nearest as ``Tensor.to`` does)."""
+    weight = layer.weight
+    plan = _plan(layer, False, CAST_BLOCK, CAST_BLOCK, weight.device)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device) if out is None else out
+    if out.shape != weight.shape or out.dtype != dtype or out.device != weight.device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(weight.shape)} on {weight.device}")
+    grid = (plan.num_row_tiles, -(-weight.shape[1] // CAST_BLOCK))
+    _connected_tiles_cast_kernel[grid](weight, out, plan.device_ranges(), weight.shape[0], weight.shape[1],
+                                       weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                                       BLOCK_N=CAST_BLOCK, BLOCK_K=CAST_BLOCK)
+    return out
+
+
 def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
     """The fraction of ``layer.weight`` that the kernel reads (its tiles' ranges), from the degrees alone."""
     row_degrees, col_degrees = _degrees(layer, transposed=False)
@@ -362,5 +425,5 @@ def covered_fraction(layer, block_n: int = 64, block_k: int = 32) -> float:
     return _covered_fraction(ranges, block_n, block_k, len(row_degrees), len(col_degrees))
 
 
-__all__ = ["block_sparse_linear", "block_sparse_enabled", "covered_fraction", "default_config", "kernel_settings",
-           "pays", "tile_ranges", "triton_runs_on"]
+__all__ = ["block_sparse_linear", "block_sparse_enabled", "connected_weight", "covered_fraction", "default_config",
+           "kernel_settings", "pays", "tile_ranges", "triton_runs_on"]

@@ -617,17 +617,17 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
         return pixels.clamp(0.0, 1.0).view(-1, config.num_channels, config.flow_size, config.flow_size)
 
     # ------------------------------------------------------------------------------------------ the flow
-    def _block_density(self, block, data_side, locations=None):
-        """One block, data side -> noise side. Returns (noise, per-dimension log-det)."""
+    def _block_density(self, block, data_side, log_det, locations=None):
+        """One block, data side -> noise side. Returns (noise, ``log_det`` plus the block's per-dimension log-det);
+        on the fused path (CUDA, no gradients) ``log_det`` is updated in place."""
         if not self.conditioner_on_noise:
-            fused = density_in_one_kernel(block.made, data_side, locations)  # None: not on CUDA, or with gradients
-            if fused is not None:
-                noise, log_scale = fused
-                return noise, log_scale.neg_()
+            fused = density_in_one_kernel(block.made, data_side, locations, log_det=log_det)
+            if fused is not None:  # None: not on CUDA, or with gradients
+                return fused
             shift, log_scale = block(data_side, locations)
-            return (data_side - shift) * torch.exp(-log_scale), -log_scale
+            return (data_side - shift) * torch.exp(-log_scale), log_det - log_scale
         noise, log_scale = block.solve_sequential(data_side, affine_density, locations)
-        return noise, -log_scale
+        return noise, log_det - log_scale
 
     def _block_generate(self, block, noise_side, locations=None):
         """One block, noise side -> data side. Returns (data, per-dimension log|d data / d noise|)."""
@@ -648,8 +648,7 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
     def _flow_density_eagerly(self, logits, locations=None):
         hidden, log_det = logits, torch.zeros_like(logits)
         for index, block in enumerate(self.blocks):
-            hidden, block_log_det = self._block_density(block, hidden, locations)
-            log_det = log_det + block_log_det
+            hidden, log_det = self._block_density(block, hidden, log_det, locations)
             if self.norms is not None:
                 hidden, norm_log_det = self.norms[index](hidden)
                 log_det = log_det + norm_log_det

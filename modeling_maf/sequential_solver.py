@@ -227,14 +227,19 @@ if triton is not None:
     @triton.jit
     def _affine_tail_kernel(products_ptr, bias_ptr, known_ptr, solved_ptr, log_scale_ptr, width, total,
                             products_half, products_stride, bias_half, known_stride, solved_stride, log_scale_stride,
-                            clamp, INVERT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        """`_solve_segment` over a (rows, width) segment, BLOCK elements a program; writes solved and log_scale."""
+                            clamp, INVERT: tl.constexpr, HAS_BIAS: tl.constexpr, SUBTRACT: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        """`_solve_segment` over a (rows, width) segment, BLOCK elements a program; writes solved and log_scale
+        (SUBTRACT: subtracts log_scale from what log_scale_ptr holds, a running log-determinant)."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = index < total
         row, column = index // width, index % width
         solved, log_scale = _solve_segment(products_ptr, bias_ptr, known_ptr, row, column, inside, products_half,
                                            products_stride, bias_half, known_stride, clamp, INVERT, HAS_BIAS)
-        tl.store(log_scale_ptr + row * log_scale_stride + column, log_scale, mask=inside)
+        log_scale_at = log_scale_ptr + row * log_scale_stride + column
+        if SUBTRACT:
+            log_scale = tl.load(log_scale_at, mask=inside, other=0.0) - log_scale
+        tl.store(log_scale_at, log_scale, mask=inside)
         tl.store(solved_ptr + row * solved_stride + column, solved, mask=inside)
 
     @triton.jit
@@ -312,11 +317,12 @@ _UPDATE_MAX_WIDTH = 256
 _UPDATE_BLOCK_UNITS = 32
 
 
-def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update=None):
+def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update=None, subtract=False):
     """One kernel for the bias, the soft clamp and the affine solve of one segment: ``products`` (2, rows, width)
     are the segment's shifts and raw log-scales before their ``bias`` (2, width; None: already added); writes
-    ``solved`` and ``log_scale`` (rows, width views of the output buffers). Every operand's last dimension must be
-    contiguous.
+    ``solved`` and ``log_scale`` (rows, width views of the output buffers; ``subtract``: ``log_scale`` holds a running
+    log-determinant, from which the segment's log-scales are subtracted in place). Every operand's last dimension must
+    be contiguous.
 
     ``update=(weight, pre_activation, hidden)``: the same kernel then also adds ``solved @ weight.T`` to
     ``pre_activation`` (rows, H) in place and writes its ReLU into ``hidden`` (rows, H); ``weight`` (H, width) are
@@ -333,8 +339,10 @@ def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update
             products, bias if bias is not None else products, known, solved, log_scale, width, total,
             products.stride(0), products.stride(1), bias.stride(0) if bias is not None else 0, known.stride(0),
             solved.stride(0), log_scale.stride(0), float(clamp), INVERT=invert, HAS_BIAS=bias is not None,
-            BLOCK=block)
+            SUBTRACT=subtract, BLOCK=block)
         return
+    if subtract:
+        raise ValueError("the fused first-layer update writes log-scales; it does not subtract them")
     weight, pre_activation, hidden = update
     units = weight.shape[0]
     if (rows > _UPDATE_MAX_ROWS or width > _UPDATE_MAX_WIDTH or weight.shape[1] != width
@@ -351,22 +359,31 @@ def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update
         BLOCK_WIDTH=max(16, triton.next_power_of_2(width)), BLOCK_UNITS=_UPDATE_BLOCK_UNITS)
 
 
-def density_in_one_kernel(made, inputs: torch.Tensor, locations: torch.Tensor | None = None):
+def density_in_one_kernel(made, inputs: torch.Tensor, locations: torch.Tensor | None = None,
+                          log_det: torch.Tensor | None = None):
     """The parallel direction of a MAF block without gradients on CUDA: ``(noise, log_scale)``, noise = (inputs -
     shift) / exp(log_scale), from one MADE evaluation whose output is read once by the fused tail (the soft clamp and
     the affine solve in one kernel, instead of the eight elementwise torch kernels of ``MADE.forward`` and the solve,
-    each of which reads and writes (batch, D) in memory). None where it does not apply (no Triton, not on CUDA, with
-    gradients, ``FUSE_WITH_TRITON`` off, inputs that are not contiguous float32, offsets beyond int32; on the CPU only
-    under Triton's interpreter, which is how the tests run it): the caller runs the torch path."""
+    each of which reads and writes (batch, D) in memory). With ``log_det`` (the flow's running per-dimension
+    log-determinant, like ``inputs``): the tail subtracts the block's log-scales from it in place (the block's
+    log-determinant is -log_scale) and ``(noise, log_det)`` is returned, which saves two more such kernels. None where
+    it does not apply (no Triton, not on CUDA, with gradients, ``FUSE_WITH_TRITON`` off, inputs or ``log_det`` that are
+    not contiguous float32 of one shape, offsets beyond int32; on the CPU only under Triton's interpreter, which is how
+    the tests run it): the caller runs the torch path."""
     num_features = made.num_features
     if (not FUSE_WITH_TRITON or not triton_runs_on(inputs) or torch.is_grad_enabled()
             or inputs.dtype != torch.float32 or not inputs.is_contiguous() or inputs.ndim != 2
             or inputs.shape[0] * 2 * num_features >= 2**31 or not inputs.shape[0]):
         return None
+    if log_det is not None and (log_det.shape != inputs.shape or log_det.dtype != torch.float32
+                                or not log_det.is_contiguous()):
+        return None
     output = made.layers[-1](made.last_hidden(inputs, locations))  # (rows, 2D): shifts, then raw log-scales
     if output.stride(-1) != 1 or output.stride(0) != 2 * num_features:
         return None
-    noise, log_scale = torch.empty_like(inputs), torch.empty_like(inputs)
+    noise = torch.empty_like(inputs)
+    log_scale = torch.empty_like(inputs) if log_det is None else log_det
     products = output.view(-1, 2, num_features).transpose(0, 1)  # (2, rows, D) views, biases included
-    _affine_tail(products, None, inputs, noise, log_scale, made.log_scale_clamp, _FUSED_SOLVES[affine_density])
+    _affine_tail(products, None, inputs, noise, log_scale, made.log_scale_clamp, _FUSED_SOLVES[affine_density],
+                 subtract=log_det is not None)
     return noise, log_scale

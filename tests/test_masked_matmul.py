@@ -176,3 +176,45 @@ def test_kernel_matches_float64_within_float32_rounding_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True,
                             timeout=600, cwd=ROOT)
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+CAST_CHECK = r"""
+import math, torch
+import modeling_maf.masked_matmul as mm
+from modeling_maf import MAFConfig, MAFModel
+from tiny_models import randomize_flow
+
+mm.MAX_COVERED_FRACTION = math.inf  # the tiny layers' 64 x 64 tiles skip little: every layer takes the cast
+casts = []
+cast = mm.connected_weight
+mm.connected_weight = lambda *args, **kwargs: casts.append(1) or cast(*args, **kwargs)
+generator = torch.Generator().manual_seed(0)
+for permutation in ("reverse", "random"):
+    model = MAFModel(MAFConfig(image_size=16, hidden_sizes=[200, 136], num_blocks=2, permutation=permutation))
+    randomize_flow(model, seed=1, std=1.0)
+    for layer in (layer for block in model.blocks for layer in block.made.layers):
+        with torch.no_grad():  # bf16 values: the interpreter's conversion truncates where a GPU rounds
+            layer.weight.copy_(layer.weight.bfloat16().float())
+        written = cast(layer, torch.bfloat16, out=torch.full(layer.weight.shape, math.nan, dtype=torch.bfloat16))
+        assert torch.equal(written, layer.weight.detach().bfloat16()), "a tile was left out or not zeroed"
+        x = torch.randn(40, layer.in_features, generator=generator)  # more rows than the kernel takes in bf16
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            casts.clear()
+            ours = mm.block_sparse_linear(layer, x)
+            assert casts == [1], casts
+            dense = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, dense)
+print("ok")
+"""
+
+
+def test_connected_tiles_cast_equals_the_full_cast_in_the_interpreter():
+    """Half-precision products of many rows: cuBLAS on a cast copy of the weight made from its connected tiles
+    (``connected_weight``), unconnected tiles written as zeros; the product equals the dense autocast one exactly."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    env.pop(DISABLE_ENV, None)
+    result = subprocess.run([sys.executable, "-c", CAST_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr[-3000:]
+

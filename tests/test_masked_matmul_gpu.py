@@ -139,3 +139,20 @@ def test_log_prob_of_a_spec_sized_block_matches_the_dense_path(monkeypatch):
         monkeypatch.setenv(masked_matmul.DISABLE_ENV, "0")
         dense = model(pixels).log_prob
     torch.testing.assert_close(ours, dense, rtol=1e-5, atol=0.05)  # |log_prob| ~ 1e5 nats: the sums' rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_of_many_rows_use_the_connected_tiles_cast(spec_layers, dtype):
+    """Autocast, 132 rows (cuBLAS's side of `pays`): the weight's cast copy is made from its connected tiles only and
+    equals Tensor.to (rounding to nearest) bit for bit, so the product equals the dense path's exactly."""
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    for layer in spec_layers:
+        assert not masked_matmul.pays(layer, 132, dtype, "cuda")
+        cast = masked_matmul.connected_weight(layer, dtype, out=torch.full_like(layer.weight, float("nan"),
+                                                                               dtype=dtype))
+        assert torch.equal(cast, layer.weight.detach().to(dtype))
+        x = torch.randn(132, layer.in_features, device="cuda", generator=generator)
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            ours = layer(x)
+            dense = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert ours.dtype == dtype and torch.equal(ours, dense)

@@ -126,6 +126,11 @@ for invert, solve in ((0, solver.affine_generate), (1, solver.affine_density)):
     untouched[:, 0, 13:109] = 0
     untouched[:, 1, 100:196] = 0
     assert not untouched.any(), "the tail wrote outside its segment"
+    running = torch.randn(5, 96, generator=generator)  # a running log-determinant: the log-scales are subtracted
+    log_det, solved = running.clone(), torch.zeros(5, 96)
+    solver._affine_tail(products, bias, known, solved, log_det, 3.0, invert, subtract=True)
+    torch.testing.assert_close(log_det, running - expected_log_scale, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(solved, solve(known, shift, expected_log_scale), rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
