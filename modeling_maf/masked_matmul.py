@@ -14,8 +14,8 @@ run it). The kernel takes float32, bfloat16 and float16 (also under autocast, re
 tiles in registers); by default (``pays``) it runs where it measured faster than cuBLAS: layers whose tiles skip
 enough of the matrix, for float32 products and for half-precision products of a few rows. Half-precision products of
 more rows under autocast (float32 weights) stay with cuBLAS, but on a cast copy of the weight made from its connected
-tiles only (``connected_weight``: half the float32 reads of autocast's cast, the same values). Everything else takes
-the dense ``F.linear``.
+tiles only (``connected_weight``: half the float32 reads of autocast's cast, the same values) when captured in a CUDA
+graph. Everything else takes the dense ``F.linear``.
 ``HF_DGM_BLOCK_SPARSE=0`` in the environment turns it off.
 
 float32 products use Triton's ``tf32x3`` by default (three TF32 tensor-core products that carry about 21 of fp32's
@@ -353,8 +353,8 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     ``MaskedLinear``), or None where the dense path should run instead: no Triton, switched off, not on CUDA (CPU only
     under the Triton interpreter), a dtype it does not take, a weight that needs a gradient, a CUDA graph capture
     before an eager call of the same shape, or (unless ``force``) tiles that skip too little of the matrix to pay.
-    Where the kernel does not pay for half-precision products under autocast (many rows), the result is cuBLAS's
-    ``F.linear`` on ``connected_weight``, which equals the dense path's.
+    Where the kernel does not pay for half-precision products under autocast (many rows), a CUDA graph capture gets
+    cuBLAS's ``F.linear`` on ``connected_weight``, which equals the dense path's.
     ``config`` (benchmarks): the kernel's ``(block_m, block_n, block_k, num_warps, num_stages)``, default
     ``default_config``."""
     weight, bias = layer.weight, layer.bias
@@ -370,9 +370,14 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
     try:
         if not force and not pays(layer, inputs.shape[0], compute_dtype, inputs.device, config):
             if compute_dtype != torch.float32 and weight.dtype == torch.float32 and _skips_enough(layer, inputs.device):
-                # Half-precision products of many rows under autocast: cuBLAS multiplies, but the cast copy of the
-                # weight it needs is made from the connected tiles only.
-                return F.linear(inputs, connected_weight(layer, compute_dtype), bias)
+                # Half-precision products of many rows under autocast: cuBLAS multiplies, on a cast copy of the
+                # weight made from the connected tiles only where the host's launch is paid once (a CUDA graph
+                # capture; and the interpreter, where the tests run it). Launched from Python in every call, the
+                # Triton launch costs more host time than the cast saves GPU time (docs/RESULTS.md, "log_prob"):
+                # autocast's own cast runs then, after the plan that a later capture needs is made.
+                _plan(layer, False, CAST_BLOCK, CAST_BLOCK, inputs.device).device_ranges()
+                if _interpreting() or torch.cuda.is_current_stream_capturing():
+                    return F.linear(inputs, connected_weight(layer, compute_dtype), bias)
             return None
         if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
             return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
