@@ -1,9 +1,11 @@
 """Threshold-free ranking metrics for anomaly detection, in plain numpy.
 
-Scores are "higher = more anomalous"; labels are 0 (normal) / 1 (anomalous). Every metric is computed from one
-sort of the scores and per-distinct-value counts, so ties are handled exactly as scikit-learn does (a tie
-between a normal and an anomalous item counts half in AUROC; thresholds sit at distinct score values), and two
-million pixels take a fraction of a second. No scikit-learn dependency: the tests compare against it instead.
+Scores are "higher = more anomalous"; labels are 0 (normal) / 1 (anomalous). Ties are handled exactly as
+scikit-learn does (a tie between a normal and an anomalous item counts half in AUROC; thresholds sit at distinct
+score values). AUROC sorts the normal and the anomalous scores apart and counts, for every anomalous score, the normal
+scores below and equal to it (two binary searches): no index sort of all scores, so the 17 million pixels of 118
+maps at 384x384 take about a second. The other metrics use one sort of the scores and per-distinct-value counts. No
+scikit-learn dependency: the tests compare against it instead.
 
 This file must stay importable on its own (numpy only): the `evaluate` module next to it imports it
 relatively, and scripts may import it without `evaluate` installed.
@@ -22,8 +24,13 @@ class TieGroups(NamedTuple):
     negatives: np.ndarray  # (G,) int64
 
 
-def _validate(scores, labels, what: str = "predictions"):
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+def _validate(scores, labels, what: str = "predictions", keep_float32: bool = False):
+    """(scores as float64, or float32 ones kept as they are with ``keep_float32`` (the same order and ties, half the
+    memory to sort), labels as int64), after checking both."""
+    scores = np.asarray(scores)
+    if not (keep_float32 and scores.dtype == np.float32):
+        scores = scores.astype(np.float64, copy=False)
+    scores = scores.reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if scores.shape != labels.shape:
         raise ValueError(
@@ -33,7 +40,7 @@ def _validate(scores, labels, what: str = "predictions"):
         raise ValueError(f"{what} is empty: nothing to evaluate.")
     if labels.dtype == bool:
         labels = labels.astype(np.int64)
-    if not np.isin(labels, (0, 1)).all():
+    elif not np.isin(labels, (0, 1)).all():
         bad = np.unique(labels[~np.isin(labels, (0, 1))])[:5]
         raise ValueError(f"references must be 0 (normal) or 1 (anomalous); found {bad.tolist()}.")
     finite = np.isfinite(scores)
@@ -69,11 +76,16 @@ def roc_auc(scores, labels) -> float:
 
     Equals sklearn.metrics.roc_auc_score (the trapezoidal area under the full ROC curve) exactly.
     """
-    groups = tie_groups(scores, labels)
-    negatives_below = np.cumsum(groups.negatives) - groups.negatives
+    scores, labels = _validate(scores, labels, keep_float32=True)
+    anomalous = labels.astype(bool)
+    normal_scores = np.sort(scores[~anomalous])
+    # Sorted queries walk the normal scores in order (cache-friendly binary searches).
+    anomalous_scores = np.sort(scores[anomalous])
+    below = np.searchsorted(normal_scores, anomalous_scores, side="left")
+    below_or_tied = np.searchsorted(normal_scores, anomalous_scores, side="right")
     # Integer arithmetic (times 2 to keep the half counts exact) avoids rounding on millions of pixels.
-    twice_wins = np.sum(groups.positives * (2 * negatives_below + groups.negatives))
-    return float(twice_wins / (2.0 * groups.positives.sum() * groups.negatives.sum()))
+    twice_wins = int(below.sum(dtype=np.int64)) + int(below_or_tied.sum(dtype=np.int64))
+    return float(twice_wins / (2.0 * anomalous_scores.size * normal_scores.size))
 
 
 def _descending_counts(groups: TieGroups):
