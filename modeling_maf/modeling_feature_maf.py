@@ -276,6 +276,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
                          for values in (self.config.image_mean, self.config.image_std))
             parameter = next(self.backbone.parameters())
             normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+            if normalized.device.type == "cpu":  # oneDNN's convolutions take about half the time on NHWC images
+                normalized = normalized.contiguous(memory_format=torch.channels_last)
             return self.aggregator(self.backbone(normalized).feature_maps)
 
     @torch.no_grad()
