@@ -369,16 +369,7 @@ def block_sparse_linear(layer, inputs: torch.Tensor, force: bool = False, config
         return None  # the kernel's offsets are int32
     try:
         if not force and not pays(layer, inputs.shape[0], compute_dtype, inputs.device, config):
-            if compute_dtype != torch.float32 and weight.dtype == torch.float32 and _skips_enough(layer, inputs.device):
-                # Half-precision products of many rows under autocast: cuBLAS multiplies, on a cast copy of the
-                # weight made from the connected tiles only where the host's launch is paid once (a CUDA graph
-                # capture; and the interpreter, where the tests run it). Launched from Python in every call, the
-                # Triton launch costs more host time than the cast saves GPU time (docs/RESULTS.md, "log_prob"):
-                # autocast's own cast runs then, after the plan that a later capture needs is made.
-                _plan(layer, False, CAST_BLOCK, CAST_BLOCK, inputs.device).device_ranges()
-                if _interpreting() or torch.cuda.is_current_stream_capturing():
-                    return F.linear(inputs, connected_weight(layer, compute_dtype), bias)
-            return None
+            return _cublas_on_connected_cast(layer, inputs, compute_dtype)
         if torch.is_grad_enabled() and (inputs.requires_grad or (bias is not None and bias.requires_grad)):
             return _BlockSparseLinear.apply(inputs, weight, bias, layer, compute_dtype, config)
         return _launch(layer, inputs, weight, bias, compute_dtype, transposed=False, config=config)
@@ -400,8 +391,21 @@ def pays(layer, num_rows: int, compute_dtype: torch.dtype, device, config=None) 
 CAST_BLOCK = 64
 
 
-def _skips_enough(layer, device) -> bool:
-    return _plan(layer, False, CAST_BLOCK, CAST_BLOCK, torch.device(device)).covered_fraction <= MAX_COVERED_FRACTION
+def _cublas_on_connected_cast(layer, inputs, compute_dtype):
+    """Where the kernel does not pay: for half-precision products under autocast (float32 weights) through a layer
+    whose tiles skip enough, cuBLAS's ``F.linear`` on ``connected_weight`` where the host's launch is paid once (a
+    CUDA graph capture; and the interpreter, where the tests run it); else None (the dense path). Launched from
+    Python in every call, the Triton cast costs more host time than it saves GPU time (docs/RESULTS.md, "log_prob"),
+    so eager calls only make the plan that a later capture needs."""
+    if compute_dtype == torch.float32 or layer.weight.dtype != torch.float32:
+        return None
+    plan = _plan(layer, False, CAST_BLOCK, CAST_BLOCK, inputs.device)
+    if plan.covered_fraction > MAX_COVERED_FRACTION:
+        return None
+    plan.device_ranges()
+    if not (_interpreting() or torch.cuda.is_current_stream_capturing()):
+        return None
+    return F.linear(inputs, connected_weight(layer, compute_dtype), layer.bias)
 
 
 def connected_weight(layer, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -621,7 +621,7 @@ class MAFModel(MAFSamplingMixin, AnomalyDetectionMixin, MAFPreTrainedModel):
         """One block, data side -> noise side. Returns (noise, ``log_det`` plus the block's per-dimension log-det);
         on the fused path (CUDA, no gradients) ``log_det`` is updated in place."""
         if not self.conditioner_on_noise:
-            fused = density_in_one_kernel(block.made, data_side, locations, log_det=log_det)
+            fused = density_in_one_kernel(block.made, data_side, log_det, locations)
             if fused is not None:  # None: not on CUDA, or with gradients
                 return fused
             shift, log_scale = block(data_side, locations)

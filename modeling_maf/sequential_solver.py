@@ -17,7 +17,7 @@ permutation), every segment is a contiguous range of pixel positions, so the wei
 a random ordering gathers the weights into degree order once per call.
 
 The same fused tail serves the parallel direction of a MAF block without gradients (``density_in_one_kernel``: the
-soft clamp and the affine solve of the whole output in one kernel). Whole directions of a flow (every block) run as
+soft clamp, the affine solve and the running log-determinant of the whole output in one kernel). Whole directions of a flow (every block) run as
 CUDA graphs through ``flow_graphs.py``.
 
 This file imports only torch, Triton where present and its sibling ``masked_matmul.py``, relatively, so a Hub repo made
@@ -359,31 +359,27 @@ def _affine_tail(products, bias, known, solved, log_scale, clamp, invert, update
         BLOCK_WIDTH=max(16, triton.next_power_of_2(width)), BLOCK_UNITS=_UPDATE_BLOCK_UNITS)
 
 
-def density_in_one_kernel(made, inputs: torch.Tensor, locations: torch.Tensor | None = None,
-                          log_det: torch.Tensor | None = None):
-    """The parallel direction of a MAF block without gradients on CUDA: ``(noise, log_scale)``, noise = (inputs -
-    shift) / exp(log_scale), from one MADE evaluation whose output is read once by the fused tail (the soft clamp and
-    the affine solve in one kernel, instead of the eight elementwise torch kernels of ``MADE.forward`` and the solve,
-    each of which reads and writes (batch, D) in memory). With ``log_det`` (the flow's running per-dimension
-    log-determinant, like ``inputs``): the tail subtracts the block's log-scales from it in place (the block's
-    log-determinant is -log_scale) and ``(noise, log_det)`` is returned, which saves two more such kernels. None where
-    it does not apply (no Triton, not on CUDA, with gradients, ``FUSE_WITH_TRITON`` off, inputs or ``log_det`` that are
-    not contiguous float32 of one shape, offsets beyond int32; on the CPU only under Triton's interpreter, which is how
-    the tests run it): the caller runs the torch path."""
+def density_in_one_kernel(made, inputs: torch.Tensor, log_det: torch.Tensor, locations: torch.Tensor | None = None):
+    """The parallel direction of a MAF block without gradients on CUDA: ``(noise, log_det)``, noise = (inputs -
+    shift) / exp(log_scale), from one MADE evaluation whose output is read once by the fused tail (the soft clamp, the
+    affine solve, and the block's log-determinant -log_scale added to ``log_det``, the flow's running per-dimension
+    log-determinant, in place), instead of the elementwise torch kernels of ``MADE.forward``, the solve and the sum,
+    each of which reads and writes (batch, D) in memory. None where it does not apply (no Triton, not on CUDA, with
+    gradients, ``FUSE_WITH_TRITON`` off, ``inputs`` or ``log_det`` not contiguous float32 of one shape, offsets beyond
+    int32; on the CPU only under Triton's interpreter, which is how the tests run it): the caller runs the torch
+    path."""
     num_features = made.num_features
     if (not FUSE_WITH_TRITON or not triton_runs_on(inputs) or torch.is_grad_enabled()
             or inputs.dtype != torch.float32 or not inputs.is_contiguous() or inputs.ndim != 2
             or inputs.shape[0] * 2 * num_features >= 2**31 or not inputs.shape[0]):
         return None
-    if log_det is not None and (log_det.shape != inputs.shape or log_det.dtype != torch.float32
-                                or not log_det.is_contiguous()):
+    if log_det.shape != inputs.shape or log_det.dtype != torch.float32 or not log_det.is_contiguous():
         return None
     output = made.layers[-1](made.last_hidden(inputs, locations))  # (rows, 2D): shifts, then raw log-scales
     if output.stride(-1) != 1 or output.stride(0) != 2 * num_features:
         return None
     noise = torch.empty_like(inputs)
-    log_scale = torch.empty_like(inputs) if log_det is None else log_det
     products = output.view(-1, 2, num_features).transpose(0, 1)  # (2, rows, D) views, biases included
-    _affine_tail(products, None, inputs, noise, log_scale, made.log_scale_clamp, _FUSED_SOLVES[affine_density],
-                 subtract=log_det is not None)
-    return noise, log_scale
+    _affine_tail(products, None, inputs, noise, log_det, made.log_scale_clamp, _FUSED_SOLVES[affine_density],
+                 subtract=True)
+    return noise, log_det

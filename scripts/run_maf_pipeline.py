@@ -30,12 +30,11 @@ from hf_dgm_training.arguments import SEED
 from hf_dgm_training.errors import add_debug_arg
 
 
-# The feature detector trains at its defaults on both presets (384x384 images; the whole CPU job stays well inside 3
-# minutes on 2 cores, docs/RESULTS.md#feature-space-detector).
+# The whole-image MAF's flags per preset; the feature detector trains at its defaults on both (384x384 images; the
+# whole CPU job stays well inside 3 minutes on 2 cores, docs/RESULTS.md#feature-space-detector).
 PRESETS = {
-    "spec": {"maf": [], "detector": []},
-    "cpu": {"maf": ["--image_size", "64", "--hidden_sizes", "256", "256", "--num_blocks", "3",
-                    "--num_train_epochs", "8"], "detector": []},
+    "spec": [],
+    "cpu": ["--image_size", "64", "--hidden_sizes", "256", "256", "--num_blocks", "3", "--num_train_epochs", "8"],
 }
 # The patch detector (docs/maf.md, 8. Patch MAF): 16x16 patches at stride 8 of 128x128 images, given their location.
 PATCH_ARGS = ["--image_size", "128", "--patch_size", "16", "--patch_stride", "8", "--num_blocks", "5",
@@ -113,11 +112,11 @@ def main(argv=None):
     training_data = data + (["--category", args.category] if args.category else []) + (
         ["--download"] if args.download else [])
     seed = ["--seed", str(args.seed)] if args.seed is not None else []
-    preset = PRESETS[args.preset]
+    maf_flags = PRESETS[args.preset]
     out = args.output_dir
     detector_dir, patch_dir = os.path.join(out, "detector"), os.path.join(out, "patch_detector")
 
-    stages.run("train_maf", train_maf.main, training_data + ["--output_dir", out] + preset["maf"] + seed
+    stages.run("train_maf", train_maf.main, training_data + ["--output_dir", out] + maf_flags + seed
                + args.maf_extra)
     stages.run("sample", sample_maf.main, ["--model_name_or_path", out, "--num_samples", "5", "--temperature", "1.0",
                                            "0.7"] + data)
@@ -125,7 +124,7 @@ def main(argv=None):
     reports = {"whole-image MAF": read_report(out)}
     if args.detector == "on":
         stages.run("train_detector", train_maf.main, training_data + [
-            "--flow_type", "feature_maf", "--output_dir", detector_dir] + preset["detector"] + seed
+            "--flow_type", "feature_maf", "--output_dir", detector_dir] + seed
                    + shlex.split(os.environ.get("DETECTOR_EXTRA", "")))
         stages.run("detect_detector", detect_anomalies.main, ["--model_name_or_path", detector_dir] + data)
         reports["feature detector"] = read_report(detector_dir)
