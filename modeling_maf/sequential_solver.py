@@ -17,8 +17,8 @@ permutation), every segment is a contiguous range of pixel positions, so the wei
 a random ordering gathers the weights into degree order once per call.
 
 The same fused tail serves the parallel direction of a MAF block without gradients (``density_in_one_kernel``: the
-soft clamp, the affine solve and the running log-determinant of the whole output in one kernel). Whole directions of a flow (every block) run as
-CUDA graphs through ``flow_graphs.py``.
+soft clamp, the affine solve and the running log-determinant of the whole output in one kernel). Whole directions of
+a flow (every block) run as CUDA graphs through ``flow_graphs.py``.
 
 This file imports only torch, Triton where present and its sibling ``masked_matmul.py``, relatively, so a Hub repo made
 by ``save_pretrained`` loads with ``trust_remote_code=True``.
