@@ -1,0 +1,189 @@
+"""How the feature detector's calibrated threshold behaves, and where chosen test images rank among good images.
+
+    python benchmarks/detector_calibration_study.py --data_dir data/mvtec_capsule --output_dir runs/calibration_study \
+        --folds 10 --seeds 0 --watch test/crack/000.png
+
+Every run trains the detector with `scripts/train_maf.py` (in this process, its defaults plus a variant's flags) and
+scores the validation and test images with its default score (`map-max`), and with a memory bank (the nearest
+training vector, PatchCore without coreset) on the same standardised features through the same smoothing and max.
+
+- `--folds 0`: one run per seed, each with train_maf.py's own validation split (10 %, drawn by the seed).
+- `--folds K` (K >= 2): train/good is cut into K folds (drawn by the seed); run k holds out fold k as its validation
+  split. Every good training image is then scored once by a detector that did not train on it (out of fold), which
+  gives the threshold at `--target_fpr` over all of them (cross-fitted), the false-positive rate each run's own
+  threshold has on the other folds' images, and each run's decisions at both thresholds.
+
+For each variant the table gives the image AUROC (flow and memory bank), the defects caught and good test images
+flagged at the thresholds, and, for every `--watch` test image, how many good images score above it. Writes
+calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--variants", default='{"default": []}',
+                        help='JSON: name -> extra train_maf.py flags, e.g. \'{"448": ["--image_size", "448"]}\'.')
+    parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds.")
+    parser.add_argument("--folds", type=int, default=0, help="0: train_maf.py's validation split; K >= 2: K folds.")
+    parser.add_argument("--target_fpr", type=float, default=0.05)
+    parser.add_argument("--watch", nargs="*", default=[], help="Test files (relative to --data_dir) to rank.")
+    args = parser.parse_args(argv)
+    if args.folds == 1 or args.folds < 0:
+        parser.error("--folds must be 0 or at least 2.")
+    return args
+
+
+def memory_bank_maps(model, train_features, features, chunk=8192):
+    """Distance of every standardised vector of `features` (B, D, h, w) to its nearest training vector: (B, h, w)."""
+    bank = model._standardise(train_features).reshape(-1, model.num_features)
+    maps = [torch.cat([torch.cdist(part, bank).min(dim=1).values for part in image.split(chunk)])
+            .view(*model.feature_grid) for image in model._standardise(features)]
+    return torch.stack(maps)
+
+
+def threshold_at(good_scores, target_fpr):
+    """The project's rule (`anomaly_scores.threshold_at_fpr`): flag at most floor(target_fpr * N) good images."""
+    ordered = np.sort(np.asarray(good_scores))[::-1]
+    return float(ordered[int(np.floor(target_fpr * len(ordered) + 1e-9))])
+
+
+def auroc(scores, labels):
+    anomalous, good = scores[labels == 1], scores[labels == 0]
+    return float(np.mean((anomalous[:, None] > good[None]) + 0.5 * (anomalous[:, None] == good[None])))
+
+
+def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
+    import hf_dgm_training.data.anomaly as anomaly_data
+    import train_maf
+    from hf_dgm_training.data.anomaly import load_split_as_tensors
+    from modeling_maf import FeatureMAFModel, MAFImageProcessor
+    from modeling_maf.anomaly_scores import NLLMaps
+
+    output_dir = os.path.join(args.output_dir, "runs", f"{time.time_ns()}")
+    argv = ["--flow_type", "feature_maf", "--data_dir", args.data_dir, "--output_dir", output_dir, "--seed",
+            str(seed), "--report_to", "none", "--target_fpr", str(args.target_fpr), *flags]
+    original_split = anomaly_data.split_validation
+    if validation_files is not None:  # train_maf.load_data imports split_validation from this module when it runs
+        anomaly_data.split_validation = lambda train, *_, **__: original_split(train, validation_files=validation_files)
+    try:
+        start = time.perf_counter()
+        train_maf.main(argv)
+        train_s = time.perf_counter() - start
+        _, train, validation, _ = train_maf.load_data(train_maf.parse_args(argv))
+    finally:
+        anomaly_data.split_validation = original_split
+    model = FeatureMAFModel.from_pretrained(output_dir).to(device).eval()
+    size = model.config.image_size
+    if size not in test_cache:
+        test_cache[size] = load_split_as_tensors(dataset["test"],
+                                                 image_processor=MAFImageProcessor(size=size, num_channels=3))
+    test = test_cache[size]
+
+    def features(pixel_values):
+        return torch.cat([model.extract_features(chunk.to(device)) for chunk in pixel_values.split(32)])
+
+    record = dict(seed=seed, train_s=train_s, validation_files=list(validation.files),
+                  threshold=float(model.anomaly_threshold()))
+    with torch.no_grad():
+        train_features = features(train.pixel_values)
+        for name, images in (("test", test.pixel_values), ("validation", validation.pixel_values)):
+            record[name] = model.anomaly_scores(images.to(device)).cpu().tolist()
+            maps = memory_bank_maps(model, train_features, features(images))
+            bank = NLLMaps(model.grid_maps_to_pixels(maps), maps)
+            record[f"{name}_bank"] = model.score_nll_maps(bank, "map-max")[1].cpu().tolist()
+    return record, test
+
+
+def summarise(args, variant, records, test):
+    labels = test.labels.numpy()
+    rows = {"variant": variant, "runs": len(records)}
+    for kind in ("", "_bank"):
+        scores = np.array([record["test" + kind] for record in records])
+        aurocs = [auroc(row, labels) for row in scores]
+        rows[f"auroc{kind}"] = (statistics.mean(aurocs), statistics.pstdev(aurocs))
+        goods = {file: score for record in records
+                 for file, score in zip(record["validation_files"], record["validation" + kind])}
+        thresholds = ([record["threshold"] for record in records] if kind == "" else
+                      [threshold_at(record["validation" + kind], args.target_fpr) for record in records])
+        own = [(float((row[labels == 1] > t).mean()), int((row[labels == 0] > t).sum())) for row, t in
+               zip(scores, thresholds)]
+        rows[f"own_threshold{kind}"] = dict(min=min(thresholds), max=max(thresholds),
+                                           caught=statistics.mean(c for c, _ in own),
+                                           goods_flagged=statistics.mean(f for _, f in own))
+        if args.folds:
+            good_scores = np.array(list(goods.values()))
+            cross_fitted = threshold_at(good_scores, args.target_fpr)
+            realised = [float(np.mean(np.concatenate([other["validation" + kind] for other in records
+                                                      if other is not record]) > t))
+                        for record, t in zip(records, thresholds)]
+            rows[f"own_threshold{kind}"]["realised_fpr"] = (min(realised), statistics.mean(realised), max(realised))
+            rows[f"cross_fitted{kind}"] = dict(
+                threshold=cross_fitted, num_goods=len(good_scores),
+                caught=float((scores[:, labels == 1] > cross_fitted).mean()),
+                goods_flagged=float((scores[:, labels == 0] > cross_fitted).sum(axis=1).mean()),
+                top_goods=[file for file, _ in sorted(goods.items(), key=lambda item: -item[1])[:10]])
+        for file in args.watch:
+            index = test.files.index(file)
+            rows.setdefault("watch", {})[file + kind] = dict(
+                score=statistics.mean(scores[:, index]),
+                caught_own=sum(int(row[index] > t) for row, t in zip(scores, thresholds)),
+                goods_above=statistics.mean(
+                    float(np.sum(np.concatenate([record["validation" + kind], row[labels == 0]]) > row[index]))
+                    for record, row in zip(records, scores)),
+                **({"goods_above_cross_fitted": float(np.sum(np.array(list(goods.values())) > scores[:, index].mean())),
+                    "caught_cross_fitted": int(np.sum(scores[:, index] > rows[f"cross_fitted{kind}"]["threshold"]))}
+                   if args.folds else {}))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from hf_dgm_training.data.anomaly import load_anomaly_dataset
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dataset = load_anomaly_dataset(args.data_dir)
+    train_files = sorted(dataset["train"]["file"])
+    missing = [file for file in args.watch if file not in dataset["test"]["file"]]
+    if missing:
+        raise SystemExit(f"--watch: not test files of {args.data_dir}: {', '.join(missing)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    test_cache, results, summaries = {}, {}, []
+    for variant, flags in json.loads(args.variants).items():
+        records, test = [], None
+        for seed in (int(seed) for seed in args.seeds.split(",")):
+            folds = [None]
+            if args.folds:
+                order = np.random.default_rng(1000 + seed).permutation(len(train_files))
+                folds = [[train_files[i] for i in order[k::args.folds]] for k in range(args.folds)]
+            for fold, validation_files in enumerate(folds):
+                record, test = run_one(args, flags, seed, validation_files, dataset, device, test_cache)
+                records.append(dict(record, fold=fold))
+                print(f"{variant} seed {seed} fold {fold}: threshold {record['threshold']:.1f}, "
+                      f"{record['train_s']:.1f} s", flush=True)
+        results[variant] = dict(flags=flags, records=records, test_files=list(test.files),
+                                test_labels=test.labels.tolist())
+        summaries.append(summarise(args, variant, records, test))
+        with open(os.path.join(args.output_dir, "calibration_study.json.tmp"), "w") as f:
+            json.dump(dict(args=vars(args), results=results, summaries=summaries), f)
+        os.replace(os.path.join(args.output_dir, "calibration_study.json.tmp"),
+                   os.path.join(args.output_dir, "calibration_study.json"))
+    print(json.dumps(summaries, indent=1))
+
+
+if __name__ == "__main__":
+    main()
