@@ -175,14 +175,19 @@ def main(argv=None):
                 records.append(dict(record, fold=fold))
                 print(f"{variant} seed {seed} fold {fold}: threshold {record['threshold']:.1f}, "
                       f"{record['train_s']:.1f} s", flush=True)
-        results[variant] = dict(flags=flags, records=records, test_files=list(test.files),
-                                test_labels=test.labels.tolist())
+                results[variant] = dict(flags=flags, records=records, test_files=list(test.files),
+                                        test_labels=test.labels.tolist())
+                write_json(args, results, summaries)  # every run kept, should a later one not finish
         summaries.append(summarise(args, variant, records, test))
-        with open(os.path.join(args.output_dir, "calibration_study.json.tmp"), "w") as f:
-            json.dump(dict(args=vars(args), results=results, summaries=summaries), f)
-        os.replace(os.path.join(args.output_dir, "calibration_study.json.tmp"),
-                   os.path.join(args.output_dir, "calibration_study.json"))
+        write_json(args, results, summaries)
     print(json.dumps(summaries, indent=1))
+
+
+def write_json(args, results, summaries):
+    path = os.path.join(args.output_dir, "calibration_study.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(args=vars(args), results=results, summaries=summaries), f)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .anomaly_scores import (
     calibrate_scores,
     check_score_name,
     compute_score,
+    expected_fpr,
 )
 
 
@@ -114,8 +115,8 @@ class MAFAnomalyScorer(nn.Module):
     # ------------------------------------------------------------------------------------------------ state
     @property
     def calibration(self) -> dict | None:
-        """What `calibrate` wrote (the default `method`, `target_fpr`, `thresholds`, `calibration_fpr` and
-        `display_ranges` per score, `num_images` and the score sizes), as config.json holds it; None when not
+        """What `calibrate` wrote (the default `method`, `target_fpr`, `thresholds`, `calibration_fpr`, `expected_fpr`
+        and `display_ranges` per score, `num_images` and the score sizes), as config.json holds it; None when not
         calibrated."""
         return self._config.anomaly_calibration
 
@@ -231,6 +232,7 @@ class MAFAnomalyScorer(nn.Module):
             "target_fpr": float(target_fpr),
             "thresholds": thresholds,
             "calibration_fpr": fprs,
+            "expected_fpr": {name: expected_fpr(fpr, int(nll_maps.pixel.shape[0])) for name, fpr in fprs.items()},
             "display_ranges": display_ranges,
             "num_images": int(nll_maps.pixel.shape[0]),
             **parameters.to_dict(),

@@ -150,6 +150,8 @@ def calibrate(args, model, dataset, device, processor) -> str:
 
 
 def build_report(args, model, device, test, scored, metrics, method, calibration_source):
+    from modeling_maf.anomaly_scores import expected_fpr
+
     labels = test.labels.numpy()
     headline = metrics[method]
     calibration = model.config.anomaly_calibration
@@ -179,6 +181,10 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
         "calibration": calibration,
         "decision_threshold": headline.get("threshold"),
         "decision_threshold_fpr": calibration["calibration_fpr"][method] if calibration else None,
+        # (m + 1) / (N + 1): what a new good image's chance of landing above the threshold is (calibrated before this
+        # field existed: computed from the fraction flagged and the number of images)
+        "decision_threshold_expected_fpr": expected_fpr(calibration["calibration_fpr"][method],
+                                                        calibration["num_images"]) if calibration else None,
         "target_fpr": calibration["target_fpr"] if calibration else None,
         "test_at_threshold": headline.get("at_threshold"),
         "test_good_bits_per_dim": float(bits[labels == 0].mean()) if pixel_model and (labels == 0).any() else None,
@@ -215,7 +221,8 @@ def print_summary(report, output_dir):
     else:
         rate = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
         print(f"threshold {report['decision_threshold']:.6g} ({method}, FPR {report['decision_threshold_fpr']:.3f} on "
-              f"the calibration images): test FPR {rate(at['fpr'])}, TPR {rate(at['tpr'])} (TP {at['true_positives']}, "
+              f"the calibration images, {report['decision_threshold_expected_fpr']:.3f} expected on new good images): "
+              f"test FPR {rate(at['fpr'])}, TPR {rate(at['tpr'])} (TP {at['true_positives']}, "
               f"FP {at['false_positives']}, TN {at['true_negatives']}, FN {at['false_negatives']})")
     print(f"Report and figures in {output_dir}: anomaly_report.json, roc_curve.png, score_histogram.png, "
           "anomaly_maps.png, misses.png")

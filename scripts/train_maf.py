@@ -473,7 +473,8 @@ def calibration_rows(calibration) -> str:
     method = calibration["method"]
     return (f"| anomaly score (default) | `{method}` |\n| decision threshold | {calibration['thresholds'][method]:.4g} "
             f"(false-positive rate {calibration['calibration_fpr'][method]:.3f} on {calibration['num_images']} "
-            f"validation images; target {calibration['target_fpr']}) |")
+            f"validation images, {calibration['expected_fpr'][method]:.3f} expected on new good images; target "
+            f"{calibration['target_fpr']}) |")
 
 
 def model_card_body(args, config, results):

@@ -25,6 +25,7 @@ from modeling_maf.anomaly_scores import (
     ScoreParameters,
     calibrate_scores,
     compute_score,
+    expected_fpr,
     location_statistics,
     register_score,
     threshold_at_fpr,
@@ -120,6 +121,20 @@ def test_threshold_at_fpr():
         threshold_at_fpr(scores, 1.0)
 
 
+def test_expected_fpr_is_what_new_good_images_see():
+    # 22 calibration images at a 5 % target: 1 flagged there, but a new good image lands above the threshold with
+    # probability 2 / 23. Checked by simulation: thresholds from 22 draws, the fraction of 50 new draws above them.
+    assert expected_fpr(1 / 22, 22) == 2 / 23 and expected_fpr(0.0, 19) == 1 / 20
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randn(4000, 72, generator=generator, dtype=torch.float64)
+    above = []
+    for calibration, new in zip(draws[:, :22], draws[:, 22:]):
+        threshold, fpr = threshold_at_fpr(calibration, 0.05)
+        assert fpr == 1 / 22
+        above.append(float((new > threshold).double().mean()))
+    assert abs(sum(above) / len(above) - expected_fpr(1 / 22, 22)) < 0.004  # the flagged fraction, 0.045, is not
+
+
 def test_leave_one_out_thresholds_score_each_image_against_the_others():
     rng = np.random.default_rng(1)
     good = torch.from_numpy(rng.gamma(2.0, 1.0, size=(5, 4, 4)))
@@ -194,6 +209,7 @@ def test_calibrate_sets_threshold_statistics_and_decisions(model_class, config_c
     torch.testing.assert_close(model.anomaly_statistics.location_mean, nll_maps.mean(0).float())
     # Scores without statistics: the threshold flags exactly 2 of the 20 calibration images.
     assert calibration["calibration_fpr"]["nll"] == 0.1
+    assert calibration["expected_fpr"]["nll"] == 3 / 21  # a new good image: 2 of 20 above, plus itself
     assert int((model.anomaly_scores(good, "nll") > calibration["thresholds"]["nll"]).sum()) == 2
 
     test = torch.cat([images(4, 4), with_defect(images(4, 5))])

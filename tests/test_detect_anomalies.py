@@ -47,6 +47,7 @@ def test_some_masks_calibrated_on_the_recorded_validation_files(tmp_path, capsys
     assert report["calibration"]["num_images"] == 4 and report["target_fpr"] == 0.3
     assert report["decision_threshold"] == report["calibration"]["thresholds"][DEFAULT_CALIBRATED_SCORE]
     assert report["decision_threshold_fpr"] == 0.25  # floor(0.3 * 4) = 1 of the 4 calibration images
+    assert report["decision_threshold_expected_fpr"] == 0.4  # (1 + 1) / (4 + 1) of new good images
     assert 0 <= report["image_auroc"] <= 1 and set(report["auroc_per_defect"]) == {"crack", "poke"}
     # Pixel metrics over the 6 images with masks (3 good + 3 crack); the 2 poke images have none.
     assert (report["pixel_metrics_images"], report["pixel_metrics_images_without_mask"]) == (6, 2)
