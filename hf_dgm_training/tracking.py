@@ -85,14 +85,15 @@ def _to_python(value):
 
 
 class MetricsLogger:
-    """Writes metrics to a JSONL file (main process only) and to the accelerator's trackers.
+    """Writes metrics to a JSONL file (main process only) and, with `to_trackers`, to the accelerator's trackers.
 
     Each line is `{"step": step, **metrics}`; the file is appended to, so a resumed run continues it.
     """
 
-    def __init__(self, accelerator, path: str):
+    def __init__(self, accelerator, path: str, to_trackers: bool = True):
         self.accelerator = accelerator
         self.path = path
+        self.to_trackers = to_trackers
         self._file = None
         if accelerator.is_main_process:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -104,7 +105,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps({"step": step, **metrics}) + "\n")
             self._file.flush()
-        self.accelerator.log(metrics, step=step)
+        if self.to_trackers:
+            self.accelerator.log(metrics, step=step)
 
     def close(self) -> None:
         if self._file is not None:

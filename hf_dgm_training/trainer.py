@@ -169,6 +169,8 @@ class TrainingLoop:
         self.run_train_seconds = 0.0
         self.warmup = None  # (train seconds, steps) of this run before the rate counts as steady
         self.stopped_early = False
+        # False for a loop that trains an auxiliary model inside a run (its steps restart at 1): metrics.jsonl only
+        self.log_to_trackers = True
 
     # ------------------------------------------------------------------------------------------------ resume
     def resume(self) -> LoopState:
@@ -201,7 +203,7 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         args, task, state, accelerator = self.args, self.task, self.state, self.accelerator
-        self._metrics = MetricsLogger(accelerator, self.metrics_path)
+        self._metrics = MetricsLogger(accelerator, self.metrics_path, to_trackers=self.log_to_trackers)
         # Device rows of the steps not fetched yet, and their (step, epoch, extras).
         self._history, self._pending = None, []
         max_steps = self.total_steps()

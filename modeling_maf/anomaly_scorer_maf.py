@@ -303,17 +303,25 @@ class AnomalyDetectionMixin:
         return self.anomaly_statistics.predict(self.nll_maps(pixel_values), method)
 
     @torch.no_grad()
-    def calibrate(self, good_pixel_values: torch.Tensor, target_fpr: float = 0.05, method: str | None = None,
-                  batch_size: int = 16, parameters: ScoreParameters | None = None) -> dict:
+    def calibrate(self, good_pixel_values: torch.Tensor | None, target_fpr: float = 0.05, method: str | None = None,
+                  batch_size: int = 16, parameters: ScoreParameters | None = None,
+                  nll_maps: NLLMaps | None = None) -> dict:
         """Calibrate the anomaly scores on held-out good images (never trained on), float (N, C, H, W) in [0, 1],
         `batch_size` at a time: `MAFAnomalyScorer.calibrate` on their NLL maps (per-location statistics, the
         threshold of every score at `target_fpr`, `method` as the default score, the score sizes `parameters`).
+        `nll_maps`: the maps of more good images, scored by models of the same recipe that did not train on them
+        (`train_maf.py --calibration_folds`), calibrated on with them (or alone, with `good_pixel_values` None).
         `save_pretrained` saves all of it. Returns `config.anomaly_calibration`."""
         method = check_score_name(method or self.default_anomaly_score).name
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        maps = NLLMaps.cat(self.nll_maps(chunk.to(self.device)) for chunk in good_pixel_values.split(batch_size))
-        return self.anomaly_statistics.calibrate(maps, target_fpr, method, parameters)
+        parts = [] if good_pixel_values is None else [self.nll_maps(chunk.to(self.device))
+                                                      for chunk in good_pixel_values.split(batch_size)]
+        if nll_maps is not None:
+            parts.append(nll_maps.to(self.device))
+        if not parts:
+            raise ValueError("Pass good_pixel_values or nll_maps to calibrate on.")
+        return self.anomaly_statistics.calibrate(NLLMaps.cat(parts), target_fpr, method, parameters)
 
 
 __all__ = ["AnomalyDetectionMixin", "AnomalyPrediction", "MAFAnomalyScorer", "upsample_bilinear"]

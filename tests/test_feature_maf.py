@@ -231,6 +231,41 @@ def test_train_maf_trains_the_detector_and_detect_anomalies_reports_it(tmp_path,
     assert report["test_good_bits_per_dim"] is None  # no bits/dim for feature vectors
 
 
+def test_calibration_folds_score_every_training_image_with_a_detector_that_did_not_train_on_it(tmp_path,
+                                                                                              monkeypatch):
+    import detect_anomalies
+    import train_maf
+
+    monkeypatch.setattr(FeatureMAFModel, "load_pretrained_backbone", lambda self, *a, **k: None)
+    tasks = []  # (training images, validation images) of every detector the run trains
+    original_init = train_maf.FeatureTask.__init__
+
+    def recording_init(self, args, accelerator, model, train_pixels, validation, test_good):
+        tasks.append((train_pixels.clone(), validation.clone()))
+        original_init(self, args, accelerator, model, train_pixels, validation, test_good)
+
+    monkeypatch.setattr(train_maf.FeatureTask, "__init__", recording_init)
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=12, num_test_good=2, defects=(("crack", 2),))
+    output = tmp_path / "detector"
+    train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
+                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
+                    "--validation_split_percentage", "30", "--calibration_folds", "2"])
+    (main_train, main_validation), folds = tasks[0], tasks[1:]
+    assert len(folds) == 2 and len(main_validation) == 4 and len(main_train) == 8
+    rows = lambda images: {tuple(image.flatten()[:64].tolist()) for image in images}  # noqa: E731
+    scored = [rows(validation) for _, validation in folds]
+    assert scored[0].isdisjoint(scored[1]) and scored[0] | scored[1] == rows(main_train)  # each image scored once
+    for (train_pixels, validation), held_out in zip(folds, scored):
+        assert rows(train_pixels).isdisjoint(held_out) and rows(train_pixels) | held_out == rows(main_train)
+    calibration = FeatureMAFModel.from_pretrained(output).config.anomaly_calibration
+    assert calibration["num_images"] == 12 and calibration["out_of_fold_images"] == 8
+    assert calibration["calibration_folds"] == 2
+    assert all((output / "calibration_folds" / f"fold_{k}" / "metrics.jsonl").exists() for k in range(2))
+    assert "8 training images scored out of fold" in (output / "README.md").read_text()
+    detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
+    assert json.loads((output / "anomaly" / "anomaly_report.json").read_text())["decision_threshold"] is not None
+
+
 def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch):
     """One-channel categories (MVTec's grid, screw, zipper) train and score: the pretrained backbone reads RGB, so
     the detector's image processor converts gray images at training and at inference alike."""

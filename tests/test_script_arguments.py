@@ -96,6 +96,8 @@ def test_a_bad_number_is_one_line_naming_the_flag(script, flag, value, capsys):
     ("train_maf", ["--hidden_sizes", "16", "0"], "--hidden_sizes"),
     ("train_maf", ["--flow_type", "iaf", "--image_size", "8", "--patch_size", "16"], "--patch_size"),
     ("train_maf", ["--flow_type", "feature_maf", "--feature_pooling_size", "2"], "--feature_pooling_size"),
+    ("train_maf", ["--flow_type", "feature_maf", "--calibration_folds", "1"], "--calibration_folds"),
+    ("train_maf", ["--calibration_folds", "2"], "--calibration_folds"),  # a pixel MAF: no out-of-fold calibration
     ("train_cyclegan", ["--generator_filters", "0"], "--generator_filters"),
     ("train_cyclegan", ["--init_gain", "0"], "--init_gain"),
 ])
