@@ -111,12 +111,13 @@ def parse_args(argv=None):
                         help="False-positive rate on the validation images at which the decision threshold is set.")
     parser.add_argument("--calibration_folds", type=int, default=0,
                         help="feature_maf: also calibrate on every training image, scored out of fold. K >= 2 more "
-                             "detectors are trained, the same way, each without one of K folds of the training "
-                             "images (its validation split), and score that fold; the threshold then comes from all "
-                             "the good images instead of the validation split alone, so it lets through close to "
-                             "--target_fpr of new good images and moves less from one split to the next (22 "
-                             "validation images: about 8.7 %% on average, 1-19 %% by split; docs/maf.md). Costs K "
-                             "trainings. 0: the validation split alone.")
+                             "detectors are trained the same way, each without one of K folds of the training images "
+                             "(its validation split), and each scores that fold. The threshold then comes from all "
+                             "the good images, not the validation split alone: a 5 %% threshold read off 22 "
+                             "validation images is exceeded by 2 / 23 = 8.7 %% of new good images on average, and by "
+                             "more or less depending on the split (docs/maf.md). Fold detectors train on (K - 1) / K "
+                             "of the images, so their scores run a little high and the threshold errs toward fewer "
+                             "false alarms. Costs K trainings. 0: the validation split alone.")
     parser.add_argument("--max_grad_norm", type=NON_NEGATIVE_FLOAT, default=1.0,
                         help="Clip the global gradient norm to this value; 0 turns clipping off (plain "
                              "Adam). Clipping keeps Adam from the loss spikes that can otherwise blow a run up "
@@ -131,6 +132,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.calibration_folds and (args.calibration_folds < 2 or args.flow_type != "feature_maf"):
         parser.error(f"--calibration_folds {args.calibration_folds}: 0, or at least 2 with --flow_type feature_maf.")
+    if args.calibration_folds and args.model_name_or_path:  # a fold detector must never have seen its fold
+        parser.error("--calibration_folds trains each fold detector from scratch: leave out --model_name_or_path (a "
+                     "detector trained on every image), or calibrate it with detect_anomalies.py --calibration_data.")
     for name, value in TRAINING_DEFAULTS[args.flow_type].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

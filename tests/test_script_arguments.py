@@ -98,6 +98,8 @@ def test_a_bad_number_is_one_line_naming_the_flag(script, flag, value, capsys):
     ("train_maf", ["--flow_type", "feature_maf", "--feature_pooling_size", "2"], "--feature_pooling_size"),
     ("train_maf", ["--flow_type", "feature_maf", "--calibration_folds", "1"], "--calibration_folds"),
     ("train_maf", ["--calibration_folds", "2"], "--calibration_folds"),  # a pixel MAF: no out-of-fold calibration
+    ("train_maf", ["--flow_type", "feature_maf", "--calibration_folds", "2", "--model_name_or_path", "runs/detector"],
+     "--calibration_folds"),
     ("train_cyclegan", ["--generator_filters", "0"], "--generator_filters"),
     ("train_cyclegan", ["--init_gain", "0"], "--init_gain"),
 ])
