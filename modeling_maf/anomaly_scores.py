@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 
 NLL = "nll"
@@ -137,24 +136,48 @@ def register_score(name: str, needs_statistics: bool = False, grid: str = PIXEL_
 # ------------------------------------------------------------------------------------------------ map operations
 
 
+def _filter_matrix(size: int, radius: int, weights_of, like: torch.Tensor) -> torch.Tensor:
+    """The (size, size) matrix of a 1-D filter over `size` samples: row i holds `weights_of(offsets, index)` at
+    samples i - radius .. i + radius, each index clamped into [0, size) (edge samples replicated)."""
+    offsets = torch.arange(-radius, radius + 1, device=like.device)
+    index = (torch.arange(size, device=like.device)[:, None] + offsets).clamp(0, size - 1)
+    weights = weights_of(offsets.to(like.dtype), torch.arange(size, device=like.device)[:, None] + offsets)
+    matrix = torch.zeros(size, size, dtype=like.dtype, device=like.device)
+    return matrix.scatter_add_(1, index, weights.expand(size, -1).to(like.dtype).contiguous())
+
+
+def _separable(maps: torch.Tensor, radius: int, weights_of) -> torch.Tensor:
+    """A separable 2-D filter of (B, H, W) maps as two matrix products, rows @ maps @ columns^T: an order of magnitude
+    faster on a CPU than the same filter as convolutions (which run one long kernel over one channel)."""
+    rows = _filter_matrix(maps.shape[-2], radius, weights_of, maps)
+    columns = _filter_matrix(maps.shape[-1], radius, weights_of, maps)
+    return rows @ maps @ columns.T
+
+
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, edge pixels replicated; sigma <= 0 returns the maps."""
+    """Separable Gaussian blur of (B, H, W) maps (radius ceil(3 sigma)), edge pixels replicated; sigma <= 0 returns
+    the maps."""
     if sigma <= 0:
         return maps
     radius = max(1, int(math.ceil(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=maps.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    padded = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
-    blurred = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
-    return blurred[:, 0]
+    return _separable(maps, radius, lambda offsets, _: kernel.to(offsets.device))
 
 
 def box_mean(maps: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Mean of every `window_size` square of (B, H, W) maps (same size out; at the edges, over the pixels inside)."""
+    """Mean of the `window_size` square (odd) around every pixel of (B, H, W) maps (same size out; at the edges, over
+    the pixels inside)."""
     if window_size <= 1:
         return maps
-    return F.avg_pool2d(maps[:, None], window_size, stride=1, padding=window_size // 2, count_include_pad=False)[:, 0]
+    half = window_size // 2
+
+    def weights_of(offsets, positions):  # 1 / (the window's samples inside the map), 0 for those outside
+        size = positions.shape[0]
+        inside = ((positions >= 0) & (positions < size)).to(offsets.dtype)
+        return inside / inside.sum(dim=1, keepdim=True)
+
+    return _separable(maps, half, weights_of)
 
 
 def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:

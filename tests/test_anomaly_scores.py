@@ -111,6 +111,27 @@ def test_nll_and_smoothed_map_scores():
     assert math.isclose(float(top[1]), 1 / 81, rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 1), (2, 5, 7), (2, 40, 24)])
+def test_smoothing_and_box_mean_are_the_replicate_padded_convolution_and_the_inside_mean(shape):
+    """The matrix-product filters equal their definitions: a Gaussian over edge-replicated pixels (conv2d on the
+    replicate-padded map) and the mean over the window's pixels inside the map (avg_pool2d without the padding)."""
+    import torch.nn.functional as F
+
+    maps = torch.rand(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 50
+    for sigma in (0.4, 1.5, 4.0):
+        radius = max(1, math.ceil(3 * sigma))
+        kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        padded = F.pad(maps[:, None], (radius,) * 4, mode="replicate")
+        expected = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[:, 0]
+        torch.testing.assert_close(anomaly_scores.gaussian_smooth(maps, sigma), expected, rtol=1e-12, atol=1e-12)
+    for window in (3, 5, 9):
+        expected = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
+        torch.testing.assert_close(anomaly_scores.box_mean(maps, window), expected, rtol=1e-12, atol=1e-12)
+        float_maps = maps.float()
+        torch.testing.assert_close(anomaly_scores.box_mean(float_maps, window), expected.float())
+
+
 def test_threshold_at_fpr():
     scores = torch.arange(20.0).flip(0)
     assert threshold_at_fpr(scores, 0.05) == (18.0, 0.05)  # one of 20 good images may be flagged
