@@ -137,13 +137,13 @@ def register_score(name: str, needs_statistics: bool = False, grid: str = PIXEL_
 
 
 def _filter_matrix(size: int, radius: int, weights_of, like: torch.Tensor) -> torch.Tensor:
-    """The (size, size) matrix of a 1-D filter over `size` samples: row i holds `weights_of(offsets, index)` at
-    samples i - radius .. i + radius, each index clamped into [0, size) (edge samples replicated)."""
-    offsets = torch.arange(-radius, radius + 1, device=like.device)
-    index = (torch.arange(size, device=like.device)[:, None] + offsets).clamp(0, size - 1)
-    weights = weights_of(offsets.to(like.dtype), torch.arange(size, device=like.device)[:, None] + offsets)
+    """The (size, size) matrix of a 1-D filter over `size` samples: row i holds the weights `weights_of(positions)`
+    gives for samples i - radius .. i + radius (positions (size, 2 radius + 1), possibly outside [0, size)), each
+    position clamped into [0, size) (edge samples replicated)."""
+    positions = torch.arange(size, device=like.device)[:, None] + torch.arange(-radius, radius + 1, device=like.device)
+    weights = weights_of(positions).to(like).expand(size, -1).contiguous()
     matrix = torch.zeros(size, size, dtype=like.dtype, device=like.device)
-    return matrix.scatter_add_(1, index, weights.expand(size, -1).to(like.dtype).contiguous())
+    return matrix.scatter_add_(1, positions.clamp(0, size - 1), weights)
 
 
 def _separable(maps: torch.Tensor, radius: int, weights_of) -> torch.Tensor:
@@ -162,7 +162,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma)))
     kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    return _separable(maps, radius, lambda offsets, _: kernel.to(offsets.device))
+    return _separable(maps, radius, lambda positions: kernel)
 
 
 def box_mean(maps: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -170,14 +170,12 @@ def box_mean(maps: torch.Tensor, window_size: int) -> torch.Tensor:
     the pixels inside)."""
     if window_size <= 1:
         return maps
-    half = window_size // 2
 
-    def weights_of(offsets, positions):  # 1 / (the window's samples inside the map), 0 for those outside
-        size = positions.shape[0]
-        inside = ((positions >= 0) & (positions < size)).to(offsets.dtype)
+    def inside_mean(positions):  # 1 / (the window's samples inside the map) for those, 0 for those outside
+        inside = ((positions >= 0) & (positions < positions.shape[0])).double()
         return inside / inside.sum(dim=1, keepdim=True)
 
-    return _separable(maps, half, weights_of)
+    return _separable(maps, window_size // 2, inside_mean)
 
 
 def top_k_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
