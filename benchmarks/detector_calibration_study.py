@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "scripts"), HERE]  # train_maf.py; feature_detector_study.py's memory bank
 
 
 def parse_args(argv=None):
@@ -48,28 +49,22 @@ def parse_args(argv=None):
     return args
 
 
-def memory_bank_maps(model, train_features, features, chunk=8192):
-    """Distance of every standardised vector of `features` (B, D, h, w) to its nearest training vector: (B, h, w)."""
-    bank = model._standardise(train_features).reshape(-1, model.num_features)
-    maps = [torch.cat([torch.cdist(part, bank).min(dim=1).values for part in image.split(chunk)])
-            .view(*model.feature_grid) for image in model._standardise(features)]
-    return torch.stack(maps)
+def standardised(model, features):
+    """The detector's per-channel standardisation of feature maps (B, D, h, w), in the same layout."""
+    return model._standardise(features).transpose(1, 2).reshape(features.shape)
 
 
 def threshold_at(good_scores, target_fpr):
-    """The project's rule (`anomaly_scores.threshold_at_fpr`): flag at most floor(target_fpr * N) good images."""
-    ordered = np.sort(np.asarray(good_scores))[::-1]
-    return float(ordered[int(np.floor(target_fpr * len(ordered) + 1e-9))])
+    """The project's threshold (`anomaly_scores.threshold_at_fpr`) of a list of good scores."""
+    from modeling_maf.anomaly_scores import threshold_at_fpr
 
-
-def auroc(scores, labels):
-    anomalous, good = scores[labels == 1], scores[labels == 0]
-    return float(np.mean((anomalous[:, None] > good[None]) + 0.5 * (anomalous[:, None] == good[None])))
+    return threshold_at_fpr(torch.as_tensor(np.asarray(good_scores, dtype=np.float64)), target_fpr)[0]
 
 
 def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     import hf_dgm_training.data.anomaly as anomaly_data
     import train_maf
+    from feature_detector_study import memory_bank_maps
     from hf_dgm_training.data.anomaly import load_split_as_tensors
     from modeling_maf import FeatureMAFModel, MAFImageProcessor
     from modeling_maf.anomaly_scores import NLLMaps
@@ -103,18 +98,20 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
         train_features = features(train.pixel_values)
         for name, images in (("test", test.pixel_values), ("validation", validation.pixel_values)):
             record[name] = model.anomaly_scores(images.to(device)).cpu().tolist()
-            maps = memory_bank_maps(model, train_features, features(images))
+            maps = memory_bank_maps(standardised(model, train_features), standardised(model, features(images)))
             bank = NLLMaps(model.grid_maps_to_pixels(maps), maps)
             record[f"{name}_bank"] = model.score_nll_maps(bank, "map-max")[1].cpu().tolist()
     return record, test
 
 
 def summarise(args, variant, records, test):
+    from hf_dgm_training.metrics.anomaly_detection.ranking import roc_auc
+
     labels = test.labels.numpy()
     rows = {"variant": variant, "runs": len(records)}
     for kind in ("", "_bank"):
         scores = np.array([record["test" + kind] for record in records])
-        aurocs = [auroc(row, labels) for row in scores]
+        aurocs = [roc_auc(row, labels) for row in scores]
         rows[f"auroc{kind}"] = (statistics.mean(aurocs), statistics.pstdev(aurocs))
         goods = {file: score for record in records
                  for file, score in zip(record["validation_files"], record["validation" + kind])}
