@@ -10,9 +10,9 @@ environment and calls this.
 Presets: `spec` trains the default whole-image MAF (128x128x3, MADE 49152->512->512->2*49152, 7 blocks, batch 8,
 100 epochs, lr 1e-4), `cpu` a 64x64 MAF (3 blocks of 256-256, 8 epochs); both train the feature detector at its
 defaults (384x384 images, EfficientNet-Lite0 stages 4 and 5 whitened per location, 4 MADE blocks of 128-128, 3 epochs
-of one image's vectors a step: seconds on a CPU; the whole cpu job takes about 2 minutes on 2 cores). Every
-stage runs the script of its own (train_maf.py, sample_maf.py, detect_anomalies.py) in this process, so imports are
-paid once; each stage's wall time goes to OUTPUT_DIR/pipeline_results.json with the detectors' figures.
+of one image's vectors a step). Every stage runs the script of its own (train_maf.py, sample_maf.py,
+detect_anomalies.py) in this process, so imports are paid once; each stage's wall time goes to
+OUTPUT_DIR/pipeline_results.json with the detectors' figures.
 
 Outputs: OUTPUT_DIR (the MAF), OUTPUT_DIR/samples, OUTPUT_DIR/anomaly, OUTPUT_DIR/detector (the feature detector) and
 OUTPUT_DIR/detector/anomaly; with --patch_detector on, OUTPUT_DIR/patch_detector too. Unknown flags go to the MAF's
@@ -31,7 +31,7 @@ from hf_dgm_training.errors import add_debug_arg
 
 
 # The whole-image MAF's flags per preset; the feature detector trains at its defaults on both (384x384 images; the
-# whole CPU job stays well inside 3 minutes on 2 cores, docs/RESULTS.md#feature-space-detector).
+# CPU job's times are in docs/RESULTS.md#start-up-and-end-to-end-times).
 PRESETS = {
     "spec": [],
     "cpu": ["--image_size", "64", "--hidden_sizes", "256", "256", "--num_blocks", "3", "--num_train_epochs", "8"],
