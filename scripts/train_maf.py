@@ -469,9 +469,6 @@ def out_of_fold_nll_maps(args, accelerator, train, num_channels: int):
     from modeling_maf.anomaly_scores import NLLMaps
 
     folds, count = args.calibration_folds, len(train.files)
-    if count < 2 * folds:
-        raise UsageError(f"--calibration_folds {folds} needs at least {2 * folds} training images, got {count}: "
-                         "lower it.")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
     fold_of = torch.empty(count, dtype=torch.long)
     fold_of[order] = torch.arange(count) % folds
@@ -653,6 +650,9 @@ def main(argv=None):
 
     # Data and model
     processor, train, validation, test_good = load_data(args)
+    if len(train.files) < 2 * args.calibration_folds:  # refused before the training, not after it
+        raise UsageError(f"--calibration_folds {args.calibration_folds} needs at least {2 * args.calibration_folds} "
+                         f"training images, got {len(train.files)}: lower it.")
     phases.lap("data")
     model = build_model(args, num_channels=train.pixel_values.shape[1], device=accelerator.device)
     phases.lap("model")
