@@ -102,6 +102,13 @@ class FeatureMAFConfig(PreTrainedConfig):
         condition_on_position (`bool`, *optional*, defaults to `True`):
             Every MADE adds a learned embedding of the feature location to its first hidden layer:
             ``log p(vector | location)``. False: one density for every location.
+        position_tolerance (`int`, *optional*, defaults to 0):
+            How many grid cells (rows and columns, clamped at the border) a feature may lie from where the training
+            images show it. The density of a vector at location ``l`` is then the average of the densities at the
+            locations within that many cells of ``l``: ``p(x | l) = mean_{l'} p(x | l')``, a mixture over a position
+            known to ± that many cells, so that a print or an edge a little off its usual place is not read as a
+            defect, while a feature seen nowhere near ``l`` still is. It changes how images are scored (maps,
+            scores, ``log_prob``), not how the flow trains. Costs ``(2 r + 1)²`` evaluations of the flow per vector.
         anomaly_score (`str`, *optional*, defaults to `"map-max"`):
             The image score `calibrate` makes the default (a name of ``modeling_maf.anomaly_scores.ANOMALY_SCORES``).
         anomaly_calibration (`dict`, *optional*):
@@ -140,6 +147,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         whitening_shrinkage: float = 0.1,
         whitening_ridge: float = 0.01,
         condition_on_position: bool = True,
+        position_tolerance: int = 0,
         anomaly_score: str = "map-max",
         anomaly_calibration: dict | None = None,
         **kwargs,
@@ -176,6 +184,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         self.whitening_shrinkage = float(whitening_shrinkage)
         self.whitening_ridge = float(whitening_ridge)
         self.condition_on_position = bool(condition_on_position)
+        self.position_tolerance = int(position_tolerance)
         self.anomaly_score = anomaly_score
         self.anomaly_calibration = anomaly_calibration
         super().__init__(**kwargs)
@@ -212,6 +221,7 @@ class FeatureMAFConfig(PreTrainedConfig):
              f"whitening_shrinkage must lie in [0, 1], got {self.whitening_shrinkage}"),
             (self.whitening_ridge > 0, f"whitening_ridge must be positive, got {self.whitening_ridge}"),
             (self.log_scale_clamp > 0, f"log_scale_clamp must be positive, got {self.log_scale_clamp}"),
+            (self.position_tolerance >= 0, f"position_tolerance must be >= 0, got {self.position_tolerance}"),
             (self.anomaly_score in IMAGE_SCORES,
              f"anomaly_score must be one of {IMAGE_SCORES}, got {self.anomaly_score!r}"),
         ]

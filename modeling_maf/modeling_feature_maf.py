@@ -364,6 +364,37 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         base = -0.5 * hidden.square().sum(dim=1) - 0.5 * self.num_features * math.log(2 * math.pi)
         return base + log_det
 
+    def location_log_prob(self, features: torch.Tensor) -> torch.Tensor:
+        """log p(vector | location) of every vector of feature maps (B, D, h, w) -> (B, h, w), float32. With
+        `config.position_tolerance` r > 0, the density at location l is the mean of the densities at the locations
+        within r rows and columns of l that lie in the grid (each read from the location's whitening and its position
+        in the flow)."""
+        batch_size, _, height, width = features.shape
+        radius = self.config.position_tolerance
+        if radius == 0:
+            vectors, locations = self.vectors(features)
+            return self.vector_log_prob(vectors, locations).view(batch_size, height, width)
+        standardised = self._standardise(features)
+        rows = torch.arange(height, device=features.device)
+        columns = torch.arange(width, device=features.device)
+        terms, count = [], torch.zeros(height, width, device=features.device)
+        for row_offset in range(-radius, radius + 1):
+            for column_offset in range(-radius, radius + 1):
+                source_rows, source_columns = rows + row_offset, columns + column_offset
+                inside = (((source_rows >= 0) & (source_rows < height))[:, None]
+                          & ((source_columns >= 0) & (source_columns < width))[None, :])
+                if not inside.any():
+                    continue
+                source = (source_rows.clamp(0, height - 1)[:, None] * width
+                          + source_columns.clamp(0, width - 1)[None, :]).flatten()
+                vectors = standardised
+                if self.config.location_whitening:
+                    vectors = self._whiten(vectors, self.whitening_mean[source], self.whitening_matrix[source])
+                log_prob = self.vector_log_prob(vectors.reshape(-1, self.num_features), source.repeat(batch_size))
+                terms.append(log_prob.view(batch_size, height, width).masked_fill(~inside, float("-inf")))
+                count += inside
+        return torch.logsumexp(torch.stack(terms), dim=0) - count.log()
+
     def forward(self, pixel_values: torch.Tensor | None = None, features: torch.Tensor | None = None,
                 vectors: torch.Tensor | None = None, locations: torch.Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> FeatureMAFOutput:
@@ -383,9 +414,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
             if pixel_values is None:
                 raise ValueError("Pass pixel_values (images) or features (from extract_features).")
             features = self.extract_features(pixel_values)
-        batch_size, _, height, width = features.shape
-        vectors, locations = self.vectors(features)
-        log_prob = self.vector_log_prob(vectors, locations).view(batch_size, height, width)
+        log_prob = self.location_log_prob(features)
         output = FeatureMAFOutput(loss=-log_prob.mean(), log_prob=log_prob.flatten(1).mean(dim=1), nll_map=-log_prob)
         return output if return_dict is not False else output.to_tuple()
 

@@ -623,6 +623,7 @@ result = detector("image.png")   # score, is_anomalous, threshold, method, heatm
 ridge {config.whitening_ridge}) |
 | flow | {config.num_blocks} MADE blocks, hidden sizes {config.hidden_sizes}, conditioned on the location: \
 {config.condition_on_position} |
+| position tolerance (grid cells) | {config.position_tolerance} |
 | epochs (best kept) | {args.num_train_epochs} ({results['best_epoch'] or 'the last'}) |
 | vectors per step | {args.per_device_train_batch_size} images' worth |
 | learning rate (Adam) | {args.learning_rate} |

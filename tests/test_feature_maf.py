@@ -82,6 +82,36 @@ def test_location_whitening_makes_the_fresh_flow_the_gaussian_of_each_location()
         assert torch.allclose(log_prob[:, location], expected, rtol=1e-4, atol=1e-3), location
 
 
+@pytest.mark.parametrize("radius", [1, 2])
+def test_position_tolerance_scores_the_mean_density_of_the_neighbouring_locations(radius):
+    """With position_tolerance r, log p(x | l) is the log of the mean over the locations l' within r rows and columns
+    of l inside the grid of p(x | l'), each read with l''s whitening and position; computed here location by location
+    from the tolerance-free model's vector_log_prob."""
+    tolerant = tiny_detector(seed=3, position_tolerance=radius)
+    plain = tiny_detector(seed=3)
+    assert torch.equal(tolerant.whitening_matrix, plain.whitening_matrix)
+    features = random_features(plain, 2, seed=4)
+    height, width = plain.feature_grid
+    standardised = plain._standardise(features)
+    expected = torch.empty(2, height, width)
+    for row in range(height):
+        for column in range(width):
+            densities = []
+            for source_row in range(max(row - radius, 0), min(row + radius, height - 1) + 1):
+                for source_column in range(max(column - radius, 0), min(column + radius, width - 1) + 1):
+                    source = source_row * width + source_column
+                    whitened = (standardised[:, row * width + column] - plain.whitening_mean[source]) \
+                        @ plain.whitening_matrix[source].T
+                    densities.append(plain.vector_log_prob(whitened, torch.full((2,), source)))
+            expected[:, row, column] = torch.logsumexp(torch.stack(densities), 0) - math.log(len(densities))
+    with torch.no_grad():
+        assert torch.allclose(tolerant(features=features).nll_map, -expected, atol=1e-4)
+        assert not torch.allclose(plain(features=features).nll_map, -expected, atol=1e-2)
+    assert FeatureMAFConfig.from_dict(tolerant.config.to_dict()).position_tolerance == radius
+    with pytest.raises(ValueError, match="position_tolerance must be >= 0, got -1"):
+        tiny_config(position_tolerance=-1)
+
+
 def test_the_flow_learns_from_out_of_fold_whitened_vectors():
     """out_of_fold_vectors whitens every image by the Gaussians of the other folds' images, not its own."""
     model = tiny_detector()
