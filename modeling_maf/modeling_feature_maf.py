@@ -367,31 +367,30 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     def location_log_prob(self, features: torch.Tensor) -> torch.Tensor:
         """log p(vector | location) of every vector of feature maps (B, D, h, w) -> (B, h, w), float32. With
         `config.position_tolerance` r > 0, the density at location l is the mean of the densities at the locations
-        within r rows and columns of l that lie in the grid (each read from the location's whitening and its position
-        in the flow)."""
+        within r rows and columns of l that lie in the grid: for every offset s, the maps are moved by s, so that each
+        vector is read at location l + s (that location's whitening and position), and the densities moved back."""
         batch_size, _, height, width = features.shape
+
+        def own_locations(maps):
+            vectors, locations = self.vectors(maps)
+            return self.vector_log_prob(vectors, locations).view(batch_size, height, width)
+
         radius = self.config.position_tolerance
         if radius == 0:
-            vectors, locations = self.vectors(features)
-            return self.vector_log_prob(vectors, locations).view(batch_size, height, width)
-        standardised = self._standardise(features)
-        rows = torch.arange(height, device=features.device)
-        columns = torch.arange(width, device=features.device)
+            return own_locations(features)
+        rows = torch.arange(height, device=features.device)[:, None]
+        columns = torch.arange(width, device=features.device)[None, :]
         terms, count = [], torch.zeros(height, width, device=features.device)
         for row_offset in range(-radius, radius + 1):
             for column_offset in range(-radius, radius + 1):
-                source_rows, source_columns = rows + row_offset, columns + column_offset
-                inside = (((source_rows >= 0) & (source_rows < height))[:, None]
-                          & ((source_columns >= 0) & (source_columns < width))[None, :])
+                inside = ((rows + row_offset >= 0) & (rows + row_offset < height)
+                          & (columns + column_offset >= 0) & (columns + column_offset < width))
                 if not inside.any():
                     continue
-                source = (source_rows.clamp(0, height - 1)[:, None] * width
-                          + source_columns.clamp(0, width - 1)[None, :]).flatten()
-                vectors = standardised
-                if self.config.location_whitening:
-                    vectors = self._whiten(vectors, self.whitening_mean[source], self.whitening_matrix[source])
-                log_prob = self.vector_log_prob(vectors.reshape(-1, self.num_features), source.repeat(batch_size))
-                terms.append(log_prob.view(batch_size, height, width).masked_fill(~inside, float("-inf")))
+                # the vector of l goes to l + offset, is scored there, and its density comes back to l
+                moved = own_locations(features.roll((row_offset, column_offset), dims=(2, 3)))
+                moved_back = moved.roll((-row_offset, -column_offset), dims=(1, 2))
+                terms.append(moved_back.masked_fill(~inside, float("-inf")))
                 count += inside
         return torch.logsumexp(torch.stack(terms), dim=0) - count.log()
 
