@@ -103,9 +103,9 @@ class FeatureMAFConfig(PreTrainedConfig):
             Every MADE adds a learned embedding of the feature location to its first hidden layer:
             ``log p(vector | location)``. False: one density for every location.
         position_tolerance (`int`, *optional*, defaults to 0):
-            How many grid cells (rows and columns, clamped at the border) a feature may lie from where the training
-            images show it. The density of a vector at location ``l`` is then the average of the densities at the
-            locations within that many cells of ``l``: ``p(x | l) = mean_{l'} p(x | l')``, a mixture over a position
+            How many grid cells (rows and columns) a feature may lie from where the training images show it. The
+            density of a vector at location ``l`` is then the average of the densities at the locations within that
+            many cells of ``l`` that lie in the grid: ``p(x | l) = mean_{l'} p(x | l')``, a mixture over a position
             known to ± that many cells, so that a print or an edge a little off its usual place is not read as a
             defect, while a feature seen nowhere near ``l`` still is. It changes how images are scored (maps,
             scores, ``log_prob``), not how the flow trains. Costs ``(2 r + 1)²`` evaluations of the flow per vector.
