@@ -352,6 +352,11 @@ def test_flag_non_finite_reads_any_float_dtype_and_never_clears(dtype):
     found = torch.zeros(())
     flag_non_finite_(found, [torch.ones(3, dtype=dtype), torch.full((2,), 6e4, dtype=dtype)])
     assert float(found) == 0.0  # large but finite
+    flag_non_finite_(found, [torch.full((2,), torch.finfo(dtype).max, dtype=dtype)])
+    assert float(found) == 0.0  # finite values whose sum overflows (the CPU's screen by sums must look closer)
+    flag_non_finite_(found, [torch.ones(3), torch.tensor([-float("inf"), 1.0], dtype=dtype)])
+    assert float(found) == 1.0  # an infinity, in a group of its own dtype
+    found.zero_()
     flag_non_finite_(found, [torch.tensor([1.0, float("nan")], dtype=dtype)])
     assert float(found) == 1.0
     flag_non_finite_(found, [torch.ones(3, dtype=dtype)])

@@ -111,11 +111,17 @@ _TILE_SHAPES = ((32, 128), (128, 32), (64, 64))
 
 def flag_non_finite_(found_inf: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Sets the float32 scalar ``found_inf`` to 1 when any of ``tensors`` holds a NaN or an infinity (it is never
-    reset here). On the device, without a host sync, so it runs inside CUDA graphs; any floating dtype."""
+    reset here). On a GPU without a host sync, so it runs inside CUDA graphs; any floating dtype.
+
+    On the CPU, where a host check costs nothing and an infinity norm is a slow pass (an order of magnitude slower
+    than a sum), the tensors' sums screen them first: finite sums prove every value finite, and only a group with a sum
+    that is not (a NaN, an infinity, or finite values that overflow when added) gets the exact check."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
+        if group[0].device.type == "cpu" and bool(torch.stack([tensor.sum() for tensor in group]).isfinite().all()):
+            continue
         largest = torch.stack(torch._foreach_norm(group, float("inf")))  # NaN or inf iff a value is
         found_inf.copy_(torch.maximum(found_inf, largest.isfinite().logical_not().any().to(found_inf.dtype)))
     return found_inf
