@@ -17,6 +17,8 @@ model packages hold what loading a model needs and import nothing from here.
 - `model_loading`: `--model_name_or_path` checked and loaded (never sending a local-looking path to the Hub), and
   the prologue of the inference scripts (device, output folder, model).
 - `errors`: the errors a user can fix, and `run_main`, the entry point that prints them as one line.
+- `host_memory`: freed host memory kept for reuse (glibc), which `run_main` sets up: CPU jobs without most of
+  their page faults.
 - `data/`: images decoded with errors that name the file (`images`), anomaly-detection data (`anomaly/`),
   CycleGAN's unpaired domains (`unpaired`).
 - `metrics/`: the `anomaly_detection` evaluate module (loaded by path), anomaly evaluation, sample quality.

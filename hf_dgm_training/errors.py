@@ -109,8 +109,13 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     and one line on stderr for a user error (`is_user_error`), with 130 on Ctrl-C. Other exceptions propagate with
     their traceback (Python exits with status 1). `--debug` / HF_DGM_DEBUG=1 lets every exception propagate.
 
-    Every process of `accelerate launch` runs it; with several processes each line names its rank.
+    Every process of `accelerate launch` runs it; with several processes each line names its rank. Before `main` it
+    lets the C allocator keep freed memory for reuse (`host_memory.keep_freed_memory`), which spares CPU jobs most of
+    their page faults.
     """
+    from .host_memory import keep_freed_memory
+
+    keep_freed_memory()
     debug = debug_requested(argv)
     try:
         result = main(argv)
