@@ -129,6 +129,17 @@ def test_the_flow_learns_from_out_of_fold_whitened_vectors():
     assert per_image.square().mean() > in_sample.square().mean()
 
 
+def test_cpu_feature_extraction_in_chunks_gives_every_image_its_own_features_in_order():
+    from modeling_maf.modeling_feature_maf import CPU_BACKBONE_BATCH_SIZE
+
+    model = tiny_detector()
+    images = torch.rand(2 * CPU_BACKBONE_BATCH_SIZE + 3, 3, 32, 32)  # two full chunks and a partial one
+    together = model.extract_features(images)
+    one_by_one = torch.cat([model.extract_features(image[None]) for image in images])
+    assert together.shape[0] == images.shape[0]
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 def test_image_statistics_make_the_features_blind_to_a_global_lighting_change(tmp_path):
     """Fitted reference channel statistics: a brighter/darker image or a colour cast gives the same features; without
     them the features move. The references travel in config.json."""
