@@ -7,7 +7,8 @@ hf_dgm_training/host_memory.py) and given back to the system (HF_DGM_KEEP_FREED_
 Every (setting, batch size) runs in a process of its own, since the allocator's settings hold for a whole process:
 EfficientNet-Lite0 (random weights: the time does not depend on them) up to stage 5, in eval mode, over
 --num_images random images of --image_size, channels last as `FeatureMAFModel.extract_features` feeds it; one batch
-first to warm up. Rows: seconds, images/s, and the system time and minor page faults of the timed batches.
+first to warm up. Rows: seconds, images/s, and the system time and minor page faults of the timed batches. Malloc
+tuning variables of the environment (MALLOC_*_, GLIBC_TUNABLES) are left out of both processes.
 """
 
 import argparse
@@ -57,7 +58,11 @@ def parse_args(argv=None):
 
 
 def run_child(args, batch_size, keep_freed_memory):
-    env = dict(os.environ, HF_DGM_KEEP_FREED_MEMORY="1" if keep_freed_memory else "0")
+    from hf_dgm_training.host_memory import MALLOC_ENVIRONMENT, OPT_OUT_ENV
+
+    # The two settings differ in the switch alone: malloc tuned by the environment would override both.
+    env = {name: value for name, value in os.environ.items() if name not in MALLOC_ENVIRONMENT}
+    env[OPT_OUT_ENV] = "1" if keep_freed_memory else "0"
     command = [sys.executable, "-c", CHILD, str(args.num_images), str(args.image_size), str(batch_size),
                str(args.threads)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)

@@ -78,9 +78,20 @@ def one_line(error: BaseException) -> str:
     return message
 
 
+def environment_switch(name: str, default: bool) -> bool:
+    """The on/off variable `name` of the environment: 1, true, yes or on turn it on; 0, false, no or off turn it off
+    (any case); unset or anything else leaves `default`."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     """`--debug` among the arguments (default: the command line) or HF_DGM_DEBUG set to a true value."""
-    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if environment_switch(DEBUG_ENV, default=False):
         return True
     arguments = sys.argv[1:] if argv is None else argv
     return "--debug" in arguments

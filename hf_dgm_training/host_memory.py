@@ -22,8 +22,13 @@ from __future__ import annotations
 import ctypes
 import os
 
+from .errors import environment_switch
+
 
 OPT_OUT_ENV = "HF_DGM_KEEP_FREED_MEMORY"
+_MALLOC_THRESHOLD_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# Variables through which the environment tunes glibc's malloc itself (GLIBC_TUNABLES when it names glibc.malloc).
+MALLOC_ENVIRONMENT = (*_MALLOC_THRESHOLD_VARIABLES, "GLIBC_TUNABLES")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 # Blocks below this come from the heap; larger ones (rare) keep their own mapping.
 MMAP_THRESHOLD = 1 << 30
@@ -34,7 +39,7 @@ _CAPPED_MMAP_THRESHOLD = 32 << 20
 
 
 def _environment_tunes_malloc() -> bool:
-    return any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")) or (
+    return any(name in os.environ for name in _MALLOC_THRESHOLD_VARIABLES) or (
         "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
@@ -48,7 +53,7 @@ def _is_glibc() -> bool:
 def keep_freed_memory() -> bool:
     """Sets glibc's mmap and trim thresholds as the module docstring says; returns whether it did. Call it early:
     blocks mapped before keep their mapping."""
-    if os.environ.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off") or _environment_tunes_malloc():
+    if not environment_switch(OPT_OUT_ENV, default=True) or _environment_tunes_malloc():
         return False
     if not _is_glibc():
         return False

@@ -1,6 +1,8 @@
 """`host_memory.keep_freed_memory`, which `run_main` calls: the feature maps of batch after batch reuse freed memory
-instead of page-faulting fresh mappings."""
+instead of page-faulting fresh mappings. Measured with benchmarks/time_cpu_feature_extraction.py, whose timing
+processes run through `run_main` with the switch on and off."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +10,9 @@ import sys
 import pytest
 
 from hf_dgm_training import host_memory
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _transparent_huge_pages_always():
@@ -18,44 +23,30 @@ def _transparent_huge_pages_always():
         return False
 
 
-# A CPU job in small: an EfficientNet-Lite0 (random weights) over a few batches of 384x384 images, which makes and
-# drops feature maps of up to ~20 MB per layer. Prints the page faults of the batches after the first.
-PROBE = """
-import resource
-import torch
-from hf_dgm_training.errors import run_main
-from modeling_maf import EfficientNetLiteBackbone, EfficientNetLiteConfig
-
-def faults_of_a_few_batches(argv=None):
-    torch.set_num_threads(1)
-    backbone = EfficientNetLiteBackbone(EfficientNetLiteConfig(out_features=["stage4", "stage5"])).eval()
-    images = torch.rand(4, 3, 384, 384).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        backbone(images)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-            backbone(images)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-
-run_main(faults_of_a_few_batches)
-"""
+def run_benchmark(tmp_path, *flags):
+    output = tmp_path / "cpu_features.json"
+    result = subprocess.run([sys.executable, "benchmarks/time_cpu_feature_extraction.py", *flags,
+                             "--output_json", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text())["rows"], result.stdout
 
 
-def _page_faults(**environment):
-    tuning = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", host_memory.OPT_OUT_ENV)
-    env = {key: value for key, value in os.environ.items() if key not in tuning}
-    result = subprocess.run([sys.executable, "-c", PROBE], env=env | environment, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return int(result.stdout.split()[-1])
+def test_the_cpu_feature_extraction_benchmark_times_both_settings(tmp_path):
+    rows, stdout = run_benchmark(tmp_path, "--smoke")
+    assert [(row["batch_size"], row["keep_freed_memory"]) for row in rows] == [(2, True), (2, False)]
+    assert all(row["seconds"] > 0 and row["images_per_s"] > 0 and row["minor_faults"] >= 0 for row in rows)
+    assert "given back" in stdout
 
 
 @pytest.mark.skipif(not host_memory._is_glibc(), reason="keep_freed_memory tunes glibc's malloc only")
 @pytest.mark.skipif(_transparent_huge_pages_always(), reason="huge pages hide the page faults this test counts")
-def test_run_main_keeps_freed_memory_for_the_next_large_tensor():
-    kept = _page_faults()
-    fresh = _page_faults(**{host_memory.OPT_OUT_ENV: "0"})
-    assert kept * 5 < fresh, (kept, fresh)
+def test_run_main_keeps_freed_memory_for_the_next_batch(tmp_path):
+    # An EfficientNet-Lite0 over three batches of four 384x384 images after a first one: feature maps of up to
+    # ~20 MB per layer, made and dropped batch after batch.
+    rows, _ = run_benchmark(tmp_path, "--num_images", "12", "--image_size", "384", "--batch_sizes", "4",
+                            "--threads", "1")
+    faults = {row["keep_freed_memory"]: row["minor_faults"] for row in rows}
+    assert faults[True] * 5 < faults[False], faults
 
 
 def test_it_does_nothing_when_the_environment_tunes_malloc_or_opts_out(monkeypatch):

@@ -33,16 +33,6 @@ def test_bench_maf_smoke_has_every_optimizer_row_and_both_floors(tmp_path):
     assert all(floor["bytes"] > 0 and floor["gflop"] > 0 for floor in report["floor_log_prob"])
 
 
-def test_time_cpu_feature_extraction_smoke_times_both_allocator_settings(tmp_path):
-    output = tmp_path / "cpu_features.json"
-    result = run(["benchmarks/time_cpu_feature_extraction.py", "--smoke", "--output_json", str(output)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(output.read_text())["rows"]
-    assert [(row["batch_size"], row["keep_freed_memory"]) for row in rows] == [(2, True), (2, False)]
-    assert all(row["seconds"] > 0 and row["images_per_s"] > 0 and row["minor_faults"] >= 0 for row in rows)
-    assert "given back" in result.stdout
-
-
 def test_time_maf_log_prob_smoke(tmp_path):
     output = tmp_path / "log_prob.json"
     result = run(["benchmarks/time_maf_log_prob.py", "--smoke", "--skip_nflows", "--output_json", str(output)])
