@@ -14,6 +14,7 @@ This file imports only torch and its sibling `refinement_maf.py`: it travels wit
 """
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,20 @@ class MAFSamplingMixin:
     refine_wall_width = 0.01
 
     @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator | None = None, temperature: float = 1.0,
-               show_progress: bool = False, refine_steps: int = 0, refine_step_size: float | None = None,
-               refine_temperature: float | None = None, refine_batch_size: int = 16) -> torch.Tensor:
+    def sample(self, num_samples: int, generator: torch.Generator | None = None,
+               temperature: float | Sequence[float] = 1.0, show_progress: bool = False, refine_steps: int = 0,
+               refine_step_size: float | None = None, refine_temperature: float | None = None,
+               refine_batch_size: int = 16) -> torch.Tensor:
         """Draw `num_samples` images (num_samples, C, H, W) in [0, 1]; latents ~ N(0, temperature^2 I).
         `generator` may live on the CPU or on the model's device. A patch model draws a mosaic of independent,
         non-overlapping patches on a patch_size grid, each from log p(patch | its location): not a draw of a whole
         image (needs patch_size % patch_stride == 0 and image_size % patch_size == 0).
+
+        A sequence of temperatures scales the same `num_samples` base draws by each, in one batch: the result is
+        (len(temperature) * num_samples, C, H, W), temperature by temperature, and each temperature's images are
+        those of a call with that temperature alone and the same seed (refined ones too where the refinement draws
+        no noise, `refine_temperature=0`, up to the rounding of batched products). One batch is cheaper than one call
+        per temperature where the products are bound by reading the weights (a few images on a CPU).
 
         With `refine_steps=0` (the default) the images are exact draws from the model. With `refine_steps > 0` each
         draw is then moved towards higher density by annealed Langevin dynamics (`refinement_maf.py`, docs/maf.md):
@@ -56,8 +64,9 @@ class MAFSamplingMixin:
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+        if not temperatures or not all(value > 0 for value in temperatures):
+            raise ValueError(f"temperature must be > 0 (or a non-empty sequence of them), got {temperature}.")
         refine_step_size = self.default_refine_step_size if refine_step_size is None else refine_step_size
         refine_temperature = self.default_refine_temperature if refine_temperature is None else refine_temperature
         check_refinement_arguments(refine_steps, refine_step_size, refine_temperature, refine_batch_size)
@@ -65,7 +74,8 @@ class MAFSamplingMixin:
         noise_device = generator.device if generator is not None else device
         latents = torch.randn(num_samples, layout.rows_per_sample * num_features, generator=generator,
                               device=noise_device)
-        latents = latents.to(device) * temperature
+        latents = torch.cat([latents.to(device) * value for value in temperatures])
+        num_samples = len(latents)
         locations = layout.mosaic_locations(num_samples, device)
         # MAF refines the logit image (its density direction is one pass), IAF its latents (its sampling direction).
         if self.conditioner_on_noise:

@@ -13,7 +13,8 @@ and the figures say so. --refine_steps 0 writes exact samples only.
 Writes to --output_dir, for each temperature T: sample_t<T>_<i>.png and samples_t<T>.png (exact, one grid),
 refined_t<T>_<i>.png and refined_t<T>.png (refined), exact_vs_refined_t<T>.png (both grids side by side, labelled),
 and samples.json: seconds in total and per image for exact and refined samples (refined seconds include the exact
-pass they start from), sequential MADE evaluations per block, device, and the measures of
+pass they start from; all temperatures are drawn, and refined, in one batch, and each gets its share of the batch's
+seconds), sequential MADE evaluations per block, device, and the measures of
 hf_dgm_training.metrics.sample_quality on the 8-bit images: bits/dim under the model, roughness (mean |Laplacian| in
 8-bit levels) and diversity (mean pairwise L2). With --data_dir or --dataset_name (the data the model was trained
 on) also roughness and diversity relative to the training images and the distance to the nearest training image
@@ -80,8 +81,9 @@ def refinement_arguments(args) -> dict:
     return {"refine_steps": args.refine_steps, **chosen}
 
 
-def generate(model, args, temperature, **refinement):
-    """Samples from --seed on the model's device, and the seconds they took (device-synchronised)."""
+def generate(model, args, **refinement):
+    """Samples from --seed on the model's device, every temperature in one batch: a list of (num_samples, C, H, W)
+    tensors, one per temperature, and the seconds the batch took (device-synchronised)."""
     import torch
 
     device = model.device
@@ -89,11 +91,11 @@ def generate(model, args, temperature, **refinement):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    images = model.sample(args.num_samples, generator=generator, temperature=temperature, show_progress=True,
+    images = model.sample(args.num_samples, generator=generator, temperature=args.temperature, show_progress=True,
                           **refinement)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return images.cpu(), time.perf_counter() - started
+    return images.cpu().split(args.num_samples), time.perf_counter() - started
 
 
 def write_images(images, output_dir, grid_name, image_name, nrow):
@@ -132,25 +134,34 @@ def main(argv=None):
     # A patch model's images are mosaics of independent patches, each drawn given its location.
     mosaic = "; patch mosaic: independent patches" if getattr(model.config, "patch_size", None) else ""
     report["patch_mosaic"] = bool(mosaic)
-    for temperature in args.temperature:
+    # Every temperature in one batch (exact, then refined): the same base draws scaled by each temperature.
+    num_images = args.num_samples * len(args.temperature)
+    exact_batches, exact_seconds = generate(model, args)
+    print(f"{num_images} exact images ({len(args.temperature)} temperatures) in {exact_seconds:.3f} s")
+    if args.refine_steps > 0:
+        refined_batches, refined_seconds = generate(model, args, **refinement)
+        print(f"{num_images} refined images in {refined_seconds:.3f} s")
+    # A run's seconds are its share of the batch's: the temperatures were drawn and refined together.
+    report["temperatures_in_one_batch"] = len(args.temperature) > 1
+    for index, temperature in enumerate(args.temperature):
         tag = f"t{temperature:g}"
-        images, seconds = generate(model, args, temperature)
+        images, seconds = exact_batches[index], exact_seconds * args.num_samples / num_images
         grid = write_images(images, output_dir, f"samples_{tag}", f"sample_{tag}", nrow)
         run = {"temperature": temperature, "seconds_total": seconds, "seconds_per_image": seconds / args.num_samples,
                "grid": grid, "measures": sample_quality(model, images, reference, statistics)}
-        print(f"temperature {temperature:g}: {args.num_samples} exact images in {seconds:.3f} s -> {grid}")
+        print(f"temperature {temperature:g}: {args.num_samples} exact images -> {grid}")
         if args.refine_steps > 0:
-            refined, refined_seconds = generate(model, args, temperature, **refinement)
+            refined = refined_batches[index]
             refined_grid = write_images(refined, output_dir, f"refined_{tag}", f"refined_{tag}", nrow)
             comparison = os.path.join(output_dir, f"exact_vs_refined_{tag}.png")
             save_labelled_grids([(f"exact samples: draws from the model{mosaic} (T = {temperature:g})", images),
                                  (f"refined: density-guided ({args.refine_steps} Langevin steps on log p{mosaic}), "
                                   "not draws from the model", refined)], comparison, nrow=nrow)
-            run["refined"] = {"seconds_total": refined_seconds, "seconds_per_image": refined_seconds / args.num_samples,
+            share = refined_seconds * args.num_samples / num_images
+            run["refined"] = {"seconds_total": share, "seconds_per_image": share / args.num_samples,
                               "grid": refined_grid, "comparison": comparison,
                               "measures": sample_quality(model, refined, reference, statistics)}
-            print(f"temperature {temperature:g}: {args.num_samples} refined images in {refined_seconds:.3f} s "
-                  f"-> {comparison}")
+            print(f"temperature {temperature:g}: {args.num_samples} refined images -> {comparison}")
         report["runs"].append(run)
     write_json(os.path.join(output_dir, "samples.json"), report)
     return report

@@ -61,7 +61,7 @@ def test_train_sample_detect_write_every_output(category, tmp_path):
 
     run("sample_maf.py", "--model_name_or_path", out, "--num_samples", 5, "--temperature", 1.0, 0.7)
     samples = json.loads((out / "samples" / "samples.json").read_text())
-    assert [r["temperature"] for r in samples["runs"]] == [1.0, 0.7]
+    assert [r["temperature"] for r in samples["runs"]] == [1.0, 0.7] and samples["temperatures_in_one_batch"]
     assert all(r["seconds_total"] > 0 for r in samples["runs"])
     assert len([f for f in os.listdir(out / "samples") if f.startswith("sample_t1_")]) == 5
 

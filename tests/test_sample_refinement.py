@@ -82,6 +82,24 @@ def test_refine_steps_zero_is_bit_identical_to_exact_sampling(model_class, confi
 
 
 @pytest.mark.parametrize("model_class,config_class", FLOWS)
+def test_a_sequence_of_temperatures_is_one_batch_of_each_temperatures_images(model_class, config_class):
+    """Each temperature's images in the batch are those of a call with that temperature alone and the same seed:
+    exact draws, and refined ones where the refinement draws no noise (refine_temperature 0)."""
+    model = tiny_model(model_class, config_class)
+    for refine_steps in (0, 6):
+        batch = model.sample(3, generator=torch.Generator().manual_seed(4), temperature=[1.0, 0.6, 0.3],
+                             refine_steps=refine_steps, refine_temperature=0.0)
+        assert batch.shape == (9, 2, 3, 3)
+        for index, temperature in enumerate((1.0, 0.6, 0.3)):
+            alone = model.sample(3, generator=torch.Generator().manual_seed(4), temperature=temperature,
+                                 refine_steps=refine_steps, refine_temperature=0.0)
+            torch.testing.assert_close(batch[3 * index: 3 * index + 3], alone, rtol=0, atol=1e-5)
+    for bad in ([], [1.0, 0.0], -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            model.sample(2, temperature=bad)
+
+
+@pytest.mark.parametrize("model_class,config_class", FLOWS)
 def test_refinement_is_reproducible_with_a_generator(model_class, config_class):
     model = tiny_model(model_class, config_class)
     kwargs = dict(refine_steps=10, refine_temperature=1.0, refine_batch_size=2)
@@ -211,6 +229,7 @@ def test_sample_maf_writes_exact_and_refined_grids_and_measures(trained, tmp_pat
          "--refine_steps", 0])
     report = json.loads((out / "samples.json").read_text())
     assert "omitted" in report["reference"] and "refined" not in report["runs"][0]
+    assert report["temperatures_in_one_batch"] is False
     assert "roughness_vs_train" not in report["runs"][0]["measures"] and not (out / "refined_t1.png").exists()
 
 
