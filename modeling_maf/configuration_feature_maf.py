@@ -12,12 +12,19 @@ DEFAULT_STAGES = ("stage4", "stage5")
 IMAGE_SCORES = ("map-max", "map-topk", "patch-z-top3", "standardized-topk", "standardized-map")
 
 
-def backbone_config_from(value, backbone: str | None = None, backbone_kwargs: dict | None = None):
+def backbone_config_from(value, backbone: str | None = None, backbone_kwargs: dict | None = None,
+                         use_timm_backbone: bool = False):
     """The backbone's config from what a `FeatureMAFConfig` was given: a config, its dict (`model_type` picks the
     class: this package's `efficientnet_lite`, or any model type transformers knows), or None (EfficientNet-Lite0
-    with stages 4 and 5; or, with `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
+    with stages 4 and 5; with `use_timm_backbone`, transformers' `TimmBackboneConfig` of the timm model `backbone`;
+    with another `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
     if isinstance(value, PreTrainedConfig):
         return value
+    if value is None and use_timm_backbone:
+        if not backbone:
+            raise ValueError("use_timm_backbone needs backbone, a timm model name (e.g. backbone='resnet18').")
+        # timm knows its architectures by name: the config needs no download.
+        return AutoConfig.for_model("timm_backbone", backbone=backbone, **(backbone_kwargs or {}))
     if value is None and backbone is None:
         return EfficientNetLiteConfig(out_features=list(DEFAULT_STAGES))
     if value is None:
@@ -63,11 +70,16 @@ class FeatureMAFConfig(PreTrainedConfig):
             Whether training starts from the backbone's pretrained weights. The trained detector saves the backbone's
             weights with its own, so a saved detector is self-contained either way.
         use_timm_backbone (`bool`, *optional*, defaults to `False`):
-            Load ``backbone`` through timm (``TimmBackbone``) rather than transformers.
+            ``backbone`` is a timm model name (``resnet18``, ``wide_resnet50_2``, ...), built through transformers'
+            ``TimmBackbone`` (needs timm); its pretrained weights come from timm's Hub repos.
         backbone_kwargs (`dict`, *optional*):
             Extra fields for the backbone's config (e.g. ``{"out_indices": [2, 3]}``).
         out_features (`list[str]`, *optional*):
             The backbone stages to read (stored in ``backbone_config.out_features``; e.g. ``["stage2", "stage3"]``).
+        out_indices (`list[int]`, *optional*):
+            The same by position in the backbone's stage list (stored in ``backbone_config.out_indices``); a timm
+            backbone names its stages only once built, so it takes these (e.g. ``[2, 3]``: ``layer2`` and ``layer3``
+            of a timm ResNet).
         image_size (`int`, *optional*, defaults to 384):
             Side of the square images the detector reads.
         num_channels (`int`, *optional*, defaults to 3):
@@ -126,6 +138,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         use_timm_backbone: bool = False,
         backbone_kwargs: dict | None = None,
         out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
         image_size: int = 384,
         num_channels: int = 3,
         image_mean: list[float] | None = None,
@@ -152,15 +165,23 @@ class FeatureMAFConfig(PreTrainedConfig):
         anomaly_calibration: dict | None = None,
         **kwargs,
     ):
-        self.backbone_config = backbone_config_from(backbone_config, backbone, backbone_kwargs)
-        if out_features is not None:  # kept in the backbone's config, where transformers keeps it
+        self.backbone_config = backbone_config_from(backbone_config, backbone, backbone_kwargs, use_timm_backbone)
+        # The stages are kept in the backbone's config, where transformers keeps them.
+        if out_features is not None and out_indices is not None:
+            raise ValueError(f"Give out_features or out_indices, not both (got {out_features} and {out_indices}).")
+        # A Hub backbone whose config is not fetched yet (train_maf.py fetches it) keeps them in backbone_kwargs.
+        backbone_kwargs = dict(backbone_kwargs or {})
+        for name, stages in (("out_features", out_features), ("out_indices", out_indices)):
+            if stages is None:
+                continue
             if self.backbone_config is None:
-                raise ValueError("out_features needs a backbone config (backbone_config, or the default backbone).")
-            self.backbone_config.out_features = list(out_features)
+                backbone_kwargs[name] = list(stages)
+            else:
+                setattr(self.backbone_config, name, list(stages))
         self.backbone = backbone
         self.use_pretrained_backbone = bool(use_pretrained_backbone)
         self.use_timm_backbone = bool(use_timm_backbone)
-        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.backbone_kwargs = backbone_kwargs
         self.image_size = int(image_size)
         self.num_channels = int(num_channels)
         default_mean = getattr(self.backbone_config, "image_mean", None) or [0.485, 0.456, 0.406]

