@@ -189,7 +189,9 @@ def test_sample_quality_flags_copies_of_training_images():
 def run(args):
     if str(args[0]).startswith("scripts/"):  # in this process (tests/script_runner.py); a benchmark: its own
         return run_in_process(os.path.basename(args[0]), *args[1:])
-    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT)
+    # The child sees this checkout first, and whatever else the parent's PYTHONPATH holds (packages installed there).
+    env = dict(os.environ, TQDM_DISABLE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=300)
     assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
