@@ -44,10 +44,12 @@ class MAFSamplingMixin:
         image (needs patch_size % patch_stride == 0 and image_size % patch_size == 0).
 
         A sequence of temperatures scales the same `num_samples` base draws by each, in one batch: the result is
-        (len(temperature) * num_samples, C, H, W), temperature by temperature, and each temperature's images are
-        those of a call with that temperature alone and the same seed (refined ones too where the refinement draws
-        no noise, `refine_temperature=0`, up to the rounding of batched products). One batch is cheaper than one call
-        per temperature where the products are bound by reading the weights (a few images on a CPU).
+        (len(temperature) * num_samples, C, H, W), temperature by temperature. Each temperature's exact images are
+        those of a call with that temperature alone and the same seed; refined ones start from the same draws and,
+        where the refinement draws no noise (`refine_temperature=0`), differ from that call's only by the rounding
+        of batched products, which hundreds of ascent steps can amplify. One batch is cheaper than one call per
+        temperature where a step's time does not grow with its rows (a few images: bound by reading the weights on
+        a CPU, by kernel launches on a GPU).
 
         With `refine_steps=0` (the default) the images are exact draws from the model. With `refine_steps > 0` each
         draw is then moved towards higher density by annealed Langevin dynamics (`refinement_maf.py`, docs/maf.md):
