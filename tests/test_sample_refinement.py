@@ -252,6 +252,18 @@ def test_sample_study_smoke(trained, tmp_path):
     assert "K=4 eps=0.05 tau=0.5" in result.stdout
 
 
+def test_compare_batched_refinement_smoke(trained, tmp_path):
+    model_dir, _ = trained
+    run(["benchmarks/compare_batched_refinement.py", "--model_name_or_path", model_dir, "--output_dir", tmp_path,
+         "--num_samples", 2, "--steps", 0, 3, "--device", "cpu"])
+    report = json.loads((tmp_path / "compare_batched_refinement.json").read_text())
+    exact, refined, without_graphs = report["results"]
+    assert (exact["steps"], refined["steps"], without_graphs["steps"]) == (0, 3, 3)
+    assert without_graphs["cuda_graphs"] is False
+    assert max(exact["max_pixel_difference"]) < 1e-5 and len(exact["bits_per_dim_batch"]) == 2
+    assert exact["bits_per_dim_batch"] == pytest.approx(exact["bits_per_dim_separate"], abs=1e-4)
+
+
 def test_labelled_grids_go_side_by_side(tmp_path):
     from PIL import Image
 
