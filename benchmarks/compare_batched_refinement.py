@@ -15,11 +15,15 @@ whether both reach the same density.
 import argparse
 import json
 import os
-import time
+import sys
 
 import torch
 
 from modeling_maf import MAFModel
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from sample_maf import generate  # noqa: E402  (the script's timed, seeded sampling)
 
 
 def parse_args(argv=None):
@@ -33,26 +37,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def timed(device, run):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    result = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - started
-
-
 def compare(model, args, steps):
     device, count = model.device, args.num_samples
 
-    def draw(temperature):
-        generator = torch.Generator(device=device).manual_seed(0)
-        return model.sample(count, generator=generator, temperature=temperature, refine_steps=steps,
-                            refine_temperature=0.0)
+    def draw(temperature):  # sample_maf.py's timed sampling, from seed 0, without refinement noise
+        return generate(model, argparse.Namespace(seed=0, num_samples=count, temperature=temperature),
+                        show_progress=False, refine_steps=steps, refine_temperature=0.0)
 
-    separate, separate_seconds = timed(device, lambda: torch.cat([draw(t) for t in args.temperature]))
-    batch, batch_seconds = timed(device, lambda: draw(args.temperature))
+    separate, times = zip(*(draw(temperature) for temperature in args.temperature))
+    separate, separate_seconds = torch.cat(separate), sum(times)
+    batch, batch_seconds = draw(args.temperature)
     rows = [slice(index * count, (index + 1) * count) for index in range(len(args.temperature))]
 
     def mean_bits(images):  # per temperature

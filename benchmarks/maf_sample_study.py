@@ -23,6 +23,7 @@ are in a MAF's logit units; an IAF refines its latents, whose steps are larger (
 import argparse
 import itertools
 import os
+import sys
 import time
 
 import torch
@@ -31,6 +32,10 @@ from transformers import AutoModel
 from hf_dgm_training import device_description, resolve_device, save_labelled_grids, write_json
 from hf_dgm_training.metrics.sample_quality import load_reference_images, reference_statistics, sample_quality
 from modeling_maf import MAFImageProcessor  # also registers the maf/iaf Auto classes
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from sample_maf import generate  # noqa: E402  (the script's timed, seeded sampling)
 
 
 def parse_args(argv=None):
@@ -64,18 +69,6 @@ def parse_args(argv=None):
     return args
 
 
-def timed_sample(model, args, **refinement):
-    """Samples from --seed and the seconds they took (device-synchronised)."""
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    started = time.perf_counter()
-    images = model.sample(args.num_samples, generator=generator, temperature=args.temperature, **refinement)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return images.cpu(), time.perf_counter() - started
-
-
 def criteria(measures, statistics, seconds, args) -> dict:
     test_good_bits = statistics["test_good_bits_per_dim"]
     closest_test_good = statistics["test_good_nearest_train_distance"]["min"]
@@ -102,9 +95,9 @@ def study_model(model_dir, args, settings, started):
     processor = MAFImageProcessor.from_model(model_dir, model.config)  # the data as the model was trained on them
     reference = load_reference_images(processor, args.data_dir, args.dataset_name, args.category)
     statistics = reference_statistics(model, reference)
-    timed_sample(model, args)  # warm-up: CUDA context, kernels, masks
-    timed_sample(model, args, refine_steps=2)
-    exact, seconds = timed_sample(model, args)
+    generate(model, args, show_progress=False)  # warm-up: CUDA context, kernels, masks
+    generate(model, args, show_progress=False, refine_steps=2)
+    exact, seconds = generate(model, args, show_progress=False)
     runs = [{"label": "exact", "refine_steps": 0, "seconds": seconds,
              "measures": sample_quality(model, exact, reference, statistics)}]
     panels = [(f"exact samples (draws from the model), T={args.temperature:g}", exact)]
@@ -114,7 +107,7 @@ def study_model(model_dir, args, settings, started):
         if time.perf_counter() - started > args.time_budget_s:
             skipped.append(label)
             continue
-        images, seconds = timed_sample(model, args, refine_steps=steps, refine_step_size=step_size,
+        images, seconds = generate(model, args, show_progress=False, refine_steps=steps, refine_step_size=step_size,
                                        refine_temperature=temperature)
         runs.append({"label": label, "refine_steps": steps, "refine_step_size": step_size,
                      "refine_temperature": temperature, "seconds": seconds,

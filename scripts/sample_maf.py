@@ -81,9 +81,9 @@ def refinement_arguments(args) -> dict:
     return {"refine_steps": args.refine_steps, **chosen}
 
 
-def generate(model, args, **refinement):
-    """Samples from --seed on the model's device, every temperature in one batch: a list of (num_samples, C, H, W)
-    tensors, one per temperature, and the seconds the batch took (device-synchronised)."""
+def generate(model, args, show_progress=True, **refinement):
+    """Samples from `args.seed` on the model's device, every temperature of `args.temperature` in one batch (on the
+    CPU, temperature by temperature), and the seconds the batch took (device-synchronised)."""
     import torch
 
     device = model.device
@@ -91,11 +91,11 @@ def generate(model, args, **refinement):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    images = model.sample(args.num_samples, generator=generator, temperature=args.temperature, show_progress=True,
-                          **refinement)
+    images = model.sample(args.num_samples, generator=generator, temperature=args.temperature,
+                          show_progress=show_progress, **refinement)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return images.cpu().split(args.num_samples), time.perf_counter() - started
+    return images.cpu(), time.perf_counter() - started
 
 
 def write_images(images, output_dir, grid_name, image_name, nrow):
@@ -136,10 +136,12 @@ def main(argv=None):
     report["patch_mosaic"] = bool(mosaic)
     # Every temperature in one batch (exact, then refined): the same base draws scaled by each temperature.
     num_images = args.num_samples * len(args.temperature)
-    exact_batches, exact_seconds = generate(model, args)
+    exact, exact_seconds = generate(model, args)
+    exact_batches = exact.split(args.num_samples)
     print(f"{num_images} exact images ({len(args.temperature)} temperatures) in {exact_seconds:.3f} s")
     if args.refine_steps > 0:
-        refined_batches, refined_seconds = generate(model, args, **refinement)
+        refined, refined_seconds = generate(model, args, **refinement)
+        refined_batches = refined.split(args.num_samples)
         print(f"{num_images} refined images in {refined_seconds:.3f} s")
     # A run's seconds are its share of the batch's: the temperatures were drawn and refined together.
     report["temperatures_in_one_batch"] = len(args.temperature) > 1

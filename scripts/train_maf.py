@@ -170,13 +170,8 @@ def build_model(args, num_channels: int, device):
     config_class, model_class = flow_classes(args.flow_type)
     if args.flow_type == "feature_maf":
         overrides = feature_config_overrides(args)
-        if overrides.get("use_timm_backbone"):  # the config names the timm model: nothing to fetch
-            import importlib.util
-
-            if importlib.util.find_spec("timm") is None:
-                raise UsageError(f"--use_timm_backbone: the backbone {overrides.get('backbone')!r} is a timm model, "
-                                 "and timm is not installed here; pip install timm (it needs torchvision).")
-        elif overrides.get("backbone"):  # a transformers backbone (Hub id or folder): its config
+        # A timm backbone's config needs nothing fetched: the config names the model.
+        if overrides.get("backbone") and not overrides.get("use_timm_backbone"):  # a transformers backbone
             from transformers import AutoConfig
 
             overrides["backbone_config"] = load_pretrained(AutoConfig, overrides["backbone"], token=args.hub_token)
@@ -197,6 +192,10 @@ def build_model(args, num_channels: int, device):
             model = model_class(config)
     except ValueError as error:  # fields that are each valid but build no model (e.g. a whitening too large to store)
         raise UsageError(f"{str(error).rstrip('.')}: the flags of the same names set them (see --help).") from error
+    except ImportError as error:  # a backbone whose library is not installed (build_backbone names it)
+        if not getattr(config, "use_timm_backbone", False):
+            raise
+        raise UsageError(f"--use_timm_backbone: {error}") from error
     if args.flow_type == "feature_maf" and model.config.use_pretrained_backbone:
         model.load_pretrained_backbone(token=args.hub_token)
     return model

@@ -276,6 +276,21 @@ def test_train_maf_reads_a_timm_backbone_and_its_pretrained_weights(hub_server, 
     assert torch.isfinite(detector.anomaly_scores(images)).all()
 
 
+def test_train_maf_says_in_one_line_that_a_timm_backbone_needs_timm(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    import train_maf
+    from hf_dgm_training.errors import UsageError
+
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=6, num_test_good=1, defects=(("crack", 1),))
+    with pytest.raises(UsageError, match=r"--use_timm_backbone: .*'resnet18'.*pip install timm"):
+        train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+                        "--backbone", "resnet18", "--use_timm_backbone", "--out_indices", "2", "3",
+                        "--image_size", "32"])
+
+
 def test_backbone_is_frozen_and_stays_in_eval_mode():
     model = tiny_detector().train()
     assert not model.backbone.training
