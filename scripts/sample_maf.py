@@ -82,8 +82,9 @@ def refinement_arguments(args) -> dict:
 
 
 def generate(model, args, show_progress=True, **refinement):
-    """Samples from `args.seed` on the model's device, every temperature of `args.temperature` in one batch (on the
-    CPU, temperature by temperature), and the seconds the batch took (device-synchronised)."""
+    """Samples from `args.seed` on the model's device, every temperature of `args.temperature` in one batch,
+    returned as a CPU tensor whose rows go temperature by temperature; and the seconds the batch took
+    (device-synchronised)."""
     import torch
 
     device = model.device
