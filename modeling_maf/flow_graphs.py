@@ -1,12 +1,14 @@
 """CUDA graphs of a flow's two directions: density (data -> noise: ``log_prob``, ``encode``, the anomaly maps) and
-generation (noise -> data: sampling).
+generation (noise -> data: sampling); and of a MAF's refinement gradient (the density direction and its backward:
+one step of ``sample(..., refine_steps=K)``).
 
-Either direction is a long, fixed sequence of kernels: 7 spec blocks of three matmuls and their elementwise work for
-density, 3,591 sequential passes for sampling. Run from Python, small batches wait on the host's launches rather than
-on the GPU. ``replay_flow`` captures a direction once per key (direction, input shape and dtype, device, whether
-there are patch locations, inference mode, autocast, the block-sparse matmul's switches, parameter storage) on the
-second call with that key (the first runs eagerly, so a one-off call pays no capture and warms up what a capture needs:
-library handles, compiled Triton kernels) and replays it afterwards.
+Each is a long, fixed sequence of kernels: 7 spec blocks of three matmuls and their elementwise work for density
+(twice that with its backward), 3,591 sequential passes for sampling. Run from Python, small batches wait on the
+host's launches rather than on the GPU. ``replay_flow`` captures a direction once per key (direction, input shape and
+dtype, device, whether there are patch locations, inference mode, autocast, the block-sparse matmul's switches,
+parameter storage) on the second call with that key (the first runs eagerly, so a one-off call pays no capture and
+warms up what a capture needs: library handles, compiled Triton kernels, the autograd engine) and replays it
+afterwards.
 
 The graph reads the parameters where they live, so in-place weight updates (training) are seen by the next replay;
 a parameter moved to new storage (``.to()``, ``load_state_dict(assign=True)``) makes a new graph. Under autocast the
@@ -86,7 +88,7 @@ def replay_flow(model, direction: str, run, inputs: torch.Tensor, locations: tor
 
 
 def num_graphs(model, direction: str) -> int:
-    """How many graphs of ``direction`` ("density" or "generation") ``model`` holds."""
+    """How many graphs of ``direction`` ("density", "generation" or "refinement") ``model`` holds."""
     return len(_GRAPHS.get(model, {}).get(direction, ({}, None))[0])
 
 

@@ -61,13 +61,22 @@ def frozen(module: torch.nn.Module):
         module.train(was_training)
 
 
-def annealed_langevin(start, log_density, *, steps, step_size, temperature, batch_size, generator=None,
+def gradient_of(log_density, x, *args):
+    """The gradient with respect to ``x`` (N, D) of ``log_density(x, *args).sum()``, a per-row log-density: what
+    ``annealed_langevin`` ascends. Only that gradient is formed (no parameter's), so the model is run ``frozen``."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(log_density(x, *args).sum(), x)
+    return gradient
+
+
+def annealed_langevin(start, gradient, *, steps, step_size, temperature, batch_size, generator=None,
                       show_progress=False):
     """Refine ``start`` (N, D) with ``steps`` annealed Langevin steps, ``batch_size`` rows at a time.
 
-    ``log_density(x, tau)`` is the per-row log-density (B,) to ascend at temperature ``tau``, differentiable in
-    ``x``. Noise comes from ``generator`` (CPU or on ``start``'s device); only the gradient with respect to ``x`` is
-    formed, so the caller runs this under ``torch.no_grad`` with the model's parameters frozen.
+    ``gradient(x, tau)`` is the gradient with respect to ``x`` (B, D) of the per-row log-density to ascend at
+    temperature ``tau`` (``gradient_of`` makes one from a log-density). Noise comes from ``generator`` (CPU or on
+    ``start``'s device). The caller runs this under ``torch.no_grad`` with the model's parameters ``frozen``.
     """
     noise_device = generator.device if generator is not None else start.device
     progress = None
@@ -81,15 +90,12 @@ def annealed_langevin(start, log_density, *, steps, step_size, temperature, batc
         mean_square = torch.zeros_like(x)
         for step in range(1, steps + 1):
             tau = temperature * (1 - step / steps)
-            with torch.enable_grad():
-                x.requires_grad_(True)
-                (gradient,) = torch.autograd.grad(log_density(x, tau).sum(), x)
-            x = x.detach()
-            mean_square.mul_(SQUARED_GRADIENT_DECAY).addcmul_(gradient, gradient, value=1 - SQUARED_GRADIENT_DECAY)
+            ascent = gradient(x, tau)
+            mean_square.mul_(SQUARED_GRADIENT_DECAY).addcmul_(ascent, ascent, value=1 - SQUARED_GRADIENT_DECAY)
             rms = (mean_square / (1 - SQUARED_GRADIENT_DECAY**step)).sqrt()
             rms = torch.maximum(rms, RMS_FLOOR * rms.mean(dim=1, keepdim=True))
             preconditioner = 1 / (rms + PRECONDITIONER_EPS)
-            x = x + step_size * preconditioner * gradient
+            x = x + step_size * preconditioner * ascent
             if tau > 0:
                 noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
                 x = x + (2 * step_size * tau * preconditioner).sqrt() * noise

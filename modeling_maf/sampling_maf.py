@@ -9,8 +9,8 @@ The mixin is part of `MAFModel` (as transformers' `GenerationMixin` is part of i
 model's flow (`_flow_generate`, `_flow_density`, `_pixels_to_logits`, `_logits_to_pixels`), `patch_layout` and
 `conditioner_on_noise`.
 
-This file imports only torch and its sibling `refinement_maf.py`: it travels with modeling_maf.py into Hub repos
-(`trust_remote_code=True`).
+This file imports only torch and its siblings (`refinement_maf.py`, `flow_graphs.py`, `masked_matmul.py`): it
+travels with modeling_maf.py into Hub repos (`trust_remote_code=True`).
 """
 
 import functools
@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .refinement_maf import annealed_langevin, check_refinement_arguments, frozen
+from .flow_graphs import replay_flow
+from .masked_matmul import kernel_settings
+from .refinement_maf import annealed_langevin, check_refinement_arguments, frozen, gradient_of
 
 
 class MAFSamplingMixin:
@@ -88,14 +90,28 @@ class MAFSamplingMixin:
         if refine_steps > 0:
             # The logits of pixel values 0 and 1, as Python numbers: nothing crosses to the host inside the loop.
             pixel_range = self._pixels_to_logits(torch.tensor([[0.0, 1.0]]), random_dequantization=False)[0]
-            log_density = functools.partial(self._refinement_log_density, pixel_range=pixel_range.flatten().tolist())
+            gradient = functools.partial(self._refinement_gradient, pixel_range=tuple(pixel_range.flatten().tolist()))
             with frozen(self):
-                start = annealed_langevin(start, log_density, steps=refine_steps, step_size=refine_step_size,
+                start = annealed_langevin(start, gradient, steps=refine_steps, step_size=refine_step_size,
                                           temperature=refine_temperature, batch_size=refine_batch_size,
                                           generator=generator, show_progress=show_progress)
         rows = start.view(-1, num_features)
         logits = self._flow_generate(rows, show_progress, locations)[0] if self.conditioner_on_noise else rows
         return layout.mosaic(self._logits_to_pixels(logits), num_samples)
+
+    def _refinement_gradient(self, variable, temperature, pixel_range):
+        """The gradient of `_refinement_log_density` with respect to `variable`: one refinement step's model work.
+        A MAF on CUDA replays it as a CUDA graph (the density direction, its backward and the wall: a fixed sequence
+        of kernels whose launches, not the GPU, set a step's time at a few rows), captured per batch shape from the
+        second step on (``flow_graphs.py``) unless ``density_cuda_graphs`` is False. An IAF's gradient depends on the
+        temperature, which changes at every step, and runs eagerly."""
+        def run(inputs, locations=None):
+            return (gradient_of(self._refinement_log_density, inputs, temperature, pixel_range),)
+
+        if (self.density_cuda_graphs and not self.conditioner_on_noise and variable.is_cuda
+                and not torch.cuda.is_current_stream_capturing()):
+            return replay_flow(self, "refinement", run, variable, settings=(kernel_settings(), pixel_range))[0]
+        return run(variable)[0]
 
     def _refinement_log_density(self, variable, temperature, pixel_range):
         """What `annealed_langevin` ascends, per row. MAF: variable = logits v, log p(v) (constants dropped).

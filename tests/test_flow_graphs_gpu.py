@@ -1,7 +1,8 @@
 """modeling_maf.flow_graphs on CUDA: log_prob through a CUDA graph of the density direction equals the eager
 log_prob (float32 and bf16 autocast, whole-image and patch flows, MAF and IAF), sees in-place weight updates, keeps
 one graph per key and makes a new one when the block-sparse switch changes; sampling under autocast replays too;
-out-of-range pixels still raise when the graph replays; a batch of temperatures gives each temperature's own rows.
+out-of-range pixels still raise when the graph replays; a batch of temperatures gives each temperature's own rows;
+a MAF's refinement steps replay a graph of their gradient and end where eager steps do.
 
 Skipped without CUDA (CI has none); run on a GPU machine with `python -m pytest -q tests/test_flow_graphs_gpu.py`.
 """
@@ -112,3 +113,23 @@ def test_a_batch_of_temperatures_is_each_temperatures_own_call_on_cuda(kind):
     for index, temperature in enumerate((1.0, 0.7)):
         alone = model.sample(3, generator=torch.Generator("cuda").manual_seed(0), temperature=temperature)
         torch.testing.assert_close(batch[3 * index: 3 * index + 3], alone, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("fields", [WHOLE, PATCH], ids=["whole", "patch"])
+@pytest.mark.parametrize("kind", FLOWS)
+def test_graphed_refinement_matches_eager_refinement(monkeypatch, kind, fields, autocast):
+    """A MAF's refinement steps replay one CUDA graph of the gradient (its first step eager, the second captured) and
+    end where eager steps end; an IAF's gradient changes with the temperature and stays eager."""
+    model = random_flow(kind, fields).cuda().eval()
+
+    def refine(seed):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return model.sample(3, generator=torch.Generator("cuda").manual_seed(seed), refine_steps=6)
+
+    graphed = [refine(seed) for seed in (1, 2)]
+    assert flow_graphs.num_graphs(model, "refinement") == (0 if model.conditioner_on_noise else 1)
+    monkeypatch.setattr(model, "density_cuda_graphs", False)
+    eager = [refine(seed) for seed in (1, 2)]
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
+    assert not torch.equal(graphed[0], graphed[1])
