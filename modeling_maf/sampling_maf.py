@@ -49,9 +49,9 @@ class MAFSamplingMixin:
         (len(temperature) * num_samples, C, H, W), temperature by temperature. Each temperature's exact images are
         those of a call with that temperature alone and the same seed; refined ones start from the same draws and,
         where the refinement draws no noise (`refine_temperature=0`), differ from that call's only by the rounding
-        of batched products, which hundreds of ascent steps can amplify. One batch is cheaper than one call per
-        temperature where a step's time does not grow with its rows (a few images: bound by reading the weights on
-        a CPU, by kernel launches on a GPU).
+        of batched products, which hundreds of ascent steps amplify (as they amplify any change of rounding: another
+        kernel, another batch size). One batch is cheaper than one call per temperature where a step's time grows
+        less than its rows (a few images, whose steps are bound by reading the weights).
 
         With `refine_steps=0` (the default) the images are exact draws from the model. With `refine_steps > 0` each
         draw is then moved towards higher density by annealed Langevin dynamics (`refinement_maf.py`, docs/maf.md):
