@@ -13,9 +13,9 @@ training vector, PatchCore without coreset) on the same standardised features th
   gives the threshold at `--target_fpr` over all of them (cross-fitted), the false-positive rate each run's own
   threshold has on the other folds' images, and each run's decisions at both thresholds.
 
-For each variant the table gives the image AUROC (flow and memory bank), the defects caught and good test images
-flagged at the thresholds, and, for every `--watch` test image, how many good images score above it. Writes
-calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
+For each variant (and with folds, each seed) the table gives the image AUROC (flow and memory bank), the defects
+caught and good test images flagged at the thresholds, and, for every `--watch` test image, how many good images score
+above it. Writes calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
 """
 
 import argparse
@@ -104,11 +104,21 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     return record, test
 
 
+def summaries_of(args, variant, records, test):
+    """One summary per seed with --folds (a seed's folds score every good image once: their thresholds and ranks
+    must not mix with another seed's models), else one over every seed's run."""
+    if not args.folds:
+        return [summarise(args, variant, records, test)]
+    seeds = sorted({record["seed"] for record in records})
+    return [summarise(args, variant, [record for record in records if record["seed"] == seed], test)
+            for seed in seeds]
+
+
 def summarise(args, variant, records, test):
     from hf_dgm_training.metrics.anomaly_detection.ranking import roc_auc
 
     labels = test.labels.numpy()
-    rows = {"variant": variant, "runs": len(records)}
+    rows = {"variant": variant, "seeds": sorted({record["seed"] for record in records}), "runs": len(records)}
     for kind in ("", "_bank"):
         scores = np.array([record["test" + kind] for record in records])
         aurocs = [roc_auc(row, labels) for row in scores]
@@ -175,7 +185,7 @@ def main(argv=None):
                 results[variant] = dict(flags=flags, records=records, test_files=list(test.files),
                                         test_labels=test.labels.tolist())
                 write_json(args, results, summaries)  # every run kept, should a later one not finish
-        summaries.append(summarise(args, variant, records, test))
+        summaries.extend(summaries_of(args, variant, records, test))
         write_json(args, results, summaries)
     print(json.dumps(summaries, indent=1))
 

@@ -57,3 +57,36 @@ def test_profile_maf_step_smoke(tmp_path):
     result = run(["benchmarks/profile_maf_step.py", "--smoke", "--output_dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "profile_maf_step.json").is_file()
+
+
+def test_detector_calibration_study_keeps_each_seeds_folds_apart():
+    """With folds, each seed's out-of-fold goods give that seed's threshold and ranks: another seed's models, which
+    scored the same files, must not overwrite them or set the realised false-positive rates."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from detector_calibration_study import summaries_of
+
+    test = types.SimpleNamespace(files=["test/good/0.png", "test/good/1.png", "test/crack/0.png", "test/crack/1.png"],
+                                 labels=torch.tensor([0, 0, 1, 1]))
+    records = []
+    for seed, offset in ((0, 0.0), (1, 100.0)):  # seed 1's models score everything 100 higher
+        for fold, files in enumerate((["a.png", "b.png"], ["c.png", "d.png"])):
+            goods = [offset + 1 + 2 * fold, offset + 2 + 2 * fold]
+            records.append(dict(seed=seed, fold=fold, validation_files=files, validation=goods,
+                                validation_bank=goods, threshold=max(goods), test=[offset + 1, offset + 2,
+                                                                                   offset + 9, offset + 10],
+                                test_bank=[offset + 1, offset + 2, offset + 9, offset + 10]))
+    args = types.SimpleNamespace(folds=2, target_fpr=0.25, watch=["test/crack/0.png"])
+    summaries = summaries_of(args, "v", records, test)
+    assert [row["seeds"] for row in summaries] == [[0], [1]]
+    for row, offset in zip(summaries, (0.0, 100.0)):
+        assert row["cross_fitted"]["num_goods"] == 4 and offset < row["cross_fitted"]["threshold"] <= offset + 4
+        assert row["cross_fitted"]["caught"] == 1.0
+        assert row["watch"]["test/crack/0.png"]["goods_above_cross_fitted"] == 0
+        # fold 0's threshold passes all of fold 1's goods, fold 1's none of fold 0's (min, mean, max)
+        assert tuple(row["own_threshold"]["realised_fpr"]) == (0.0, 0.5, 1.0)
+    args.folds = 0  # each run its own split: one summary over every seed
+    assert [row["seeds"] for row in summaries_of(args, "v", records, test)] == [[0, 1]]
