@@ -6,9 +6,9 @@ from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_maf import DEGREE_ASSIGNMENTS, NORMALIZATIONS, PERMUTATIONS
 
 
-# The default backbone stages (with the default image_size, 384), chosen by measurement
-# (docs/RESULTS.md#feature-space-detector).
-DEFAULT_STAGES = ("stage4", "stage5")
+# The default backbone stages (with the default image_size, 384: a 48x48 grid), chosen by measurement
+# (docs/RESULTS.md#feature-space-detector): strides 8 and 16, as PatchCore reads a ResNet's layers 2 and 3.
+DEFAULT_STAGES = ("stage3", "stage4")
 IMAGE_SCORES = ("map-max", "map-topk", "patch-z-top3", "standardized-topk", "standardized-map")
 
 
@@ -16,7 +16,7 @@ def backbone_config_from(value, backbone: str | None = None, backbone_kwargs: di
                          use_timm_backbone: bool = False):
     """The backbone's config from what a `FeatureMAFConfig` was given: a config, its dict (`model_type` picks the
     class: this package's `efficientnet_lite`, or any model type transformers knows), or None (EfficientNet-Lite0
-    with stages 4 and 5; with `use_timm_backbone`, transformers' `TimmBackboneConfig` of the timm model `backbone`;
+    with stages 3 and 4; with `use_timm_backbone`, transformers' `TimmBackboneConfig` of the timm model `backbone`;
     with another `backbone`, None until `train_maf.py` fetches that Hub checkpoint's config)."""
     if isinstance(value, PreTrainedConfig):
         return value
@@ -60,8 +60,8 @@ class FeatureMAFConfig(PreTrainedConfig):
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
             The frozen backbone, transformers style (``AutoBackbone``): its ``out_features`` / ``out_indices`` choose
-            the stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage4", "stage5"]``
-            (80 + 112 channels, both at 1/16 of the image).
+            the stages. Default: EfficientNet-Lite0 (this package's port) with ``out_features=["stage3", "stage4"]``
+            (40 + 80 channels at 1/8 and 1/16 of the image).
         backbone (`str`, *optional*):
             A Hub checkpoint of a backbone (``microsoft/resnet-18``, ``facebook/dinov2-small``, a timm name with
             ``use_timm_backbone``): `train_maf.py` loads its config and, with ``use_pretrained_backbone``, its weights.
