@@ -41,6 +41,7 @@ from hf_dgm_training.metrics.evaluation import (
     evaluate_scores,
     image_metrics_note,
     nll_maps_of,
+    peak_on_defect,
     score_all,
 )
 
@@ -163,6 +164,8 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
     pixel_model = config.model_type != "feature_maf"
     bits = nll / (config.num_channels * config.image_size**2 * math.log(2))
     predicted = scored.scores[method] > headline["threshold"] if model.is_calibrated else None
+    peaks = peak_on_defect(scored.maps[method], test.masks.numpy(), test.has_masks.numpy(), labels)
+    localised = [peak for peak in peaks if peak is not None]
     return {
         "model": args.model_name_or_path,
         "data": args.data_dir or args.dataset_name,
@@ -177,6 +180,8 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
         **{key: headline.get(key) for key in ("aupr", "f1_max", "f1_threshold", "auroc_per_defect")},
         **{key: headline[key] for key in ("pixel_auroc", "pixel_metrics_images", "pixel_metrics_images_without_mask",
                                           "pixel_metrics_note")},
+        # Whether each defective image's map peaks on its marked defect (not on a blemish elsewhere), for `method`.
+        "peak_on_defect": {"images": len(localised), "on_defect": sum(peak["peak_on_defect"] for peak in localised)},
         "calibration_source": calibration_source,
         "calibration": calibration,
         "decision_threshold": headline.get("threshold"),
@@ -194,7 +199,7 @@ def build_report(args, model, device, test, scored, metrics, method, calibration
         "per_image": [
             {"file": test.files[i], "defect_type": test.defect_types[i], "label": int(labels[i]),
              "has_mask": bool(test.has_masks[i]), **{name: float(values[i]) for name, values in scored.scores.items()},
-             "predicted": bool(predicted[i]) if predicted is not None else None}
+             "predicted": bool(predicted[i]) if predicted is not None else None, **(peaks[i] or {})}
             for i in range(len(labels))
         ],
     }
@@ -213,6 +218,13 @@ def print_summary(report, output_dir):
               f"images with masks ({report['pixel_metrics_images_without_mask']} without)")
     else:
         print(report["pixel_metrics_note"])
+    peaks = report["peak_on_defect"]
+    if peaks["images"]:
+        off = sorted((row for row in report["per_image"] if row.get("peak_on_defect") is False),
+                     key=lambda row: -row["peak_distance_px"])
+        listed = ", ".join(f"{row['file']} ({row['peak_distance_px']:.0f} px)" for row in off[:5])
+        print(f"map peak on the marked defect ({method}) in {peaks['on_defect']} of {peaks['images']} defective test "
+              f"images with masks" + (f"; farthest off: {listed}" if off else ""))
     at = report["test_at_threshold"]
     if at is None:
         from modeling_maf.anomaly_scores import NOT_CALIBRATED

@@ -168,3 +168,19 @@ def test_evaluate_module_errors():
         metric.compute(predictions=[0.1, 0.2], references=[0, 0])
     with pytest.raises(ValueError, match="both anomaly_maps and masks"):
         metric.compute(predictions=[0.1, 0.2], references=[0, 1], anomaly_maps=np.zeros((1, 2, 2)))
+
+
+def test_peak_on_defect_says_where_each_defective_map_peaks():
+    from hf_dgm_training.metrics.evaluation import peak_on_defect
+
+    maps = np.zeros((4, 8, 8), dtype=np.float32)
+    masks = np.zeros((4, 8, 8), dtype=np.float32)
+    masks[0, 2, 2:5] = masks[1, 6, 1] = masks[3, 1, 1] = 1
+    maps[0, 2, 3] = 5.0  # on its defect
+    maps[1, 2, 5] = 5.0  # a blemish elsewhere: 4 rows and 4 columns from the defect
+    maps[2, 4, 4] = 5.0  # a good image
+    maps[3, 1, 1] = 5.0  # a defect whose mask is not known
+    peaks = peak_on_defect(maps, masks, np.array([True, True, True, False]), np.array([1, 1, 0, 1]))
+    assert peaks[0] == {"peak_on_defect": True, "peak_distance_px": 0.0}
+    assert peaks[1]["peak_on_defect"] is False and peaks[1]["peak_distance_px"] == pytest.approx(32 ** 0.5)
+    assert peaks[2] is None and peaks[3] is None

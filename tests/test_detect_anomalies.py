@@ -61,6 +61,12 @@ def test_some_masks_calibrated_on_the_recorded_validation_files(tmp_path, capsys
         + [f"test/poke/{i:03d}.png" for i in range(2)])
     assert all(set(ANOMALY_SCORES) <= set(r) and isinstance(r["predicted"], bool) for r in rows)
     assert sum(r["predicted"] for r in rows) == at["true_positives"] + at["false_positives"]
+    # Where each crack's map peaks (the poke images have no mask, the good ones no defect).
+    localised = [r for r in rows if "peak_on_defect" in r]
+    assert sorted(r["file"] for r in localised) == [f"test/crack/{i:03d}.png" for i in range(3)]
+    assert report["peak_on_defect"] == {"images": 3, "on_defect": sum(r["peak_on_defect"] for r in localised)}
+    assert all((r["peak_distance_px"] == 0) == r["peak_on_defect"] for r in localised)
+    assert "defective test images with masks" in output
     assert_figures(tmp_path / "model" / "anomaly")
 
     # The saved calibrated model decides the same in Python, image by image.

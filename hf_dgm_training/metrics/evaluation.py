@@ -89,6 +89,23 @@ def pixel_metrics(maps: np.ndarray, masks: np.ndarray, has_masks: np.ndarray) ->
     return result
 
 
+def peak_on_defect(maps: np.ndarray, masks: np.ndarray, has_masks: np.ndarray, labels: np.ndarray) -> list:
+    """Per image, where its map (N, H, W) peaks relative to its defect: for a defective image with a known, non-empty
+    mask, ``{"peak_on_defect": whether the map's maximum lies on a defective pixel, "peak_distance_px": the distance
+    from that maximum to the nearest defective pixel, 0 on it}``; None for the other images. A score can be high for
+    a blemish that the ground truth does not mark; this says whether the map points at the defect itself."""
+    peaks = []
+    for image_map, mask, known, label in zip(maps, masks, has_masks, labels):
+        defect = np.argwhere(mask > 0.5) if known and label == 1 else np.empty((0, 2))
+        if not len(defect):
+            peaks.append(None)
+            continue
+        peak = np.array(np.unravel_index(int(np.argmax(image_map)), image_map.shape))
+        distance = float(np.sqrt(((defect - peak) ** 2).sum(axis=1)).min())
+        peaks.append({"peak_on_defect": distance == 0.0, "peak_distance_px": distance})
+    return peaks
+
+
 def counts_at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
     """Confusion counts of "anomalous when score > threshold"; FPR (TPR) None when there is no good (defective)
     image."""
