@@ -323,7 +323,10 @@ def _as_image(pixel_values):
 def plot_examples(path, test, maps, scores, columns, titles, display_range, calibrated, row_label):
     """Columns of image / heatmap / mask, the heatmap drawn as the pipeline draws it (heatmap_maf: the model's
     calibrated colour scale, else each map's own) at the image's size, with the scale's colour bar beside the
-    heatmap row; `columns` are test indices (an empty list is said)."""
+    heatmap row and the map's peak (what a peak score reads) marked on the heatmap and the mask; `columns` are test
+    indices (an empty list is said)."""
+    from matplotlib.patheffects import withStroke
+
     from modeling_maf.heatmap_maf import heatmap_overlay, heatmap_scale
 
     if not columns:
@@ -349,9 +352,16 @@ def plot_examples(path, test, maps, scores, columns, titles, display_range, cali
         axes[1].imshow(overlay, interpolation="nearest")
         axes[1].set_title(f"score {scores[index]:.4g}", fontsize=7)
         if bool(test.has_masks[index]):
-            axes[2].imshow(test.masks[index].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            mask = test.masks[index].numpy()
+            axes[2].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             axes[2].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
+        row, column_of_peak = np.unravel_index(int(np.argmax(maps[index])), maps[index].shape)
+        for axis, (height, width_px) in ((axes[1], overlay.size[::-1]),
+                                         *(((axes[2], mask.shape),) if bool(test.has_masks[index]) else ())):
+            axis.plot((column_of_peak + 0.5) * width_px / maps[index].shape[1] - 0.5,
+                      (row + 0.5) * height / maps[index].shape[0] - 0.5, marker="+", markeredgecolor="white",
+                      markersize=9, markeredgewidth=1.2, path_effects=[withStroke(linewidth=3, foreground="black")])
         for axis in axes:
             axis.set_xticks([])
             axis.set_yticks([])
@@ -367,7 +377,7 @@ def plot_examples(path, test, maps, scores, columns, titles, display_range, cali
         explained = "one colour scale for every image, from the good validation images; black line: " + (
             "the decision threshold" if scale.threshold_label == "threshold" else
             f"{scale.threshold_label}, the level that the peaks of good images' maps exceed at the target "
-            "false-positive rate (this score is a sum over the map, not a level of it)")
+            "false-positive rate (this score is a sum over the map, not a level of it)") + "; +: the map's peak"
     figure.suptitle(f"{row_label}: {explained}", fontsize=7, wrap=True)
     figure.savefig(path)
 
