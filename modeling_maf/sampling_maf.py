@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .flow_graphs import replay_flow
+from .flow_graphs import can_replay, replay_flow
 from .masked_matmul import kernel_settings
 from .refinement_maf import annealed_langevin, check_refinement_arguments, frozen, gradient_of
 
@@ -108,8 +108,7 @@ class MAFSamplingMixin:
         def run(inputs, locations=None):
             return (gradient_of(self._refinement_log_density, inputs, temperature, pixel_range),)
 
-        if (self.density_cuda_graphs and not self.conditioner_on_noise and variable.is_cuda
-                and not torch.cuda.is_current_stream_capturing()):
+        if self.density_cuda_graphs and not self.conditioner_on_noise and can_replay(variable):
             return replay_flow(self, "refinement", run, variable, settings=(kernel_settings(), pixel_range))[0]
         return run(variable)[0]
 

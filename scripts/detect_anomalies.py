@@ -40,6 +40,7 @@ from hf_dgm_training.metrics.evaluation import (
     applicable_scores,
     evaluate_scores,
     image_metrics_note,
+    map_peak,
     nll_maps_of,
     peak_on_defect,
     score_all,
@@ -351,17 +352,18 @@ def plot_examples(path, test, maps, scores, columns, titles, display_range, cali
         axes[0].set_title(title, fontsize=7)
         axes[1].imshow(overlay, interpolation="nearest")
         axes[1].set_title(f"score {scores[index]:.4g}", fontsize=7)
+        marked = [(axes[1], overlay.size[1], overlay.size[0])]  # the overlay is at the image's size
         if bool(test.has_masks[index]):
             mask = test.masks[index].numpy()
             axes[2].imshow(mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            marked.append((axes[2], *mask.shape))
         else:
             axes[2].text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=8)
-        row, column_of_peak = np.unravel_index(int(np.argmax(maps[index])), maps[index].shape)
-        for axis, (height, width_px) in ((axes[1], overlay.size[::-1]),
-                                         *(((axes[2], mask.shape),) if bool(test.has_masks[index]) else ())):
-            axis.plot((column_of_peak + 0.5) * width_px / maps[index].shape[1] - 0.5,
-                      (row + 0.5) * height / maps[index].shape[0] - 0.5, marker="+", markeredgecolor="white",
-                      markersize=9, markeredgewidth=1.2, path_effects=[withStroke(linewidth=3, foreground="black")])
+        (peak_row, peak_column), (map_height, map_width) = map_peak(maps[index]), maps[index].shape
+        for axis, height, width in marked:
+            axis.plot((peak_column + 0.5) * width / map_width - 0.5, (peak_row + 0.5) * height / map_height - 0.5,
+                      marker="+", markeredgecolor="white", markersize=9, markeredgewidth=1.2,
+                      path_effects=[withStroke(linewidth=3, foreground="black")])
         for axis in axes:
             axis.set_xticks([])
             axis.set_yticks([])

@@ -89,6 +89,12 @@ def pixel_metrics(maps: np.ndarray, masks: np.ndarray, has_masks: np.ndarray) ->
     return result
 
 
+def map_peak(image_map: np.ndarray) -> tuple[int, int]:
+    """(row, column) of a map's maximum: where a peak score (`map-max`) reads it."""
+    row, column = np.unravel_index(int(np.argmax(image_map)), image_map.shape)
+    return int(row), int(column)
+
+
 def peak_on_defect(maps: np.ndarray, masks: np.ndarray, has_masks: np.ndarray, labels: np.ndarray) -> list:
     """Per image, where its map (N, H, W) peaks relative to its defect: for a defective image with a known, non-empty
     mask, ``{"peak_on_defect": whether the map's maximum lies on a defective pixel, "peak_distance_px": the distance
@@ -100,7 +106,7 @@ def peak_on_defect(maps: np.ndarray, masks: np.ndarray, has_masks: np.ndarray, l
         if not len(defect):
             peaks.append(None)
             continue
-        peak = np.array(np.unravel_index(int(np.argmax(image_map)), image_map.shape))
+        peak = np.array(map_peak(image_map))
         distance = float(np.sqrt(((defect - peak) ** 2).sum(axis=1)).min())
         peaks.append({"peak_on_defect": distance == 0.0, "peak_distance_px": distance})
     return peaks
