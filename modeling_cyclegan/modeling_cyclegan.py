@@ -228,6 +228,19 @@ def _l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(prediction.float(), target.float())
 
 
+# Copied from modeling_maf.modeling_maf.name_custom_pipelines
+def name_custom_pipelines(config, pipelines) -> None:
+    """Names each of `pipelines` (task -> `Pipeline` subclass) in `config.custom_pipelines`, as transformers'
+    `Pipeline.save_pretrained` names them, so `pipeline(task, model=<folder or repo>, trust_remote_code=True)` finds
+    it in the file that `save_pretrained` copies next to the model (the pipeline's module is a relative import of the
+    modeling file)."""
+    custom_pipelines = dict(getattr(config, "custom_pipelines", None) or {})
+    for task, pipeline_class in pipelines.items():
+        module = pipeline_class.__module__.rsplit(".", 1)[-1]
+        custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+    config.custom_pipelines = custom_pipelines
+
+
 class CycleGANPreTrainedModel(PreTrainedModel):
     config_class = CycleGANConfig
     base_model_prefix = "cyclegan"
@@ -242,12 +255,7 @@ class CycleGANPreTrainedModel(PreTrainedModel):
         config.json under `custom_pipelines`, as transformers' `Pipeline.save_pretrained` names them; their file is
         a relative import of this one, so it is copied with it. `pipeline(task, model=<folder or repo>,
         trust_remote_code=True)` then builds them without this package installed."""
-        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
-        for task, pipeline_class in self.pipelines.items():
-            module = pipeline_class.__module__.rsplit(".", 1)[-1]
-            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"],
-                                      "type": "image"}
-        self.config.custom_pipelines = custom_pipelines
+        name_custom_pipelines(self.config, self.pipelines)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()

@@ -67,6 +67,7 @@ class ImageTranslationPipeline(Pipeline):
     def __call__(self, images, **kwargs):
         return super().__call__(images, **kwargs)
 
+    # Copied from modeling_maf.pipeline_maf.AnomalyDetectionPipeline._read_image
     def _read_image(self, image, timeout=None):
         """The input as a PIL image, or one clear error: a missing file or a file that is not an image is a
         ValueError naming it; anything but a PIL image, a path, a URL or a base64 string is a TypeError."""

@@ -452,6 +452,18 @@ def _zero_absent_connections_after_load(model, incompatible_keys):
     model.zero_absent_connections("The loaded state dict")
 
 
+def name_custom_pipelines(config, pipelines) -> None:
+    """Names each of `pipelines` (task -> `Pipeline` subclass) in `config.custom_pipelines`, as transformers'
+    `Pipeline.save_pretrained` names them, so `pipeline(task, model=<folder or repo>, trust_remote_code=True)` finds
+    it in the file that `save_pretrained` copies next to the model (the pipeline's module is a relative import of the
+    modeling file)."""
+    custom_pipelines = dict(getattr(config, "custom_pipelines", None) or {})
+    for task, pipeline_class in pipelines.items():
+        module = pipeline_class.__module__.rsplit(".", 1)[-1]
+        custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"], "type": "image"}
+    config.custom_pipelines = custom_pipelines
+
+
 class MAFPreTrainedModel(PreTrainedModel):
     """Weights, initialisation and loading of MAF and IAF models.
 
@@ -491,12 +503,7 @@ class MAFPreTrainedModel(PreTrainedModel):
           `Pipeline.save_pretrained` names them; their file is a relative import of this one, so it is copied with
           it, and `pipeline(task, model=<folder or repo>, trust_remote_code=True)` builds them without this package.
         """
-        custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
-        for task, pipeline_class in self.pipelines.items():
-            module = pipeline_class.__module__.rsplit(".", 1)[-1]
-            custom_pipelines[task] = {"impl": f"{module}.{pipeline_class.__name__}", "pt": ["AutoModel"],
-                                      "type": "image"}
-        self.config.custom_pipelines = custom_pipelines
+        name_custom_pipelines(self.config, self.pipelines)
         if is_main_process and self.config.num_channels in (1, 3):
             path = os.path.join(save_directory, IMAGE_PROCESSOR_FILE)
             wanted = MAFImageProcessor.from_model_config(self.config)

@@ -16,6 +16,7 @@ installed.
 """
 
 import torch
+from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
@@ -83,8 +84,6 @@ class AnomalyDetectionPipeline(Pipeline):
         ValueError naming it; anything but a PIL image, a path, a URL or a base64 string is a TypeError."""
         import os
         import re
-
-        from PIL import Image
 
         if isinstance(image, os.PathLike):
             image = os.fspath(image)
