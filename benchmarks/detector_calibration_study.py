@@ -14,8 +14,10 @@ training vector, PatchCore without coreset) on the same standardised features th
   threshold has on the other folds' images, and each run's decisions at both thresholds.
 
 For each variant (and with folds, each seed) the table gives the image AUROC (flow and memory bank), the defects
-caught and good test images flagged at the thresholds, and, for every `--watch` test image, how many good images score
-above it. Writes calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
+caught and good test images flagged at the thresholds, how many defective test images' maps peak on their marked
+defect (a score read off a blemish elsewhere ranks the image without finding its defect), and, for every `--watch`
+test image, how many good images score above it and in how many runs its map peaks on its defect. Writes
+calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
 """
 
 import argparse
@@ -66,6 +68,7 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     import train_maf
     from feature_detector_study import memory_bank_maps
     from hf_dgm_training.data.anomaly import load_split_as_tensors
+    from hf_dgm_training.metrics.evaluation import peak_on_defect
     from modeling_maf import FeatureMAFModel, MAFImageProcessor
     from modeling_maf.anomaly_scores import NLLMaps
 
@@ -92,15 +95,23 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     def features(pixel_values):
         return torch.cat([model.extract_features(chunk.to(device)) for chunk in pixel_values.split(32)])
 
+    def peaks(maps):
+        found = peak_on_defect(maps.cpu().numpy(), test.masks.numpy(), test.has_masks.numpy(), test.labels.numpy())
+        return [None if peak is None else peak["peak_on_defect"] for peak in found]
+
     record = dict(seed=seed, train_s=train_s, validation_files=list(validation.files),
                   threshold=float(model.anomaly_threshold()))
     with torch.no_grad():
         train_features = features(train.pixel_values)
         for name, images in (("test", test.pixel_values), ("validation", validation.pixel_values)):
-            record[name] = model.anomaly_scores(images.to(device)).cpu().tolist()
-            maps = memory_bank_maps(standardised(model, train_features), standardised(model, features(images)))
-            bank = NLLMaps(model.grid_maps_to_pixels(maps), maps)
-            record[f"{name}_bank"] = model.score_nll_maps(bank, "map-max")[1].cpu().tolist()
+            maps, scores = model.score_nll_maps(model.nll_maps(images.to(device)))  # the calibrated default score
+            record[name] = scores.cpu().tolist()
+            grid_maps = memory_bank_maps(standardised(model, train_features), standardised(model, features(images)))
+            bank_maps, bank_scores = model.score_nll_maps(NLLMaps(model.grid_maps_to_pixels(grid_maps), grid_maps),
+                                                          "map-max")
+            record[f"{name}_bank"] = bank_scores.cpu().tolist()
+            if name == "test":
+                record["test_peaks"], record["test_peaks_bank"] = peaks(maps), peaks(bank_maps)
     return record, test
 
 
@@ -129,6 +140,11 @@ def summarise(args, variant, records, test):
                       [threshold_at(record["validation" + kind], args.target_fpr) for record in records])
         own = [(float((row[labels == 1] > t).mean()), int((row[labels == 0] > t).sum())) for row, t in
                zip(scores, thresholds)]
+        peaks = [record.get("test_peaks" + kind) for record in records]  # None: recorded before peaks were
+        if all(peak is not None for peak in peaks):
+            rows[f"peak_on_defect{kind}"] = dict(
+                on_defect=statistics.mean(sum(bool(on) for on in row) for row in peaks),
+                images=sum(on is not None for on in peaks[0]))
         rows[f"own_threshold{kind}"] = dict(min=min(thresholds), max=max(thresholds),
                                            caught=statistics.mean(c for c, _ in own),
                                            goods_flagged=statistics.mean(f for _, f in own))
@@ -149,6 +165,8 @@ def summarise(args, variant, records, test):
             rows.setdefault("watch", {})[file + kind] = dict(
                 score=statistics.mean(scores[:, index]),
                 caught_own=sum(int(row[index] > t) for row, t in zip(scores, thresholds)),
+                **({"peak_on_defect_runs": sum(row[index] is True for row in peaks)}
+                   if all(peak is not None for peak in peaks) else {}),
                 goods_above=statistics.mean(
                     float(np.sum(np.concatenate([record["validation" + kind], row[labels == 0]]) > row[index]))
                     for record, row in zip(records, scores)),

@@ -90,3 +90,31 @@ def test_detector_calibration_study_keeps_each_seeds_folds_apart():
         assert tuple(row["own_threshold"]["realised_fpr"]) == (0.0, 0.5, 1.0)
     args.folds = 0  # each run its own split: one summary over every seed
     assert [row["seeds"] for row in summaries_of(args, "v", records, test)] == [[0, 1]]
+
+
+def test_detector_calibration_study_counts_maps_that_peak_on_the_defect():
+    """Each run's defective test images whose map peaks on the marked defect, averaged over the runs, and for a
+    watched image the runs in which it does; runs recorded without peaks give no such rows."""
+    import types
+
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from detector_calibration_study import summaries_of
+
+    test = types.SimpleNamespace(files=["test/good/0.png", "test/crack/0.png", "test/crack/1.png", "test/poke/0.png"],
+                                 labels=torch.tensor([0, 1, 1, 1]))
+    records = [dict(seed=0, fold=fold, validation_files=["a.png"], validation=[1.0], validation_bank=[1.0],
+                    threshold=1.0, test=[0.0, 5.0, 5.0, 5.0], test_bank=[0.0, 5.0, 5.0, 5.0],
+                    test_peaks=[None, True, fold == 0, None],  # poke/0 has no mask
+                    test_peaks_bank=[None, False, False, None]) for fold in range(2)]
+    args = types.SimpleNamespace(folds=0, target_fpr=0.25, watch=["test/crack/1.png"])
+    row, = summaries_of(args, "v", records, test)
+    assert row["peak_on_defect"] == {"on_defect": 1.5, "images": 2}
+    assert row["peak_on_defect_bank"] == {"on_defect": 0, "images": 2}
+    assert row["watch"]["test/crack/1.png"]["peak_on_defect_runs"] == 1
+    assert row["watch"]["test/crack/1.png_bank"]["peak_on_defect_runs"] == 0
+    for record in records:
+        del record["test_peaks"], record["test_peaks_bank"]
+    row, = summaries_of(args, "v", records, test)
+    assert "peak_on_defect" not in row and "peak_on_defect_runs" not in row["watch"]["test/crack/1.png"]
