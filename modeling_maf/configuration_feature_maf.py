@@ -96,6 +96,11 @@ class FeatureMAFConfig(PreTrainedConfig):
             Set by `FeatureMAFModel.fit_image_statistics`; None: no per-image standardisation.
         feature_pooling_size (`int`, *optional*, defaults to 3):
             Side of the average over each feature map's neighbourhood (odd; 1 = none).
+        backbone_padding (`int`, *optional*, defaults to 0):
+            Pixels of the image reflected around it before the backbone, whose aggregated feature maps are then
+            cropped back to the image's own locations: the vectors at the image's border are computed from image
+            content around them instead of the backbone's zero padding. A multiple of the feature grid's stride (8 for
+            the default stages); 0: none.
         hidden_sizes, num_blocks, hidden_act, degree_assignment, degree_seed, permutation, normalization,
         batch_norm_momentum, log_scale_clamp:
             The MAF over the vectors, as in [`MAFConfig`] (defaults: 2 hidden layers of 128, 4 blocks, reversed
@@ -147,6 +152,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         image_reference_mean: list[float] | None = None,
         image_reference_std: list[float] | None = None,
         feature_pooling_size: int = 3,
+        backbone_padding: int = 0,
         hidden_sizes: list[int] | None = None,
         num_blocks: int = 4,
         hidden_act: str = "relu",
@@ -192,6 +198,7 @@ class FeatureMAFConfig(PreTrainedConfig):
         self.image_reference_mean = None if image_reference_mean is None else [float(v) for v in image_reference_mean]
         self.image_reference_std = None if image_reference_std is None else [float(v) for v in image_reference_std]
         self.feature_pooling_size = int(feature_pooling_size)
+        self.backbone_padding = int(backbone_padding)
         self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [128, 128]
         self.num_blocks = int(num_blocks)
         self.hidden_act = hidden_act
@@ -228,6 +235,9 @@ class FeatureMAFConfig(PreTrainedConfig):
              f"(std positive), got {self.image_reference_mean} and {self.image_reference_std}"),
             (self.feature_pooling_size >= 1 and self.feature_pooling_size % 2 == 1,
              f"feature_pooling_size must be odd and >= 1, got {self.feature_pooling_size}"),
+            (0 <= self.backbone_padding < self.image_size,
+             f"backbone_padding must be >= 0 and smaller than image_size ({self.image_size}), got "
+             f"{self.backbone_padding}"),
             (len(self.hidden_sizes) >= 1 and all(int(size) >= 1 for size in self.hidden_sizes),
              f"hidden_sizes must be one or more positive widths, got {self.hidden_sizes}"),
             (self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}"),

@@ -92,6 +92,24 @@ class FeatureAggregator(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
+def backbone_feature_maps(backbone: nn.Module, aggregator: FeatureAggregator, images: torch.Tensor,
+                          padding: int) -> torch.Tensor:
+    """The aggregated feature maps (B, D, h, w) of normalised `images` (B, C, S, S). With `padding` > 0 the images
+    are first extended by that many reflected pixels on every side, and the maps cropped back to the locations of
+    the image itself, so that the border vectors (and their neighbourhood averages) read image content rather than
+    the backbone's zero padding."""
+    if padding == 0:
+        return aggregator(backbone(images).feature_maps)
+    maps = aggregator(backbone(F.pad(images, (padding,) * 4, mode="reflect")).feature_maps)
+    stride = (images.shape[-1] + 2 * padding) / maps.shape[-1]
+    crop = padding / stride
+    if crop != int(crop):
+        raise ValueError(f"backbone_padding={padding} is not a whole number of feature grid cells ({stride:g} pixels "
+                         "each): set it to a multiple of the grid's stride.")
+    crop = int(crop)
+    return maps[..., crop:maps.shape[-2] - crop, crop:maps.shape[-1] - crop]
+
+
 def fit_location_gaussians(vectors: torch.Tensor, shrinkage: float, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-location Gaussians of `vectors` (L, N, D) (N vectors at each of L locations): their means (L, D) and the
     whitening matrices (L, D, D), the inverse lower Cholesky factors W_l of the covariances
@@ -212,8 +230,8 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
         size = self.config.image_size
         with torch.device("meta"), torch.no_grad():
             probe = build_backbone(self.config).eval()
-            maps = probe(torch.zeros(1, self.config.num_channels, size, size)).feature_maps
-            features = self.aggregator(maps)
+            features = backbone_feature_maps(probe, self.aggregator, torch.zeros(1, self.config.num_channels, size,
+                                                                                 size), self.config.backbone_padding)
         return int(features.shape[1]), (int(features.shape[2]), int(features.shape[3]))
 
     def train(self, mode: bool = True):
@@ -283,12 +301,13 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
                          for values in (self.config.image_mean, self.config.image_std))
             parameter = next(self.backbone.parameters())
             normalized = ((pixel_values.float() - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
+            padding = self.config.backbone_padding
             if normalized.device.type != "cpu":
-                return self.aggregator(self.backbone(normalized).feature_maps)
+                return backbone_feature_maps(self.backbone, self.aggregator, normalized, padding)
             # On the CPU, oneDNN's convolutions take about half the time on NHWC images, and a few images at a time
             # beat large batches, whose feature maps only add memory traffic (time_cpu_feature_extraction.py).
             normalized = normalized.contiguous(memory_format=torch.channels_last)
-            return torch.cat([self.aggregator(self.backbone(chunk).feature_maps)
+            return torch.cat([backbone_feature_maps(self.backbone, self.aggregator, chunk, padding)
                               for chunk in normalized.split(CPU_BACKBONE_BATCH_SIZE)])
 
     @torch.no_grad()

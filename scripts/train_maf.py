@@ -624,7 +624,8 @@ result = detector("image.png")   # score, is_anomalous, threshold, method, heatm
 
 | hyper-parameter | value |
 |---|---|
-| images | {config.image_size}x{config.image_size} |
+| images | {config.image_size}x{config.image_size} (reflected by {config.backbone_padding} pixels around them \
+for the backbone) |
 | per-location whitening under the flow | {config.location_whitening} (shrinkage {config.whitening_shrinkage}, \
 ridge {config.whitening_ridge}) |
 | flow | {config.num_blocks} MADE blocks, hidden sizes {config.hidden_sizes}, conditioned on the location: \

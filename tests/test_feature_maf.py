@@ -17,7 +17,7 @@ from tiny_models import randomize_flow
 
 def tiny_config(**overrides):
     backbone = EfficientNetLiteConfig(width_coefficient=0.25, depth_coefficient=0.25, out_features=["stage3", "stage5"])
-    fields = dict(backbone_config=backbone, image_size=32, hidden_sizes=[16, 16], num_blocks=2, **overrides)
+    fields = {**dict(backbone_config=backbone, image_size=32, hidden_sizes=[16, 16], num_blocks=2), **overrides}
     return FeatureMAFConfig(**fields)
 
 
@@ -138,6 +138,27 @@ def test_cpu_feature_extraction_in_chunks_gives_every_image_its_own_features_in_
     one_by_one = torch.cat([model.extract_features(image[None]) for image in images])
     assert together.shape[0] == images.shape[0]
     torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_backbone_padding_reads_the_reflected_image_and_crops_to_the_image_own_locations():
+    """With backbone_padding p the features are those of the image reflected by p pixels on every side, read by the
+    same backbone at S + 2p, cropped back to the image's own grid; p that is not a whole number of grid cells is
+    refused in one line."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    padded = FeatureMAFModel(tiny_config(backbone_padding=16)).eval()
+    plain = FeatureMAFModel(tiny_config(image_size=64)).eval()  # the same backbone at the padded size
+    plain.backbone.load_state_dict(padded.backbone.state_dict())
+    assert padded.feature_grid == FeatureMAFModel(tiny_config()).feature_grid == (4, 4)
+    images = torch.rand(2, 3, 32, 32)
+    expected = plain.extract_features(F.pad(images, (16,) * 4, mode="reflect"))[..., 2:-2, 2:-2]  # 16 px: 2 cells of 8
+    torch.testing.assert_close(padded.extract_features(images), expected)
+    unpadded = FeatureMAFModel(tiny_config()).eval()
+    unpadded.backbone.load_state_dict(padded.backbone.state_dict())
+    assert not torch.allclose(unpadded.extract_features(images), expected)  # the border's context changed
+    with pytest.raises(ValueError, match="backbone_padding=4 is not a whole number of feature grid cells"):
+        FeatureMAFModel(tiny_config(backbone_padding=4))
 
 
 def test_image_statistics_make_the_features_blind_to_a_global_lighting_change(tmp_path):
@@ -308,6 +329,8 @@ def test_config_rejects_bad_values():
         tiny_config(image_reference_mean=[0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="whitening_shrinkage"):
         tiny_config(whitening_shrinkage=1.5)
+    with pytest.raises(ValueError, match="backbone_padding"):
+        tiny_config(backbone_padding=32)  # not smaller than the 32-pixel image
 
 
 def test_hub_round_trip_and_remote_code_pipeline(hub_server, tmp_path):
