@@ -141,7 +141,8 @@ def summarise(args, variant, records, test):
         own = [(float((row[labels == 1] > t).mean()), int((row[labels == 0] > t).sum())) for row, t in
                zip(scores, thresholds)]
         peaks = [record.get("test_peaks" + kind) for record in records]  # None: recorded before peaks were
-        if all(peak is not None for peak in peaks):
+        has_peaks = all(peak is not None for peak in peaks)
+        if has_peaks:
             rows[f"peak_on_defect{kind}"] = dict(
                 on_defect=statistics.mean(sum(bool(on) for on in row) for row in peaks),
                 images=sum(on is not None for on in peaks[0]))
@@ -165,8 +166,7 @@ def summarise(args, variant, records, test):
             rows.setdefault("watch", {})[file + kind] = dict(
                 score=statistics.mean(scores[:, index]),
                 caught_own=sum(int(row[index] > t) for row, t in zip(scores, thresholds)),
-                **({"peak_on_defect_runs": sum(row[index] is True for row in peaks)}
-                   if all(peak is not None for peak in peaks) else {}),
+                **({"peak_on_defect_runs": sum(row[index] is True for row in peaks)} if has_peaks else {}),
                 goods_above=statistics.mean(
                     float(np.sum(np.concatenate([record["validation" + kind], row[labels == 0]]) > row[index]))
                     for record, row in zip(records, scores)),
