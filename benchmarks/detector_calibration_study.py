@@ -17,12 +17,14 @@ For each variant (and with folds, each seed) the table gives the image AUROC (fl
 caught and good test images flagged at the thresholds, how many defective test images' maps peak on their marked
 defect (a score read off a blemish elsewhere ranks the image without finding its defect), and, for every `--watch`
 test image, how many good images score above it and in how many runs its map peaks on its defect. Writes
-calibration_study.json (every score) to --output_dir. Needs the `features` extra; minutes on one GPU.
+calibration_study.json (every score) to --output_dir; each run's detector is deleted once scored unless
+`--keep_checkpoints`. Needs the `features` extra; minutes on one GPU.
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -45,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--folds", type=int, default=0, help="0: train_maf.py's validation split; K >= 2: K folds.")
     parser.add_argument("--target_fpr", type=float, default=0.05)
     parser.add_argument("--watch", nargs="*", default=[], help="Test files (relative to --data_dir) to rank.")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="Keep every run's detector under --output_dir/runs (by default each is deleted once "
+                             "scored: each carries its frozen backbone, and a ten-fold study trains ten per seed).")
     args = parser.parse_args(argv)
     if args.folds == 1 or args.folds < 0:
         parser.error("--folds must be 0 or at least 2.")
@@ -112,6 +117,8 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
             record[f"{name}_bank"] = bank_scores.cpu().tolist()
             if name == "test":
                 record["test_peaks"], record["test_peaks_bank"] = peaks(maps), peaks(bank_maps)
+    if not args.keep_checkpoints:
+        shutil.rmtree(output_dir)
     return record, test
 
 
