@@ -100,7 +100,8 @@ class FeatureMAFConfig(PreTrainedConfig):
             Pixels of the image reflected around it before the backbone, whose aggregated feature maps are then
             cropped back to the image's own locations: the vectors at the image's border are computed from image
             content around them instead of the backbone's zero padding. A multiple of the feature grid's stride (8 for
-            the default stages); 0: none.
+            the default stages); 0: none, as in configs saved before the field existed. `scripts/train_maf.py` trains
+            its detectors with 32: fewer map peaks on the image's edges, more on defects (docs/maf.md).
         hidden_sizes, num_blocks, hidden_act, degree_assignment, degree_seed, permutation, normalization,
         batch_norm_momentum, log_scale_clamp:
             The MAF over the vectors, as in [`MAFConfig`] (defaults: 2 hidden layers of 128, 4 blocks, reversed

@@ -104,8 +104,9 @@ def backbone_feature_maps(backbone: nn.Module, aggregator: FeatureAggregator, im
     stride = (images.shape[-1] + 2 * padding) / maps.shape[-1]
     crop = padding / stride
     if crop != int(crop):
+        suggestion = f" (e.g. {max(1, round(crop)) * stride:g})" if stride == int(stride) else ""
         raise ValueError(f"backbone_padding={padding} is not a whole number of feature grid cells ({stride:g} pixels "
-                         "each): set it to a multiple of the grid's stride.")
+                         f"each): set it to a multiple of the grid's stride{suggestion}, or 0.")
     crop = int(crop)
     return maps[..., crop:maps.shape[-2] - crop, crop:maps.shape[-1] - crop]
 

@@ -78,11 +78,15 @@ def flow_classes(flow_type: str):
     return getattr(modeling_maf, config_name.split(":")[1]), getattr(modeling_maf, model_name)
 
 
-# Defaults that differ by model (a flag given on the command line wins): epochs, batch, learning rate, image size.
+# Defaults that differ by model (a flag given on the command line wins): epochs, batch, learning rate, image size;
+# for the detector also its backbone padding. FeatureMAFConfig keeps 0 there (configs saved without the field, and
+# images too small to pad by 32, stay valid); the detector this script trains reflects 32 pixels around its 384²
+# images, which moves map peaks off the image border onto defects (docs/maf.md).
 TRAINING_DEFAULTS = {
     "maf": dict(num_train_epochs=100, per_device_train_batch_size=8, learning_rate=1e-4, image_size=128),
     "feature_maf": dict(num_train_epochs=3, per_device_train_batch_size=1, learning_rate=1e-3,
-                        image_size=384),  # FeatureMAFConfig's default image_size
+                        image_size=384,  # FeatureMAFConfig's default image_size
+                        backbone_padding=32),
 }
 TRAINING_DEFAULTS["iaf"] = TRAINING_DEFAULTS["maf"]
 
@@ -96,8 +100,9 @@ def parse_args(argv=None):
     parser.add_argument("--flow_type", choices=sorted(FLOW_TYPES), default="maf",
                         help="'maf' (fast density, the default), 'iaf' (fast sampling, slow density to train) or "
                              "'feature_maf' (the anomaly detector: a MAF over frozen pretrained CNN features). "
-                             "Defaults of --num_train_epochs, --per_device_train_batch_size, --learning_rate and "
-                             f"--image_size by type: {TRAINING_DEFAULTS}.")
+                             "Defaults of --num_train_epochs, --per_device_train_batch_size, --learning_rate, "
+                             "--image_size and (the detector's) --backbone_padding by type: "
+                             f"{TRAINING_DEFAULTS}.")
     parser.add_argument("--category", type=str, default="capsule", help="MVTec AD category (for --download).")
     parser.add_argument("--download", action="store_true",
                         help="Fetch MVTec's official archive of --category into --data_dir if it is missing.")

@@ -157,7 +157,8 @@ def test_backbone_padding_reads_the_reflected_image_and_crops_to_the_image_own_l
     unpadded = FeatureMAFModel(tiny_config()).eval()
     unpadded.backbone.load_state_dict(padded.backbone.state_dict())
     assert not torch.allclose(unpadded.extract_features(images), expected)  # the border's context changed
-    with pytest.raises(ValueError, match="backbone_padding=4 is not a whole number of feature grid cells"):
+    with pytest.raises(ValueError, match=r"backbone_padding=4 is not a whole number of feature grid cells \(8 pixels "
+                                         r"each\): set it to a multiple of the grid.s stride \(e.g. 8\), or 0"):
         FeatureMAFModel(tiny_config(backbone_padding=4))
 
 
@@ -254,6 +255,7 @@ def test_train_maf_reads_a_hub_backbone_with_the_stages_asked_for(hub_server, tm
     output = tmp_path / "detector"
     train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
                     "--backbone", repo_id, "--out_features", "stage1", "stage2", "--image_size", "32",
+                    "--backbone_padding", "0",
                     "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "1",
                     "--validation_split_percentage", "30"])
     detector = FeatureMAFModel.from_pretrained(output)
@@ -309,7 +311,7 @@ def test_train_maf_says_in_one_line_that_a_timm_backbone_needs_timm(tmp_path):
     with pytest.raises(UsageError, match=r"--use_timm_backbone: .*'resnet18'.*pip install timm"):
         train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(tmp_path / "out"),
                         "--backbone", "resnet18", "--use_timm_backbone", "--out_indices", "2", "3",
-                        "--image_size", "32"])
+                        "--image_size", "32", "--backbone_padding", "0"])
 
 
 def test_backbone_is_frozen_and_stays_in_eval_mode():
@@ -372,7 +374,8 @@ def test_train_maf_trains_the_detector_and_detect_anomalies_reports_it(tmp_path,
     data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=12, num_test_good=2, defects=(("crack", 2),))
     output = tmp_path / "detector"
     train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
-                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
+                    "--image_size", "32", "--backbone_padding", "0",
+                    "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
                     "--validation_split_percentage", "30"])
     results = json.loads((output / "train_results.json").read_text())
     assert results["flow_type"] == "feature_maf" and results["best_validation_nll"] is not None
@@ -401,7 +404,8 @@ def test_calibration_folds_score_every_training_image_with_a_detector_that_did_n
     data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=12, num_test_good=2, defects=(("crack", 2),))
     output = tmp_path / "detector"
     train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
-                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
+                    "--image_size", "32", "--backbone_padding", "0",
+                    "--hidden_sizes", "16", "16", "--num_blocks", "2", "--num_train_epochs", "2",
                     "--validation_split_percentage", "30", "--calibration_folds", "2"])
     (main_train, main_validation), folds = tasks[0], tasks[1:]
     assert len(folds) == 2 and len(main_validation) == 4 and len(main_train) == 8
@@ -430,7 +434,8 @@ def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch
                                masks="none", grayscale=True)
     output = tmp_path / "detector"
     train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
-                    "--image_size", "32", "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1",
+                    "--image_size", "32", "--backbone_padding", "0",
+                    "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1",
                     "--validation_split_percentage", "30"])
     assert json.loads((output / "preprocessor_config.json").read_text())["num_channels"] == 3
     detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
@@ -446,7 +451,8 @@ def test_train_maf_refuses_a_whitening_too_large_in_one_line(tmp_path, monkeypat
     monkeypatch.setattr(module, "MAX_WHITENING_NUMBERS", 100)
     data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=4, num_test_good=1, defects=(("crack", 1),))
     result = run_in_process("train_maf.py", "--flow_type", "feature_maf", "--data_dir", data, "--output_dir",
-                            tmp_path / "detector", "--image_size", 32, "--use_pretrained_backbone", "false",
+                            tmp_path / "detector", "--image_size", 32, "--backbone_padding", 0,
+                            "--use_pretrained_backbone", "false",
                             expect_ok=False)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr

@@ -47,16 +47,17 @@ def test_relative_paths_resolve_from_the_callers_folder(tmp_path):
 def test_the_feature_detector_is_trained_and_recommended(tmp_path, preset, epochs):
     """The default: after the whole-image model, the feature detector (DETECTOR_EXTRA shrinks it for the test) for the
     preset's epochs, and its report; the last lines name the detector with the best image AUROC and its folder."""
-    make_mvtec_category(str(tmp_path / "capsule"), size=32, num_train=10, num_test_good=3, defects=(("crack", 3),))
-    detector_extra = ("--image_size 32 --hidden_sizes 16 16 --num_blocks 1 --validation_split_percentage 30 "
+    make_mvtec_category(str(tmp_path / "capsule"), size=64, num_train=10, num_test_good=3, defects=(("crack", 3),))
+    detector_extra = ("--image_size 64 --hidden_sizes 16 16 --num_blocks 1 --validation_split_percentage 30 "
                       "--use_pretrained_backbone false")
     result = run_pipeline("--data_dir", "capsule", "--preset", preset, *TINY, "--seed", "2", cwd=tmp_path,
                           SKIP_SETUP="1", PYTHON=sys.executable, OUTPUT_DIR="maf", DETECTOR_EXTRA=detector_extra)
     assert result.returncode == 0, result.stderr[-3000:]
     detector = tmp_path / "maf" / "detector"
     results = json.loads((detector / "train_results.json").read_text())
-    assert results["flow_type"] == "feature_maf" and results["config"]["image_size"] == 32
+    assert results["flow_type"] == "feature_maf" and results["config"]["image_size"] == 64
     assert results["config"]["backbone_config"]["out_features"] == ["stage3", "stage4"]
+    assert results["config"]["backbone_padding"] == 32  # train_maf.py's detector default
     assert results["num_train_epochs"] == results["epochs_completed"] == epochs
     assert "| seed | 2 |" in (detector / "README.md").read_text()
     report = json.loads((detector / "anomaly" / "anomaly_report.json").read_text())
