@@ -118,3 +118,33 @@ def test_detector_calibration_study_counts_maps_that_peak_on_the_defect():
         del record["test_peaks"], record["test_peaks_bank"]
     row, = summaries_of(args, "v", records, test)
     assert "peak_on_defect" not in row and "peak_on_defect_runs" not in row["watch"]["test/crack/1.png"]
+
+
+def test_detector_calibration_study_scores_every_good_out_of_fold_and_deletes_each_detector(tmp_path):
+    """The study end to end with a tiny random detector: two folds score every training good once, the JSON holds
+    every run and a summary, and each fold's detector is deleted once scored unless --keep_checkpoints."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from synthetic_data import make_mvtec_category
+
+    data = make_mvtec_category(str(tmp_path / "capsule"), size=32, num_train=8, num_test_good=2,
+                               defects=(("crack", 2),))
+    tiny = ["--image_size", "32", "--backbone_padding", "0", "--use_pretrained_backbone", "false", "--hidden_sizes",
+            "16", "--num_blocks", "1", "--num_train_epochs", "1"]
+    for keep in (False, True):
+        output = tmp_path / f"study_keep_{keep}"
+        result = run(["benchmarks/detector_calibration_study.py", "--data_dir", str(data), "--output_dir", str(output),
+                      "--folds", "2", "--seeds", "0", "--variants", json.dumps({"tiny": tiny}),
+                      "--watch", "test/crack/000.png", *(["--keep_checkpoints"] if keep else [])],
+                     env={**os.environ, "TQDM_DISABLE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        study = json.loads((output / "calibration_study.json").read_text())
+        records = study["results"]["tiny"]["records"]
+        assert len(records) == 2
+        scored = [file for record in records for file in record["validation_files"]]
+        assert sorted(scored) == sorted(f"train/good/{i:03d}.png" for i in range(8))  # each good once
+        summary, = study["summaries"]
+        assert summary["cross_fitted"]["num_goods"] == 8 and "test/crack/000.png" in summary["watch"]
+        kept = sorted(os.listdir(output / "runs"))
+        assert len(kept) == (2 if keep else 0)
+        if keep:
+            assert all((output / "runs" / run_dir / "config.json").is_file() for run_dir in kept)
