@@ -311,7 +311,8 @@ def _class_name(config_class) -> str:
     return config_class.split(":")[-1] if isinstance(config_class, str) else config_class.__name__
 
 
-def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip: tuple = ()) -> None:
+def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip: tuple = (),
+                             script_defaults: dict | None = None) -> None:
     """Adds one `--<field>` flag per field of `config_class.__init__`, defaulting to None (= keep the config's).
 
     `config_class` is the class or, so that building the parser (and `--help`) imports nothing heavy, the string
@@ -319,7 +320,8 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
     (int/float/str; a list becomes `nargs="+"`; a bool reads true/false, and a bare `--flag` means true); an integer
     must be >= 0 and a float finite, at parse time, and the config's own checks run in `check_config_overrides`.
     Fields named in `skip` or already defined on the parser (e.g. a common `--image_size`) get no flag; the script
-    handles those itself.
+    handles those itself. `script_defaults` names fields the script sets itself when the flag is not given (the flag
+    still defaults to None here); their help says so next to the config's default.
     """
     name = _class_name(config_class)
     group = parser.add_argument_group(f"{name} overrides")
@@ -336,7 +338,10 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
         elif element_type is _str2bool:
             kwargs.update(nargs="?", const=True)
         default = parameter.default
-        default_text = "" if default is inspect.Parameter.empty else f" (config default: {default!r})"
+        defaults = [] if default is inspect.Parameter.empty else [f"config default: {default!r}"]
+        if parameter.name in (script_defaults or {}):
+            defaults.insert(0, f"default here: {script_defaults[parameter.name]!r}")
+        default_text = f" ({'; '.join(defaults)})" if defaults else ""
         group.add_argument(option, help=f"Overrides `{name}.{parameter.name}`{default_text}.",
                            **kwargs)
         added.append(parameter.name)

@@ -134,7 +134,8 @@ def parse_args(argv=None):
                              "torch.optim.Adam. auto: masked_adam for a MAF on a CUDA device on the fast path.")
     add_config_override_args(parser, MAF_CONFIG, skip=("image_size",))
     add_config_override_args(parser, FEATURE_CONFIG, skip=("image_size", "backbone_config", "backbone_kwargs",
-                                                             "anomaly_calibration"))
+                                                             "anomaly_calibration"),
+                             script_defaults=TRAINING_DEFAULTS["feature_maf"])
     args = parser.parse_args(argv)
     if args.calibration_folds and (args.calibration_folds < 2 or args.flow_type != "feature_maf"):
         parser.error(f"--calibration_folds {args.calibration_folds}: 0, or at least 2 with --flow_type feature_maf.")

@@ -93,6 +93,15 @@ def test_config_overrides_lists_bools_and_skips():
         parser.parse_args(["--use_bias", "maybe"])
 
 
+def test_config_override_help_names_the_scripts_default_beside_the_configs():
+    parser = argparse.ArgumentParser()
+    add_config_override_args(parser, TinyConfig, script_defaults={"num_blocks": 5, "learning_rate": 1.0})
+    helps = {action.dest: action.help for action in parser._actions}
+    assert helps["num_blocks"].endswith("(default here: 5; config default: 2).")
+    assert helps["ordering"].endswith("(config default: 'spread').")
+    assert parser.parse_args([]).num_blocks is None  # the script applies its default; the flag only records one given
+
+
 def test_config_overrides_the_config_refuses_are_a_usage_error():
     from hf_dgm_training import UsageError
     from modeling_maf import MAFConfig
