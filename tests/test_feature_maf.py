@@ -430,13 +430,13 @@ def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch
     import train_maf
 
     monkeypatch.setattr(FeatureMAFModel, "load_pretrained_backbone", lambda self, *a, **k: None)
-    data = make_mvtec_category(tmp_path / "grid", size=32, num_train=10, num_test_good=2, defects=(("bent", 2),),
+    data = make_mvtec_category(tmp_path / "grid", size=64, num_train=10, num_test_good=2, defects=(("bent", 2),),
                                masks="none", grayscale=True)
     output = tmp_path / "detector"
     train_maf.main(["--flow_type", "feature_maf", "--data_dir", str(data), "--output_dir", str(output),
-                    "--image_size", "32", "--backbone_padding", "0",
-                    "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1",
-                    "--validation_split_percentage", "30"])
+                    "--image_size", "64", "--hidden_sizes", "16", "16", "--num_blocks", "1", "--num_train_epochs", "1",
+                    "--validation_split_percentage", "30"])  # the default backbone_padding: gray images reflected too
+    assert json.loads((output / "config.json").read_text())["backbone_padding"] == 32
     assert json.loads((output / "preprocessor_config.json").read_text())["num_channels"] == 3
     detect_anomalies.main(["--model_name_or_path", str(output), "--data_dir", str(data)])
     report = json.loads((output / "anomaly" / "anomaly_report.json").read_text())
