@@ -4,8 +4,10 @@
         --folds 10 --seeds 0 --watch test/crack/000.png
 
 Every run trains the detector with `scripts/train_maf.py` (in this process, its defaults plus a variant's flags) and
-scores the validation and test images with its default score (`map-max`), and with a memory bank (the nearest
-training vector, PatchCore without coreset) on the same standardised features through the same smoothing and max.
+scores the validation and test images with its default score (`map-max`), and with its two simple peers on the same
+standardised features through the same upsampling, smoothing and max: a memory bank (the nearest training vector,
+PatchCore without coreset; `_bank` in the JSON) and a per-location Gaussian (PaDiM: the Mahalanobis distance to the
+Gaussian of the location's training vectors; `_gaussian`).
 
 - `--folds 0`: one run per seed, each with train_maf.py's own validation split (10 %, drawn by the seed).
 - `--folds K` (K >= 2): train/good is cut into K folds (drawn by the seed); run k holds out fold k as its validation
@@ -13,7 +15,7 @@ training vector, PatchCore without coreset) on the same standardised features th
   gives the threshold at `--target_fpr` over all of them (cross-fitted), the false-positive rate each run's own
   threshold has on the other folds' images, and each run's decisions at both thresholds.
 
-For each variant (and with folds, each seed) the table gives the image AUROC (flow and memory bank), the defects
+For each variant (and with folds, each seed) the table gives the image and pixel AUROC of each scorer, the defects
 caught and good test images flagged at the thresholds, how many defective test images' maps peak on their marked
 defect (a score read off a blemish elsewhere ranks the image without finding its defect), and, for every `--watch`
 test image, how many good images score above it and in how many runs its map peaks on its defect. Writes
@@ -34,7 +36,8 @@ import torch
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "scripts"), HERE]  # train_maf.py; feature_detector_study.py's memory bank
+sys.path[:0] = [os.path.join(HERE, "..", "scripts"), HERE]  # train_maf.py; feature_detector_study.py's scorers
+SCORERS = ("", "_bank", "_gaussian")  # the JSON keys' suffixes: the flow, the memory bank, the per-location Gaussian
 
 
 def parse_args(argv=None):
@@ -71,9 +74,9 @@ def threshold_at(good_scores, target_fpr):
 def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     import hf_dgm_training.data.anomaly as anomaly_data
     import train_maf
-    from feature_detector_study import memory_bank_maps
+    from feature_detector_study import gaussian_maps, memory_bank_maps
     from hf_dgm_training.data.anomaly import load_split_as_tensors
-    from hf_dgm_training.metrics.evaluation import peak_on_defect
+    from hf_dgm_training.metrics.evaluation import peak_on_defect, pixel_metrics
     from modeling_maf import FeatureMAFModel, MAFImageProcessor
     from modeling_maf.anomaly_scores import NLLMaps
 
@@ -107,16 +110,22 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
     record = dict(seed=seed, train_s=train_s, validation_files=list(validation.files),
                   threshold=float(model.anomaly_threshold()))
     with torch.no_grad():
-        train_features = features(train.pixel_values)
+        train_features = standardised(model, features(train.pixel_values))
         for name, images in (("test", test.pixel_values), ("validation", validation.pixel_values)):
-            maps, scores = model.score_nll_maps(model.nll_maps(images.to(device)))  # the calibrated default score
-            record[name] = scores.cpu().tolist()
-            grid_maps = memory_bank_maps(standardised(model, train_features), standardised(model, features(images)))
-            bank_maps, bank_scores = model.score_nll_maps(NLLMaps(model.grid_maps_to_pixels(grid_maps), grid_maps),
-                                                          "map-max")
-            record[f"{name}_bank"] = bank_scores.cpu().tolist()
-            if name == "test":
-                record["test_peaks"], record["test_peaks_bank"] = peaks(maps), peaks(bank_maps)
+            image_features = standardised(model, features(images))
+            grid_maps = {"_bank": memory_bank_maps(train_features, image_features),
+                         "_gaussian": gaussian_maps(train_features, image_features)}
+            for kind in SCORERS:
+                if kind:  # a peer: its grid maps through the flow's upsampling, smoothing and max
+                    maps, scores = model.score_nll_maps(
+                        NLLMaps(model.grid_maps_to_pixels(grid_maps[kind]), grid_maps[kind]), "map-max")
+                else:
+                    maps, scores = model.score_nll_maps(model.nll_maps(images.to(device)))  # the calibrated default
+                record[name + kind] = scores.cpu().tolist()
+                if name == "test":
+                    record["test_peaks" + kind] = peaks(maps)
+                    record["pixel_auroc" + kind] = pixel_metrics(
+                        maps.cpu().numpy(), test.masks.numpy(), test.has_masks.numpy())["pixel_auroc"]
     if not args.keep_checkpoints:
         shutil.rmtree(output_dir)
     return record, test
@@ -137,10 +146,13 @@ def summarise(args, variant, records, test):
 
     labels = test.labels.numpy()
     rows = {"variant": variant, "seeds": sorted({record["seed"] for record in records}), "runs": len(records)}
-    for kind in ("", "_bank"):
+    for kind in (kind for kind in SCORERS if "test" + kind in records[0]):  # older JSON: no Gaussian
         scores = np.array([record["test" + kind] for record in records])
         aurocs = [roc_auc(row, labels) for row in scores]
         rows[f"auroc{kind}"] = (statistics.mean(aurocs), statistics.pstdev(aurocs))
+        pixel = [record.get("pixel_auroc" + kind) for record in records]
+        if all(value is not None for value in pixel):  # None: no masks, or recorded before pixel AUROCs were
+            rows[f"pixel_auroc{kind}"] = (statistics.mean(pixel), statistics.pstdev(pixel))
         goods = {file: score for record in records
                  for file, score in zip(record["validation_files"], record["validation" + kind])}
         thresholds = ([record["threshold"] for record in records] if kind == "" else

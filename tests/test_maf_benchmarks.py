@@ -122,7 +122,8 @@ def test_detector_calibration_study_counts_maps_that_peak_on_the_defect():
 
 def test_detector_calibration_study_scores_every_good_out_of_fold_and_deletes_each_detector(tmp_path):
     """The study end to end with a tiny random detector: two folds score every training good once, the JSON holds
-    every run and a summary, and each fold's detector is deleted once scored unless --keep_checkpoints."""
+    every run and a summary with the flow and both peers on its features (memory bank, per-location Gaussian), and
+    each fold's detector is deleted once scored unless --keep_checkpoints."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from synthetic_data import make_mvtec_category
 
@@ -144,7 +145,38 @@ def test_detector_calibration_study_scores_every_good_out_of_fold_and_deletes_ea
         assert sorted(scored) == sorted(f"train/good/{i:03d}.png" for i in range(8))  # each good once
         summary, = study["summaries"]
         assert summary["cross_fitted"]["num_goods"] == 8 and "test/crack/000.png" in summary["watch"]
+        num_test = len(study["results"]["tiny"]["test_files"])
+        for kind in ("", "_bank", "_gaussian"):
+            assert all(len(record["test" + kind]) == num_test for record in records)
+            assert all(0 <= record["pixel_auroc" + kind] <= 1 for record in records)
+            assert 0 <= summary["auroc" + kind][0] <= 1 and 0 <= summary["pixel_auroc" + kind][0] <= 1
+            assert "test/crack/000.png" + kind in summary["watch"]
         kept = sorted(os.listdir(output / "runs"))
         assert len(kept) == (2 if keep else 0)
         if keep:
             assert all((output / "runs" / run_dir / "config.json").is_file() for run_dir in kept)
+
+
+def test_study_peers_match_their_definitions():
+    """The studies' peers on (N, D, h, w) feature maps: the memory bank is the distance to the nearest training vector
+    at any location, the per-location Gaussian the Mahalanobis distance under that location's mean and covariance
+    (unbiased, plus the ridge); both checked against a direct computation."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from feature_detector_study import gaussian_maps, memory_bank_maps
+
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(12, 3, 2, 2, generator=generator, dtype=torch.float64)
+    test = torch.randn(4, 3, 2, 2, generator=generator, dtype=torch.float64)
+    bank = train.permute(0, 2, 3, 1).reshape(-1, 3)
+    for n in range(4):
+        for i in range(2):
+            for j in range(2):
+                nearest = (bank - test[n, :, i, j]).norm(dim=1).min()
+                assert torch.isclose(memory_bank_maps(train, test)[n, i, j].double(), nearest, rtol=1e-5)
+                location = train[:, :, i, j]
+                covariance = torch.cov(location.T) + 0.01 * torch.eye(3, dtype=torch.float64)
+                centred = test[n, :, i, j] - location.mean(dim=0)
+                mahalanobis = (centred @ torch.linalg.inv(covariance) @ centred).sqrt()
+                assert torch.isclose(gaussian_maps(train, test)[n, i, j].double(), mahalanobis, rtol=1e-5)
