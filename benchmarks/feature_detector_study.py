@@ -114,13 +114,14 @@ def image_and_pixel_scores(location_maps, image_size, sigma):
     return smooth.flatten(1).amax(dim=1), top_k_mean(smooth, 0.01), smooth
 
 
-def memory_bank_maps(train, test, chunk=4096):
-    """Distance of every test vector to its nearest training vector (any location): (N, h, w)."""
+def memory_bank_maps(train, test, max_distances=2**27):
+    """Distance of every test vector to its nearest training vector (any location): (N, h, w). Queries go a chunk at
+    a time, so that at most `max_distances` distances (half a GB of float32) exist at once."""
     bank = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
     queries = test.permute(0, 2, 3, 1).reshape(-1, test.shape[1])
     bank_sq = bank.square().sum(dim=1)
     nearest = []
-    for part in queries.split(chunk):
+    for part in queries.split(max(1, max_distances // len(bank))):
         distances = part.square().sum(dim=1, keepdim=True) - 2 * part @ bank.T + bank_sq
         nearest.append(distances.amin(dim=1).clamp_min(0).sqrt())
     return torch.cat(nearest).view(test.shape[0], *test.shape[2:])

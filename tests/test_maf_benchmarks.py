@@ -160,7 +160,7 @@ def test_detector_calibration_study_scores_every_good_out_of_fold_and_deletes_ea
 def test_study_peers_match_their_definitions():
     """The studies' peers on (N, D, h, w) feature maps: the memory bank is the distance to the nearest training vector
     at any location, the per-location Gaussian the Mahalanobis distance under that location's mean and covariance
-    (unbiased, plus the ridge); both checked against a direct computation."""
+    (unbiased, plus the ridge); both checked against a direct computation, the bank also one query at a time."""
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -180,3 +180,4 @@ def test_study_peers_match_their_definitions():
                 centred = test[n, :, i, j] - location.mean(dim=0)
                 mahalanobis = (centred @ torch.linalg.inv(covariance) @ centred).sqrt()
                 assert torch.isclose(gaussian_maps(train, test)[n, i, j].double(), mahalanobis, rtol=1e-5)
+    assert torch.allclose(memory_bank_maps(train, test, max_distances=50), memory_bank_maps(train, test))  # a query
