@@ -181,3 +181,40 @@ def test_study_peers_match_their_definitions():
                 mahalanobis = (centred @ torch.linalg.inv(covariance) @ centred).sqrt()
                 assert torch.isclose(gaussian_maps(train, test)[n, i, j].double(), mahalanobis, rtol=1e-5)
     assert torch.allclose(memory_bank_maps(train, test, max_distances=50), memory_bank_maps(train, test))  # a query
+
+
+def test_rotated_category_turns_each_image_and_its_mask_alike(tmp_path):
+    """The rotated copy has the same files; each defect's bright square stays under its mask (image and mask turned by
+    the same angle), masks stay binary, images are turned (not copied), a second run writes the same pixels, and an
+    existing destination is refused with one line."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from synthetic_data import make_mvtec_category
+
+    source = make_mvtec_category(str(tmp_path / "category"), size=64, num_train=3, num_test_good=1,
+                                 defects=(("crack", 4),))
+
+    def files(root):
+        return sorted(os.path.relpath(os.path.join(folder, name), root)
+                      for folder, _, names in os.walk(root) for name in names)
+
+    copies = []
+    for name in ("rotated", "again"):
+        result = run(["benchmarks/rotated_category.py", source, str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-2000:]
+        copies.append(str(tmp_path / name))
+    assert files(copies[0]) == files(source)
+    for index in range(4):
+        image = np.asarray(Image.open(os.path.join(copies[0], "test", "crack", f"{index:03d}.png")).convert("L"))
+        mask = np.asarray(Image.open(os.path.join(copies[0], "ground_truth", "crack", f"{index:03d}_mask.png")))
+        original = np.asarray(Image.open(os.path.join(source, "test", "crack", f"{index:03d}.png")).convert("L"))
+        assert set(np.unique(mask)) <= {0, 255} and (mask > 0).sum() > 50
+        assert image[mask > 0].mean() > 230 > 140 > image[mask == 0].mean()
+        assert not np.array_equal(image, original)
+    for relative in files(source):
+        first, second = (np.asarray(Image.open(os.path.join(root, relative))) for root in copies)
+        assert np.array_equal(first, second)
+    result = run(["benchmarks/rotated_category.py", source, copies[0]])
+    assert result.returncode == 2 and "exists already" in result.stderr.strip().splitlines()[-1]
