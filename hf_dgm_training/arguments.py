@@ -352,12 +352,19 @@ def add_config_override_args(parser: argparse.ArgumentParser, config_class, skip
     parser.set_defaults(_config_override_fields=registry)
 
 
+def _flags_text(values: dict) -> str:
+    """`{"num_blocks": 2, "hidden_sizes": [8, 8]}` -> `--num_blocks 2 --hidden_sizes 8 8`."""
+    return " ".join(f"--{name} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+                    for name, value in values.items())
+
+
 def config_overrides_from_args(args: argparse.Namespace, config_class, with_fields: dict | None = None) -> dict:
     """The config fields the user set on the command line, as keyword arguments for `config_class`.
 
     The values are checked by building a `config_class` from them, together with `with_fields` (fields the script
     sets from flags of its own, such as `--image_size`, which other fields are checked against): a value the config
-    refuses (e.g. `--num_blocks 0`) raises `UsageError` naming the flags. Only the overrides are returned."""
+    refuses (e.g. `--num_blocks 0`) raises `UsageError` naming the flags; those the script filled in itself (listed in
+    `args._script_defaults`) are named as its defaults, not as flags the user gave. Only the overrides are returned."""
     registry = getattr(args, "_config_override_fields", None) or {}
     names = registry.get(_class_name(config_class))
     if names is None:
@@ -372,12 +379,15 @@ def config_overrides_from_args(args: argparse.Namespace, config_class, with_fiel
         try:
             config_class(**fixed, **overrides)
         except ValueError as error:  # the config's own validation of its values
-            flags = " ".join(
-                f"--{name} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
-                for name, value in {**fixed, **overrides}.items()
-            )
+            defaulted = getattr(args, "_script_defaults", None) or set()
+            values = {**fixed, **overrides}
+            given = _flags_text({name: value for name, value in values.items() if name not in defaulted})
+            by_default = _flags_text({name: value for name, value in values.items() if name in defaulted})
+            sources = [f"the flags {given}"] if given else []
+            if by_default:
+                sources.append(f"this script's defaults {by_default} (give a flag to change one)")
             message = " ".join(str(error).split()).rstrip(".")
-            raise UsageError(f"{message} (from the flags {flags}; see --help).") from error
+            raise UsageError(f"{message} (from {' and '.join(sources)}; see --help).") from error
     return overrides
 
 

@@ -116,9 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = {name: parser.get_default(name) for name in preset_names}
     parser.set_defaults(**dict.fromkeys(preset_names))
     args = parser.parse_args(argv)
+    args._script_defaults = set()  # fields the preset set, not the command line: an error names them as defaults
     for name in preset_names:
         if getattr(args, name) is None:
             setattr(args, name, PRESETS[args.preset].get(name, defaults[name]))
+            args._script_defaults.add(name)
     args = finish_common_args(parser, args)
 
     if args.mixed_precision == "fp16":

@@ -142,9 +142,11 @@ def parse_args(argv=None):
     if args.calibration_folds and args.model_name_or_path:  # a fold detector must never have seen its fold
         parser.error("--calibration_folds trains each fold detector from scratch: leave out --model_name_or_path (a "
                      "detector trained on every image), or calibrate it with detect_anomalies.py --calibration_data.")
+    args._script_defaults = set()  # fields set here, not on the command line: an error names them as defaults
     for name, value in TRAINING_DEFAULTS[args.flow_type].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+            args._script_defaults.add(name)
     args = finish_common_args(parser, args)
     args.max_grad_norm = args.max_grad_norm or None
     # The config fields given as flags, checked by the config itself (the flow's, or the feature detector's).

@@ -443,6 +443,21 @@ def test_a_grayscale_category_without_masks_is_read_as_rgb(tmp_path, monkeypatch
     assert report["image_auroc"] is not None and report["pixel_auroc"] is None  # no masks: no pixel AUROC
 
 
+def test_train_maf_names_its_own_default_padding_apart_from_the_flags_given(tmp_path):
+    """Images too small for train_maf.py's default padding of 32: the one-line error names --backbone_padding 32 as
+    the script's default, not as a flag the user gave, and the flags the user did give as theirs."""
+    from script_runner import run_in_process
+
+    data = make_mvtec_category(tmp_path / "capsule", size=32, num_train=4, num_test_good=1, defects=(("crack", 1),))
+    result = run_in_process("train_maf.py", "--flow_type", "feature_maf", "--data_dir", data, "--output_dir",
+                            tmp_path / "detector", "--image_size", 32, expect_ok=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("train_maf.py: error: backbone_padding must be >= 0 and smaller than image_size (32)")
+    assert "(from the flags --image_size 32 and this script's defaults --backbone_padding 32 (give a flag to change " \
+           "one); see --help)." in lines[-1], lines[-1]
+
+
 def test_train_maf_refuses_a_whitening_too_large_in_one_line(tmp_path, monkeypatch):
     """Flags that are each valid but build no detector end in one line that names the field and the fix."""
     import modeling_maf.modeling_feature_maf as module
