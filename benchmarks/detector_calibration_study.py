@@ -109,18 +109,19 @@ def run_one(args, flags, seed, validation_files, dataset, device, test_cache):
 
     record = dict(seed=seed, train_s=train_s, validation_files=list(validation.files),
                   threshold=float(model.anomaly_threshold()))
-    with torch.no_grad():
+    with torch.no_grad():  # every split's features extracted once; the peers fitted once, read on both splits
         train_features = standardised(model, features(train.pixel_values))
-        for name, images in (("test", test.pixel_values), ("validation", validation.pixel_values)):
-            image_features = standardised(model, features(images))
-            grid_maps = {"_bank": memory_bank_maps(train_features, image_features),
-                         "_gaussian": gaussian_maps(train_features, image_features)}
-            for kind in SCORERS:
-                if kind:  # a peer: its grid maps through the flow's upsampling, smoothing and max
-                    maps, scores = model.score_nll_maps(
-                        NLLMaps(model.grid_maps_to_pixels(grid_maps[kind]), grid_maps[kind]), "map-max")
-                else:
-                    maps, scores = model.score_nll_maps(model.nll_maps(images.to(device)))  # the calibrated default
+        splits = {"test": features(test.pixel_values), "validation": features(validation.pixel_values)}
+        both = standardised(model, torch.cat(list(splits.values())))
+        peer_maps = {"_bank": memory_bank_maps(train_features, both), "_gaussian": gaussian_maps(train_features, both)}
+        start = 0
+        for name, split_features in splits.items():
+            grid_maps = {"": torch.cat([model(features=chunk).nll_map for chunk in split_features.split(32)]),
+                         **{kind: maps[start:start + len(split_features)] for kind, maps in peer_maps.items()}}
+            start += len(split_features)
+            for kind in SCORERS:  # each through the flow's upsampling, smoothing and max; the flow's own default score
+                maps, scores = model.score_nll_maps(NLLMaps(model.grid_maps_to_pixels(grid_maps[kind]),
+                                                            grid_maps[kind]), None if kind == "" else "map-max")
                 record[name + kind] = scores.cpu().tolist()
                 if name == "test":
                     record["test_peaks" + kind] = peaks(maps)
